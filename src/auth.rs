@@ -1,0 +1,415 @@
+//! Who may log in: the in-memory snapshot of the users, password checks with a verified-credential
+//! cache, and the watcher thread that keeps the snapshot in step with the database.
+//!
+//! Logins and limits read only the snapshot, so a database locked by a long write never stalls a
+//! relay or a login. The watcher polls `PRAGMA data_version`, reloads on a change, and applies the
+//! difference: new rates to the limiter and the accounts, deleted users revoked, changed password
+//! hashes dropped from the cache. SQL stays in `users.rs`.
+
+use crate::account::Account;
+use crate::error::{Error, Result};
+use crate::limiter::Limiter;
+use crate::users::{UserRow, UserStore};
+use argon2::Argon2;
+use argon2::password_hash::{PasswordHasher, PasswordVerifier, phc::PasswordHash};
+use log::{info, warn};
+use parking_lot::{Mutex, RwLock};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::Duration;
+
+/// Longest username or password accepted (the RFC 1929 limit).
+pub const MAX_CREDENTIAL_LEN: usize = 255;
+/// How often the watcher looks for changes to the database.
+pub const WATCH_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Checks a username or password against the rules: 1..=255 bytes, no control characters.
+///
+/// # Errors
+/// [`Error::Invalid`] naming the rule broken.
+pub fn check_credential(what: &str, s: &str) -> Result<()> {
+    if s.is_empty() || s.len() > MAX_CREDENTIAL_LEN {
+        return Err(Error::Invalid(format!("{what} must be 1 to 255 bytes")));
+    }
+    if s.chars().any(char::is_control) {
+        return Err(Error::Invalid(format!(
+            "{what} must not contain control characters"
+        )));
+    }
+    Ok(())
+}
+
+/// Hashes a password as an argon2id PHC string with a random salt (blocking, ~tens of ms).
+///
+/// # Errors
+/// [`Error::Invalid`] if the hasher refuses (it should not for 1..=255-byte input).
+pub fn hash_password(password: &str) -> Result<String> {
+    Argon2::default()
+        .hash_password(password.as_bytes())
+        .map(|h| h.to_string())
+        .map_err(|e| Error::Invalid(format!("cannot hash password: {e}")))
+}
+
+struct Entry {
+    hash: String,
+    account: Arc<Account>,
+}
+
+struct Verified {
+    hash: String,
+    password: Vec<u8>,
+}
+
+/// What a reload changed, for the log.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Users new to the snapshot.
+    pub added: usize,
+    /// Users whose bandwidth or password hash changed.
+    pub changed: usize,
+    /// Users gone from the database (their connections were closed).
+    pub removed: usize,
+}
+
+/// The in-memory snapshot of the users and the verified-credential cache.
+pub struct Directory {
+    users: RwLock<HashMap<String, Entry>>,
+    cache: Mutex<HashMap<String, Verified>>,
+    limiter: Arc<Limiter>,
+    /// A hash to verify against for unknown users, so they cost the same time as known ones.
+    dummy_hash: String,
+}
+
+impl Directory {
+    /// An empty directory feeding `limiter`.
+    pub fn new(limiter: Arc<Limiter>) -> Arc<Directory> {
+        // The dummy password is random-enough per process: nobody can log in with it, and it is
+        // only ever verified against, never matched.
+        let dummy = format!("sluice-dummy-{:?}", std::time::Instant::now());
+        Arc::new(Directory {
+            users: RwLock::new(HashMap::new()),
+            cache: Mutex::new(HashMap::new()),
+            limiter,
+            dummy_hash: hash_password(&dummy).unwrap_or_default(),
+        })
+    }
+
+    /// How many users the snapshot holds.
+    pub fn len(&self) -> usize {
+        self.users.read().len()
+    }
+
+    /// True when there are no users.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every account in the snapshot, sorted by name.
+    pub fn accounts(&self) -> Vec<Arc<Account>> {
+        let mut v: Vec<_> = self
+            .users
+            .read()
+            .values()
+            .map(|e| e.account.clone())
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// Replaces the snapshot with `rows`, applying rate changes, revocations and cache drops.
+    pub fn apply(&self, rows: Vec<UserRow>) -> Changes {
+        let mut changes = Changes::default();
+        let mut users = self.users.write();
+        let mut fresh: HashMap<String, Entry> = HashMap::with_capacity(rows.len());
+        for row in rows {
+            let entry = match users.remove(&row.username) {
+                Some(old) => {
+                    let moved =
+                        old.account.rate() != row.bandwidth || old.hash != row.password_hash;
+                    changes.changed += usize::from(moved);
+                    if old.hash != row.password_hash {
+                        self.cache.lock().remove(&row.username);
+                    }
+                    old.account.set_rate(row.bandwidth);
+                    Entry {
+                        hash: row.password_hash,
+                        account: old.account,
+                    }
+                }
+                None => {
+                    changes.added += 1;
+                    Entry {
+                        account: Account::new(&row.username, row.bandwidth),
+                        hash: row.password_hash,
+                    }
+                }
+            };
+            self.limiter
+                .set_rate(&entry.account.name, entry.account.rate());
+            fresh.insert(row.username, entry);
+        }
+        for (name, gone) in users.drain() {
+            changes.removed += 1;
+            self.cache.lock().remove(&name);
+            gone.account.revoke();
+            self.limiter.remove(&name);
+        }
+        *users = fresh;
+        changes
+    }
+
+    /// Checks a username and password. Blocking: may run argon2 (tens of milliseconds) unless the
+    /// same credentials were verified before against the same hash. Unknown users and wrong
+    /// passwords both return `None` after about the same time.
+    pub fn verify(&self, username: &[u8], password: &[u8]) -> Option<Arc<Account>> {
+        let found = std::str::from_utf8(username).ok().and_then(|name| {
+            let users = self.users.read();
+            users
+                .get(name)
+                .map(|e| (name.to_string(), e.hash.clone(), e.account.clone()))
+        });
+        let Some((name, hash, account)) = found else {
+            self.argon2_check(&self.dummy_hash, password);
+            return None;
+        };
+        if let Some(v) = self.cache.lock().get(&name)
+            && v.hash == hash
+            && constant_time_eq(&v.password, password)
+        {
+            return Some(account);
+        }
+        if !self.argon2_check(&hash, password) {
+            return None;
+        }
+        self.cache.lock().insert(
+            name,
+            Verified {
+                hash,
+                password: password.to_vec(),
+            },
+        );
+        Some(account)
+    }
+
+    fn argon2_check(&self, hash: &str, password: &[u8]) -> bool {
+        match PasswordHash::new(hash) {
+            Ok(parsed) => Argon2::default().verify_password(password, &parsed).is_ok(),
+            Err(e) => {
+                warn!("stored password hash is not a valid PHC string ({e}); login refused");
+                false
+            }
+        }
+    }
+}
+
+/// Compares two byte strings in time that depends only on their lengths.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Loads the store into the directory once, logging rows that cannot be used.
+///
+/// # Errors
+/// The table cannot be read.
+pub fn reload(store: &UserStore, dir: &Directory) -> Result<Changes> {
+    let (rows, bad) = store.load()?;
+    for b in bad {
+        warn!("user {:?} ignored: {}", b.username, b.reason);
+    }
+    Ok(dir.apply(rows))
+}
+
+/// Starts the thread that notices database changes within [`WATCH_INTERVAL`] and applies them.
+/// If the file is deleted or replaced, it logs that and keeps the last good snapshot (reopening a
+/// replacement).
+///
+/// # Errors
+/// The thread could not be spawned.
+pub fn spawn_watcher(
+    store: UserStore,
+    dir: Arc<Directory>,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<thread::JoinHandle<()>> {
+    thread::Builder::new()
+        .name("user watcher".into())
+        .stack_size(256 * 1024)
+        .spawn(move || Watcher::new(store).run(&dir, &stop))
+}
+
+struct Watcher {
+    store: UserStore,
+    path: PathBuf,
+    identity: Option<(u64, u64)>,
+    version: Option<i64>,
+    missing_logged: bool,
+}
+
+fn file_identity(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+impl Watcher {
+    fn new(store: UserStore) -> Watcher {
+        let path = store.path().to_path_buf();
+        Watcher {
+            identity: file_identity(&path),
+            version: store.data_version().ok(),
+            store,
+            path,
+            missing_logged: false,
+        }
+    }
+
+    fn run(mut self, dir: &Directory, stop: &AtomicBool) {
+        while !stop.load(Ordering::Relaxed) {
+            thread::sleep(WATCH_INTERVAL);
+            self.poll(dir);
+        }
+    }
+
+    fn poll(&mut self, dir: &Directory) {
+        let now_id = file_identity(&self.path);
+        if now_id.is_none() {
+            if !self.missing_logged {
+                warn!(
+                    "database {} is gone; keeping the last snapshot of {} users",
+                    self.path.display(),
+                    dir.len()
+                );
+                self.missing_logged = true;
+            }
+            return;
+        }
+        self.missing_logged = false;
+        if now_id != self.identity {
+            match UserStore::open(&self.path) {
+                Ok(s) => {
+                    info!(
+                        "database {} was replaced; reloading it",
+                        self.path.display()
+                    );
+                    self.store = s;
+                    self.identity = now_id;
+                    self.version = None;
+                }
+                Err(e) => {
+                    warn!(
+                        "database {} was replaced by something unreadable ({e}); keeping the last snapshot",
+                        self.path.display()
+                    );
+                    self.identity = now_id;
+                    return;
+                }
+            }
+        }
+        let v = match self.store.data_version() {
+            Ok(v) => v,
+            Err(e) => {
+                warn!("cannot read database: {e}; keeping the last snapshot");
+                return;
+            }
+        };
+        if Some(v) == self.version {
+            return;
+        }
+        match reload(&self.store, dir) {
+            Ok(c) => {
+                self.version = Some(v);
+                if c != Changes::default() {
+                    info!(
+                        "users reloaded: {} added, {} changed, {} removed",
+                        c.added, c.changed, c.removed
+                    );
+                }
+            }
+            Err(e) => warn!("cannot reload users: {e}; keeping the last snapshot"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    fn row(name: &str, hash: &str, bw: u64) -> UserRow {
+        UserRow {
+            username: name.into(),
+            password_hash: hash.into(),
+            bandwidth: bw,
+        }
+    }
+
+    #[test]
+    fn credentials_follow_the_rules() {
+        assert!(check_credential("username", "a b ü").is_ok());
+        assert!(check_credential("username", "").is_err());
+        assert!(check_credential("username", &"x".repeat(256)).is_err());
+        assert!(check_credential("password", "a\tb").is_err());
+    }
+
+    #[test]
+    fn verify_uses_the_cache_and_drops_it_when_the_hash_changes() {
+        let dir = Directory::new(Limiter::new(Duration::from_millis(10)));
+        let h1 = hash_password("pw1").unwrap();
+        dir.apply(vec![row("u", &h1, 0)]);
+        assert!(dir.verify(b"u", b"pw1").is_some());
+        let t = Instant::now();
+        assert!(dir.verify(b"u", b"pw1").is_some());
+        assert!(
+            t.elapsed() < Duration::from_millis(5),
+            "cached login ran argon2"
+        );
+        assert!(dir.verify(b"u", b"wrong").is_none());
+        assert!(dir.verify(b"nobody", b"pw1").is_none());
+        let h2 = hash_password("pw2").unwrap();
+        let c = dir.apply(vec![row("u", &h2, 0)]);
+        assert_eq!(c.changed, 1);
+        assert!(
+            dir.verify(b"u", b"pw1").is_none(),
+            "old password still accepted"
+        );
+        assert!(dir.verify(b"u", b"pw2").is_some());
+    }
+
+    #[test]
+    fn apply_revokes_deleted_users_and_updates_rates() {
+        let dir = Directory::new(Limiter::new(Duration::from_millis(10)));
+        let h = hash_password("p").unwrap();
+        dir.apply(vec![row("a", &h, 100), row("b", &h, 0)]);
+        let a = dir.verify(b"a", b"p").unwrap();
+        let c = dir.apply(vec![row("b", &h, 5)]);
+        assert_eq!(
+            c,
+            Changes {
+                added: 0,
+                changed: 1,
+                removed: 1
+            }
+        );
+        assert!(a.is_revoked());
+        assert_eq!(dir.accounts()[0].rate(), 5);
+    }
+
+    #[test]
+    fn a_corrupt_hash_refuses_without_panicking() {
+        let dir = Directory::new(Limiter::new(Duration::from_millis(10)));
+        dir.apply(vec![row("x", "not-a-phc-string", 0)]);
+        assert!(dir.verify(b"x", b"anything").is_none());
+        assert!(dir.verify(&[0xff, 0xfe], b"p").is_none());
+    }
+
+    #[test]
+    fn constant_time_eq_compares() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+}

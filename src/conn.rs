@@ -1,0 +1,389 @@
+//! One server connection: tell the protocol by its first byte, run the SOCKS5 or HTTP handshake
+//! under a deadline, authenticate, dial, then hand the two sockets to the relay.
+//!
+//! Protocol parsing is in `socks5.rs` / `http.rs`, credentials in `auth.rs`, dialing in `dial.rs`;
+//! this file only sequences them and answers the client. Refusals are logged at warn with the
+//! client address; every connection that got past authentication ends with one info line.
+
+use crate::account::Account;
+use crate::dial::{self, DialError};
+use crate::http::{self, HttpError, ProxyAuth, Status};
+use crate::relay::{self, Budget, Direction, End};
+use crate::server::Shared;
+use crate::socks5::{self, Command, Reply, SocksError};
+use crate::target::Target;
+use log::{info, warn};
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Bytes read at a time while collecting an HTTP head.
+const HEAD_CHUNK: usize = 4096;
+
+/// A reader that fails with `TimedOut` once a deadline computed at the start has passed, however
+/// the client spaces its bytes (a byte a minute still hits the deadline).
+pub(crate) struct DeadlineReader<'a> {
+    pub stream: &'a TcpStream,
+    pub deadline: Instant,
+}
+
+impl Read for DeadlineReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.arm()?;
+        (&*self.stream).read(buf)
+    }
+}
+
+impl DeadlineReader<'_> {
+    fn arm(&self) -> io::Result<()> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        self.stream.set_read_timeout(Some(left))
+    }
+
+    /// The first byte, without consuming it.
+    pub fn peek_byte(&self) -> io::Result<Option<u8>> {
+        self.arm()?;
+        let mut b = [0u8; 1];
+        match self.stream.peek(&mut b)? {
+            0 => Ok(None),
+            _ => Ok(Some(b[0])),
+        }
+    }
+}
+
+/// Why an HTTP head could not be read.
+pub(crate) enum HeadError {
+    /// The client went away or timed out; nothing to answer.
+    Io(io::Error),
+    /// The head is bad; answer with its status.
+    Http(HttpError),
+}
+
+/// Reads until a full HTTP request head is in; returns it and the bytes that came after it.
+pub(crate) fn read_http_head(
+    r: &mut DeadlineReader<'_>,
+) -> Result<(http::Request, Vec<u8>), HeadError> {
+    let mut buf = Vec::with_capacity(HEAD_CHUNK);
+    let mut chunk = [0u8; HEAD_CHUNK];
+    loop {
+        let n = r.read(&mut chunk).map_err(HeadError::Io)?;
+        if n == 0 {
+            return Err(HeadError::Io(io::ErrorKind::UnexpectedEof.into()));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        // A head can only complete with a newline, so a client trickling bytes does not make us
+        // rescan the whole buffer per byte.
+        if !chunk[..n].contains(&b'\n') && buf.len() <= http::MAX_HEAD_BYTES {
+            continue;
+        }
+        match http::try_parse_request(&buf) {
+            Ok(Some((used, req))) => return Ok((req, buf.split_off(used))),
+            Ok(None) => {}
+            Err(e) => return Err(HeadError::Http(e)),
+        }
+    }
+}
+
+/// What a successful handshake leaves: who, to where, by which protocol, and bytes to forward.
+struct Session {
+    account: Arc<Account>,
+    proto: &'static str,
+    target: Target,
+    dest: TcpStream,
+    prefix: Vec<u8>,
+}
+
+/// Serves one client connection to its end. Blocking; runs on the connection's own thread.
+pub(crate) fn handle(client: TcpStream, peer: SocketAddr, id: u64, sh: &Shared) {
+    let started = Instant::now();
+    let _ = client.set_nodelay(true);
+    let mut r = DeadlineReader {
+        stream: &client,
+        deadline: started + sh.handshake_timeout,
+    };
+    let first = match r.peek_byte() {
+        Ok(Some(b)) => b,
+        Ok(None) => return,
+        Err(e) => {
+            warn!(
+                "conn#{id} {peer} closed before a handshake: {}",
+                io_reason(&e)
+            );
+            return;
+        }
+    };
+    let session = match first {
+        socks5::VERSION => socks5_handshake(&mut r, peer, id, sh),
+        b'A'..=b'Z' | b'a'..=b'z' => http_handshake(&mut r, peer, id, sh),
+        other => {
+            warn!("conn#{id} {peer} unknown protocol (first byte 0x{other:02x}); closed");
+            None
+        }
+    };
+    let Some(s) = session else { return };
+    let _ = client.set_read_timeout(None);
+    run_relay(client, s, peer, id, sh, started);
+}
+
+fn run_relay(
+    client: TcpStream,
+    s: Session,
+    peer: SocketAddr,
+    id: u64,
+    sh: &Shared,
+    started: Instant,
+) {
+    let _ = s.dest.set_nodelay(true);
+    let sockets = [client.try_clone(), s.dest.try_clone()];
+    let registered = match sockets {
+        [Ok(a), Ok(b)] => s.account.register(id, vec![a, b]),
+        _ => false,
+    };
+    let budget = Arc::new(Budget {
+        account: s.account.clone(),
+        limiter: sh.limiter.clone(),
+    });
+    let label = format!("{}#{id}", s.account.name);
+    let outcome = if !registered {
+        Err(io::Error::other("user revoked"))
+    } else {
+        match relay::send_prefix(&s.dest, &s.prefix, Some(&budget), Direction::Up) {
+            Ok(()) => relay::relay(client, s.dest, Some(budget), &label, s.prefix.len() as u64),
+            Err(e) => Ok(relay::Outcome {
+                up: 0,
+                down: 0,
+                end: e,
+            }),
+        }
+    };
+    s.account.unregister(id);
+    let (up, down, end) = match outcome {
+        Ok(o) => (o.up, o.down, o.end.to_string()),
+        Err(e) => (0, 0, End::Error(e).to_string()),
+    };
+    info!(
+        "conn#{id} {peer} user={} proto={} dest={} up={up} down={down} secs={:.3} end={end}",
+        s.account.name,
+        s.proto,
+        s.target,
+        started.elapsed().as_secs_f64()
+    );
+}
+
+fn send(mut s: &TcpStream, bytes: &[u8]) -> bool {
+    s.write_all(bytes).is_ok()
+}
+
+fn io_reason(e: &io::Error) -> String {
+    match e.kind() {
+        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => "handshake deadline passed".into(),
+        io::ErrorKind::UnexpectedEof => "client closed mid-handshake".into(),
+        _ => e.to_string(),
+    }
+}
+
+fn printable(name: &[u8]) -> String {
+    String::from_utf8_lossy(name).escape_debug().to_string()
+}
+
+fn socks5_handshake(
+    r: &mut DeadlineReader<'_>,
+    peer: SocketAddr,
+    id: u64,
+    sh: &Shared,
+) -> Option<Session> {
+    let client = r.stream;
+    let refused = |what: String| warn!("conn#{id} {peer} socks5 {what}; closed");
+    let greeting = match socks5::read_greeting(r) {
+        Ok(g) => g,
+        Err(e) => return socks_fail(&refused, e),
+    };
+    if !greeting.methods.contains(&socks5::METHOD_USER_PASS) {
+        send(
+            client,
+            &socks5::encode_method_choice(socks5::METHOD_NONE_ACCEPTABLE),
+        );
+        refused("client offers no username/password method".into());
+        return None;
+    }
+    if !send(
+        client,
+        &socks5::encode_method_choice(socks5::METHOD_USER_PASS),
+    ) {
+        return None;
+    }
+    let creds = match socks5::read_userpass(r) {
+        Ok(c) => c,
+        Err(e) => return socks_fail(&refused, e),
+    };
+    let Some(account) = sh.directory.verify(&creds.username, &creds.password) else {
+        send(client, &socks5::encode_userpass_status(false));
+        refused(format!(
+            "login refused for user \"{}\"",
+            printable(&creds.username)
+        ));
+        return None;
+    };
+    if !send(client, &socks5::encode_userpass_status(true)) {
+        return None;
+    }
+    let req = match socks5::read_request(r) {
+        Ok(req) => req,
+        Err(SocksError::AddressType(t)) => {
+            send(
+                client,
+                &socks5::encode_reply(Reply::AddressTypeNotSupported, None),
+            );
+            refused(format!("unsupported address type 0x{t:02x}"));
+            return None;
+        }
+        Err(SocksError::Command(c)) => {
+            send(
+                client,
+                &socks5::encode_reply(Reply::CommandNotSupported, None),
+            );
+            refused(format!("unsupported command 0x{c:02x}"));
+            return None;
+        }
+        Err(e) => return socks_fail(&refused, e),
+    };
+    if req.command != Command::Connect {
+        send(
+            client,
+            &socks5::encode_reply(Reply::CommandNotSupported, None),
+        );
+        refused(format!("command {:?} not supported", req.command));
+        return None;
+    }
+    match dial_logged(&req.target, &account, "socks5", peer, id, sh) {
+        Ok(dest) => {
+            let bound = dest.local_addr().ok();
+            send(client, &socks5::encode_reply(Reply::Succeeded, bound)).then_some(Session {
+                account,
+                proto: "socks5",
+                target: req.target,
+                dest,
+                prefix: Vec::new(),
+            })
+        }
+        Err(e) => {
+            send(client, &socks5::encode_reply(e.reply(), None));
+            None
+        }
+    }
+}
+
+fn socks_fail(refused: &dyn Fn(String), e: SocksError) -> Option<Session> {
+    match e {
+        SocksError::Io(io) => refused(io_reason(&io)),
+        other => refused(other.to_string()),
+    }
+    None
+}
+
+/// Dials, and on failure logs the connection's one line (it got past authentication).
+fn dial_logged(
+    target: &Target,
+    account: &Account,
+    proto: &str,
+    peer: SocketAddr,
+    id: u64,
+    sh: &Shared,
+) -> Result<TcpStream, DialError> {
+    let t = Instant::now();
+    dial::dial(target, &sh.policy).inspect_err(|e| {
+        info!(
+            "conn#{id} {peer} user={} proto={proto} dest={target} up=0 down=0 secs={:.3} end=dial failed: {e}",
+            account.name,
+            t.elapsed().as_secs_f64()
+        );
+    })
+}
+
+fn http_handshake(
+    r: &mut DeadlineReader<'_>,
+    peer: SocketAddr,
+    id: u64,
+    sh: &Shared,
+) -> Option<Session> {
+    let client = r.stream;
+    let refuse = |status: Status, why: String| {
+        send(client, &http::encode_response(status, &why));
+        warn!("conn#{id} {peer} http {why}; answered {}", status.code());
+        None
+    };
+    let (req, rest) = match read_http_head(r) {
+        Ok(x) => x,
+        Err(HeadError::Http(e)) => return refuse(e.status(), e.to_string()),
+        Err(HeadError::Io(e)) => {
+            warn!("conn#{id} {peer} http {}; closed", io_reason(&e));
+            return None;
+        }
+    };
+    let account = match req.proxy_auth() {
+        ProxyAuth::Missing => {
+            // Browsers send credentials only after a 407; this is not worth a warning.
+            send(
+                client,
+                &http::encode_response(Status::ProxyAuthRequired, "proxy authentication required"),
+            );
+            return None;
+        }
+        ProxyAuth::Malformed => {
+            return refuse(Status::BadRequest, "malformed Proxy-Authorization".into());
+        }
+        ProxyAuth::Basic { username, password } => {
+            match sh.directory.verify(&username, &password) {
+                Some(a) => a,
+                None => {
+                    let why = format!("login refused for user \"{}\"", printable(&username));
+                    return refuse(Status::ProxyAuthRequired, why);
+                }
+            }
+        }
+    };
+    let (proto, target, prefix_head) = if req.is_connect() {
+        match req.connect_target() {
+            Ok(t) => ("http-connect", t, None),
+            Err(e) => return refuse(e.status(), e.to_string()),
+        }
+    } else {
+        match req.absolute_target() {
+            Ok((t, path)) => {
+                let head = req.encode_for_origin(&path, &t);
+                ("http", t, Some(head))
+            }
+            Err(e) => return refuse(e.status(), e.to_string()),
+        }
+    };
+    let dest = match dial_logged(&target, &account, proto, peer, id, sh) {
+        Ok(d) => d,
+        Err(e) => {
+            send(client, &http::encode_response(e.status(), &e.to_string()));
+            return None;
+        }
+    };
+    let prefix = match prefix_head {
+        None => {
+            if !send(client, &http::encode_response(Status::Ok, "")) {
+                return None;
+            }
+            rest
+        }
+        Some(mut head) => {
+            head.extend_from_slice(&rest);
+            head
+        }
+    };
+    Some(Session {
+        account,
+        proto,
+        target,
+        dest,
+        prefix,
+    })
+}

@@ -1,0 +1,522 @@
+//! Per-user token buckets, the refill thread, and the Condvar discipline.
+//!
+//! One bucket per limited user in a global `Mutex<HashMap<user, Bucket>>`. A relay asks for up to
+//! its buffer size and may be granted less; it reads no more than it was granted and gives back
+//! what a short read left unused. Tokens are counted in whole bytes, with the sub-byte remainder of
+//! `rate × elapsed` carried in nanobytes, so no rounding drifts over time.
+//!
+//! Fairness and wake-ups: when a bucket is empty a relay joins the bucket's FIFO queue and sleeps
+//! on *its own* Condvar. Whoever adds tokens (the refill thread every tick, or a relay giving some
+//! back) hands them to the queue in order, each waiter getting at most what it asked for, and
+//! wakes exactly the waiters it served. So a tick wakes only relays that can proceed, a relay that
+//! wakes first cannot take the whole refill, and a newly joined connection is served after at most
+//! one pass over the queue. Invariant: a bucket with waiters has no tokens left over.
+//!
+//! The lock is never held across I/O: callers do their reads and writes between `acquire` and
+//! `give_back`. Unlimited users never reach this file (see `Budget` in `relay.rs`).
+
+use parking_lot::{Condvar, Mutex};
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Default refill tick. 10 ms keeps the bucket (two ticks deep) at 2% of a second of bandwidth,
+/// so a user's first second stays under 1.02 × its rate, while costing 100 wake-ups a second.
+pub const DEFAULT_TICK: Duration = Duration::from_millis(10);
+/// The bucket holds at most this many ticks' worth of tokens while nobody is waiting.
+pub const CAPACITY_TICKS: u64 = 2;
+const NANOS: u128 = 1_000_000_000;
+
+/// One relay thread's place to sleep. Reused for every grant the thread waits for.
+#[derive(Default)]
+pub struct Waiter {
+    cv: Condvar,
+    /// Bytes handed to this waiter while it slept (written under the limiter's lock).
+    granted: AtomicU64,
+    /// Set when the user was removed or the limiter stopped: no grant will come.
+    closed: AtomicBool,
+}
+
+impl Waiter {
+    /// A fresh waiter for one relay thread.
+    pub fn new() -> Arc<Waiter> {
+        Arc::new(Waiter::default())
+    }
+}
+
+struct Queued {
+    waiter: Arc<Waiter>,
+    want: u64,
+}
+
+/// A token bucket for one user. Pure arithmetic plus a queue; time is passed in.
+pub struct Bucket {
+    rate: u64,
+    capacity: u64,
+    tokens: u64,
+    /// Nanobytes not yet worth a whole byte (always < 1e9).
+    frac: u64,
+    last: Instant,
+    queue: VecDeque<Queued>,
+}
+
+/// Why no grant came.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closed {
+    /// The user was deleted (or the limiter forgot it): the connection must end.
+    Revoked,
+    /// The server is shutting down.
+    Stopping,
+}
+
+impl Bucket {
+    /// A bucket for `rate` bytes per second, starting empty (so a user's first second carries at
+    /// most `rate` plus what accrues before its first read).
+    pub fn new(rate: u64, tick: Duration, now: Instant) -> Bucket {
+        Bucket {
+            rate,
+            capacity: capacity_for(rate, tick),
+            tokens: 0,
+            frac: 0,
+            last: now,
+            queue: VecDeque::new(),
+        }
+    }
+
+    /// The configured rate in bytes per second.
+    pub fn rate(&self) -> u64 {
+        self.rate
+    }
+
+    /// Tokens on hand (bytes).
+    pub fn tokens(&self) -> u64 {
+        self.tokens
+    }
+
+    /// How many relays are queued for a grant.
+    pub fn waiting(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Adds what accrued since the last refill, serves the queue, and caps what is left over.
+    /// Returns the waiters served, to be woken.
+    pub fn refill(&mut self, now: Instant) -> Vec<Arc<Waiter>> {
+        let elapsed = now.saturating_duration_since(self.last).as_nanos();
+        self.last = now.max(self.last);
+        let nanobytes = u128::from(self.rate) * elapsed + u128::from(self.frac);
+        let whole = u64::try_from(nanobytes / NANOS).unwrap_or(u64::MAX);
+        // frac < 1e9 always fits; the remainder of a division by 1e9.
+        self.frac = (nanobytes % NANOS) as u64;
+        self.tokens = self.tokens.saturating_add(whole);
+        let served = self.serve();
+        if self.tokens > self.capacity {
+            self.tokens = self.capacity;
+            self.frac = 0;
+        }
+        served
+    }
+
+    /// Takes up to `want` tokens at once if nobody is queued ahead. Returns the grant (maybe 0).
+    pub fn try_take(&mut self, want: u64) -> u64 {
+        if !self.queue.is_empty() {
+            return 0;
+        }
+        let n = want.min(self.tokens);
+        self.tokens -= n;
+        n
+    }
+
+    /// Returns tokens a short read left unused; they go to the queue first. Returns the waiters
+    /// served.
+    pub fn give_back(&mut self, n: u64) -> Vec<Arc<Waiter>> {
+        self.tokens = self.tokens.saturating_add(n);
+        self.serve()
+    }
+
+    /// Changes the rate; the next refill accrues at the new rate. Going to 0 (unlimited) releases
+    /// every waiter with what it asked for.
+    pub fn set_rate(&mut self, rate: u64, tick: Duration, now: Instant) -> Vec<Arc<Waiter>> {
+        // Accrue what the old rate earned up to now, so the change takes effect exactly now.
+        let mut served = self.refill(now);
+        self.rate = rate;
+        self.capacity = capacity_for(rate, tick);
+        self.tokens = self.tokens.min(self.capacity);
+        if rate == 0 {
+            served.extend(self.queue.drain(..).map(|q| {
+                q.waiter.granted.store(q.want, Ordering::Relaxed);
+                q.waiter
+            }));
+        }
+        served
+    }
+
+    fn enqueue(&mut self, waiter: Arc<Waiter>, want: u64) {
+        self.queue.push_back(Queued { waiter, want });
+    }
+
+    /// Hands tokens to queued waiters in FIFO order, each at most what it asked for.
+    fn serve(&mut self) -> Vec<Arc<Waiter>> {
+        let mut served = Vec::new();
+        while self.tokens > 0 {
+            let Some(q) = self.queue.pop_front() else {
+                break;
+            };
+            let n = q.want.min(self.tokens);
+            self.tokens -= n;
+            q.waiter.granted.store(n, Ordering::Relaxed);
+            served.push(q.waiter);
+        }
+        served
+    }
+
+    fn close_all(&mut self) -> Vec<Arc<Waiter>> {
+        self.queue
+            .drain(..)
+            .map(|q| {
+                q.waiter.closed.store(true, Ordering::Relaxed);
+                q.waiter
+            })
+            .collect()
+    }
+}
+
+fn capacity_for(rate: u64, tick: Duration) -> u64 {
+    let per_tick = u128::from(rate) * tick.as_nanos() / NANOS;
+    u64::try_from(per_tick)
+        .unwrap_or(u64::MAX)
+        .saturating_mul(CAPACITY_TICKS)
+        .max(1)
+}
+
+/// All users' buckets, the refill tick, and the counters the metrics read.
+pub struct Limiter {
+    buckets: Mutex<HashMap<Arc<str>, Bucket>>,
+    tick: Duration,
+    stopping: AtomicBool,
+    /// Waiters woken with a grant, since start.
+    wakeups: AtomicU64,
+}
+
+impl Limiter {
+    /// A limiter that refills every `tick` (at least 1 ms).
+    pub fn new(tick: Duration) -> Arc<Limiter> {
+        Arc::new(Limiter {
+            buckets: Mutex::new(HashMap::new()),
+            tick: tick.max(Duration::from_millis(1)),
+            stopping: AtomicBool::new(false),
+            wakeups: AtomicU64::new(0),
+        })
+    }
+
+    /// The refill tick.
+    pub fn tick(&self) -> Duration {
+        self.tick
+    }
+
+    /// Waiters woken with a grant since start.
+    pub fn wakeups(&self) -> u64 {
+        self.wakeups.load(Ordering::Relaxed)
+    }
+
+    /// Sets (or creates) a user's bucket; rate 0 removes the need for one but keeps it harmless.
+    pub fn set_rate(&self, user: &Arc<str>, rate: u64) {
+        let now = Instant::now();
+        let mut map = self.buckets.lock();
+        let served = match map.get_mut(&**user) {
+            Some(b) => b.set_rate(rate, self.tick, now),
+            None => {
+                map.insert(user.clone(), Bucket::new(rate, self.tick, now));
+                Vec::new()
+            }
+        };
+        self.wake(served);
+    }
+
+    /// Forgets a user: its waiting relays wake with [`Closed::Revoked`].
+    pub fn remove(&self, user: &str) {
+        let mut map = self.buckets.lock();
+        if let Some(mut b) = map.remove(user) {
+            for w in b.close_all() {
+                w.cv.notify_one();
+            }
+        }
+    }
+
+    /// Blocks until some tokens are granted: at most `want` (> 0), maybe fewer. Returns
+    /// immediately with `want` when the user's rate is 0.
+    ///
+    /// # Errors
+    /// [`Closed`] when the user is gone or the limiter stops.
+    pub fn acquire(&self, user: &str, waiter: &Arc<Waiter>, want: u64) -> Result<u64, Closed> {
+        let mut map = self.buckets.lock();
+        if self.stopping.load(Ordering::Relaxed) {
+            return Err(Closed::Stopping);
+        }
+        let Some(b) = map.get_mut(user) else {
+            return Err(Closed::Revoked);
+        };
+        if b.rate == 0 {
+            return Ok(want);
+        }
+        let served = b.refill(Instant::now());
+        let n = b.try_take(want);
+        if n > 0 {
+            self.wake(served);
+            return Ok(n);
+        }
+        waiter.granted.store(0, Ordering::Relaxed);
+        waiter.closed.store(false, Ordering::Relaxed);
+        b.enqueue(waiter.clone(), want);
+        self.wake(served);
+        loop {
+            waiter.cv.wait(&mut map);
+            let g = waiter.granted.load(Ordering::Relaxed);
+            if g > 0 {
+                return Ok(g);
+            }
+            if waiter.closed.load(Ordering::Relaxed) {
+                return Err(if self.stopping.load(Ordering::Relaxed) {
+                    Closed::Stopping
+                } else {
+                    Closed::Revoked
+                });
+            }
+        }
+    }
+
+    /// Gives back tokens a short read did not use.
+    pub fn give_back(&self, user: &str, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let mut map = self.buckets.lock();
+        if let Some(b) = map.get_mut(user) {
+            let served = b.give_back(n);
+            self.wake(served);
+        }
+    }
+
+    /// One refill pass over every bucket, waking the waiters served. Called by the refill thread.
+    pub fn refill_all(&self, now: Instant) {
+        let mut map = self.buckets.lock();
+        for b in map.values_mut() {
+            if b.rate > 0 {
+                let served = b.refill(now);
+                self.wake(served);
+            }
+        }
+    }
+
+    /// Starts the refill thread; it stops when [`Limiter::shutdown`] is called.
+    ///
+    /// # Errors
+    /// The thread could not be spawned.
+    pub fn spawn_refill(self: &Arc<Self>) -> std::io::Result<thread::JoinHandle<()>> {
+        let me = self.clone();
+        thread::Builder::new()
+            .name("limiter refill".into())
+            .stack_size(64 * 1024)
+            .spawn(move || {
+                // Ticks are scheduled on a fixed grid, so a late wake-up does not shift later ones;
+                // the refill itself uses real elapsed time, so lateness loses no tokens.
+                let mut next = Instant::now() + me.tick;
+                while !me.stopping.load(Ordering::Relaxed) {
+                    let now = Instant::now();
+                    if next > now {
+                        thread::sleep(next - now);
+                    }
+                    me.refill_all(Instant::now());
+                    next += me.tick;
+                    let now = Instant::now();
+                    if next < now {
+                        next = now + me.tick;
+                    }
+                }
+            })
+    }
+
+    /// Stops the refill thread and wakes every waiter with [`Closed::Stopping`].
+    pub fn shutdown(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+        let mut map = self.buckets.lock();
+        for b in map.values_mut() {
+            for w in b.close_all() {
+                w.cv.notify_one();
+            }
+        }
+    }
+
+    fn wake(&self, served: Vec<Arc<Waiter>>) {
+        if served.is_empty() {
+            return;
+        }
+        self.wakeups
+            .fetch_add(served.len() as u64, Ordering::Relaxed);
+        for w in served {
+            w.cv.notify_one();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TICK: Duration = Duration::from_millis(10);
+
+    fn ms(t0: Instant, n: u64) -> Instant {
+        t0 + Duration::from_millis(n)
+    }
+
+    #[test]
+    fn refill_accrues_exactly_with_fractions() {
+        let t0 = Instant::now();
+        // 16 KiB/s × 10 ms = 163.84 bytes: fractions must carry, not round away.
+        let mut b = Bucket::new(16 * 1024, TICK, t0);
+        let mut total = 0;
+        for i in 1..=1000 {
+            b.refill(ms(t0, 10 * i));
+            total += b.try_take(u64::MAX);
+        }
+        assert_eq!(total, 16 * 1024 * 10);
+    }
+
+    #[test]
+    fn capacity_caps_idle_accrual() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(1 << 20, TICK, t0);
+        b.refill(ms(t0, 5_000));
+        let cap = (1u64 << 20) * 10 / 1000 * CAPACITY_TICKS;
+        assert_eq!(b.tokens(), cap);
+        assert!(cap as f64 <= 0.05 * (1 << 20) as f64, "burst bound");
+    }
+
+    #[test]
+    fn partial_grants_and_give_back() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(1000, TICK, t0);
+        b.refill(ms(t0, 10)); // 10 bytes
+        assert_eq!(
+            b.try_take(64 * 1024),
+            10,
+            "a big ask gets only what is there"
+        );
+        assert_eq!(b.try_take(1), 0);
+        b.give_back(4);
+        assert_eq!(b.try_take(100), 4);
+    }
+
+    #[test]
+    fn waiters_are_served_in_order_and_share_a_refill() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(100_000, TICK, t0); // 1000 bytes a tick
+        let ws: Vec<_> = (0..3).map(|_| Waiter::new()).collect();
+        for w in &ws {
+            b.enqueue(w.clone(), 400);
+        }
+        let served = b.refill(ms(t0, 10));
+        assert_eq!(served.len(), 3);
+        let got: Vec<u64> = ws
+            .iter()
+            .map(|w| w.granted.load(Ordering::Relaxed))
+            .collect();
+        assert_eq!(got, vec![400, 400, 200], "no waiter takes the whole refill");
+        assert_eq!(b.tokens(), 0);
+    }
+
+    #[test]
+    fn equal_waiters_get_equal_shares_over_time() {
+        // 4 greedy relays that re-queue after each grant: round robin must even out.
+        let t0 = Instant::now();
+        let mut b = Bucket::new(16 * 1024, TICK, t0);
+        let ws: Vec<_> = (0..4).map(|_| Waiter::new()).collect();
+        let mut got = [0u64; 4];
+        for w in &ws {
+            b.enqueue(w.clone(), 64 * 1024);
+        }
+        for i in 1..=500 {
+            for w in b.refill(ms(t0, 10 * i)) {
+                let k = ws.iter().position(|x| Arc::ptr_eq(x, &w)).unwrap();
+                got[k] += w.granted.load(Ordering::Relaxed);
+                b.enqueue(w, 64 * 1024);
+            }
+        }
+        let (lo, hi) = (got.iter().min().unwrap(), got.iter().max().unwrap());
+        assert!(*hi - *lo <= 200, "shares {got:?}");
+        assert_eq!(got.iter().sum::<u64>(), 16 * 1024 * 5);
+    }
+
+    #[test]
+    fn a_newcomer_is_served_within_one_pass() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(15 * 1000 * 100, TICK, t0); // 15,000 bytes a tick
+        let olds: Vec<_> = (0..15).map(|_| Waiter::new()).collect();
+        for w in &olds {
+            b.enqueue(w.clone(), 64 * 1024);
+        }
+        let newcomer = Waiter::new();
+        b.enqueue(newcomer.clone(), 64 * 1024);
+        let mut ticks = 0;
+        while newcomer.granted.load(Ordering::Relaxed) == 0 {
+            ticks += 1;
+            for w in b.refill(ms(t0, 10 * ticks)) {
+                if !Arc::ptr_eq(&w, &newcomer) {
+                    b.enqueue(w, 64 * 1024);
+                }
+            }
+        }
+        assert!(ticks <= 70, "newcomer waited {ticks} ticks");
+    }
+
+    #[test]
+    fn rate_change_applies_from_now_and_zero_releases_waiters() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(1000, TICK, t0);
+        b.refill(ms(t0, 10));
+        assert_eq!(b.try_take(u64::MAX), 10);
+        b.set_rate(100_000, TICK, ms(t0, 20)); // the old rate accrues up to the change
+        assert_eq!(b.try_take(u64::MAX), 10);
+        b.refill(ms(t0, 30));
+        assert_eq!(b.try_take(u64::MAX), 1000);
+        let w = Waiter::new();
+        b.enqueue(w.clone(), 5000);
+        let served = b.set_rate(0, TICK, ms(t0, 30));
+        assert_eq!(served.len(), 1);
+        assert_eq!(w.granted.load(Ordering::Relaxed), 5000);
+    }
+
+    #[test]
+    fn acquire_blocks_until_the_refill_thread_grants() {
+        let lim = Limiter::new(Duration::from_millis(5));
+        let user: Arc<str> = Arc::from("u");
+        lim.set_rate(&user, 10_000);
+        let h = lim.spawn_refill().unwrap();
+        let w = Waiter::new();
+        let mut total = 0;
+        while total < 500 {
+            let g = lim.acquire("u", &w, 64 * 1024).unwrap();
+            assert!(g <= 64 * 1024);
+            total += g;
+        }
+        lim.remove("u");
+        assert_eq!(lim.acquire("u", &w, 1), Err(Closed::Revoked));
+        lim.shutdown();
+        h.join().unwrap();
+    }
+
+    #[test]
+    fn removing_a_user_wakes_its_waiters() {
+        let lim = Limiter::new(Duration::from_secs(3600)); // no refill thread: nothing accrues
+        let user: Arc<str> = Arc::from("gone");
+        lim.set_rate(&user, 1);
+        let l2 = lim.clone();
+        let t = thread::spawn(move || l2.acquire("gone", &Waiter::new(), 10));
+        while lim.buckets.lock().get("gone").map(Bucket::waiting) != Some(1) {
+            thread::yield_now();
+        }
+        lim.remove("gone");
+        assert_eq!(t.join().unwrap(), Err(Closed::Revoked));
+    }
+}

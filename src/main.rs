@@ -1,0 +1,281 @@
+//! The command line: parse, set up logging, call into the library, map errors to an exit code.
+
+use pico_args::Arguments;
+use sluice::auth::{check_credential, hash_password};
+use sluice::error::{Error, Result};
+use sluice::server::{self, ServerConfig};
+use sluice::units::{format_rate, parse_rate};
+use sluice::users::UserStore;
+use std::ffi::OsString;
+use std::io::BufRead;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::Duration;
+
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+const HELP: &str = "\
+sluice — a per-user bandwidth-limiting proxy (SOCKS5 + HTTP)
+
+usage:
+  sluice server [--listen ADDR] [--db PATH] [--allow-private] [--handshake-timeout SECS]
+                [--connect-timeout SECS] [--tick-ms N]
+  sluice user add NAME [--password P | --password-stdin] [--bandwidth RATE] [--db PATH]
+  sluice user set NAME [--password P | --password-stdin] [--bandwidth RATE] [--db PATH]
+  sluice user del NAME [--db PATH]
+  sluice user list [--db PATH]
+  sluice --version
+
+RATE is bytes per second: 65536, 64K, 1M, 2G (1024-based), or 0 / unlimited.
+The password may also come from SLUICE_PASSWORD. `sluice COMMAND --help` for details.
+";
+
+const HELP_SERVER: &str = "\
+usage: sluice server [options]
+
+  --listen ADDR             address to listen on (default 127.0.0.1:8889; 0.0.0.0:8889 serves a network)
+  --db PATH                 user database (default sluice.db; create it with `sluice user add`)
+  --allow-private           allow loopback and private destinations (refused by default)
+  --handshake-timeout SECS  time a client has to finish its handshake (default 10)
+  --connect-timeout SECS    time allowed for each connect to a destination (default 10)
+  --tick-ms N               limiter refill tick in milliseconds (default 10)
+
+Logs go to stderr; RUST_LOG=debug|info|warn sets the level (default info).
+";
+
+const HELP_USER: &str = "\
+usage:
+  sluice user add NAME [--password P | --password-stdin] [--bandwidth RATE] [--db PATH]
+  sluice user set NAME [--password P | --password-stdin] [--bandwidth RATE] [--db PATH]
+  sluice user del NAME [--db PATH]
+  sluice user list [--db PATH]
+
+  --password P       the password (visible to other users of this machine in `ps`; prefer the next two)
+  --password-stdin   read the password from the first line of standard input
+  SLUICE_PASSWORD    environment variable read when neither flag is given
+  --bandwidth RATE   bytes per second for all of the user's connections together, both directions:
+                     65536, 64K, 1M, 2G (1024-based), or 0 / unlimited (the default for add)
+  --db PATH          user database (default sluice.db; `user add` creates it)
+
+Usernames and passwords are 1 to 255 bytes without control characters.
+";
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let code = match run(Arguments::from_env()) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("sluice: {e}");
+            e.exit_code()
+        }
+    };
+    std::process::exit(code);
+}
+
+fn usage(msg: impl Into<String>) -> Error {
+    Error::Usage(msg.into())
+}
+
+fn run(mut args: Arguments) -> Result<()> {
+    if args.contains(["-V", "--version"]) {
+        println!("sluice {VERSION}");
+        return Ok(());
+    }
+    let help = args.contains(["-h", "--help"]);
+    let cmd = args.subcommand().map_err(|e| usage(e.to_string()))?;
+    match cmd.as_deref() {
+        Some("server") if help => print(HELP_SERVER),
+        Some("server") => cmd_server(args),
+        Some("user") if help => print(HELP_USER),
+        Some("user") => cmd_user(args),
+        None if help => print(HELP),
+        None => Err(usage(format!("a command is required\n{HELP}"))),
+        Some(other) => Err(usage(format!("unknown command {other:?}\n{HELP}"))),
+    }
+}
+
+fn print(text: &str) -> Result<()> {
+    print!("{text}");
+    Ok(())
+}
+
+/// Fails on anything pico-args did not consume.
+fn finish(args: Arguments, help: &str) -> Result<()> {
+    let rest: Vec<OsString> = args.finish();
+    if rest.is_empty() {
+        return Ok(());
+    }
+    let rest: Vec<String> = rest
+        .iter()
+        .map(|s| s.to_string_lossy().into_owned())
+        .collect();
+    Err(usage(format!(
+        "unexpected argument {:?}\n{help}",
+        rest.join(" ")
+    )))
+}
+
+fn opt<T: std::str::FromStr>(
+    args: &mut Arguments,
+    key: &'static str,
+    help: &str,
+) -> Result<Option<T>>
+where
+    T::Err: std::fmt::Display,
+{
+    args.opt_value_from_str(key)
+        .map_err(|e| usage(format!("{e}\n{help}")))
+}
+
+fn db_path(args: &mut Arguments, help: &str) -> Result<PathBuf> {
+    Ok(opt::<PathBuf>(args, "--db", help)?.unwrap_or_else(|| PathBuf::from("sluice.db")))
+}
+
+fn secs(args: &mut Arguments, key: &'static str, default: u64) -> Result<Duration> {
+    let s: Option<u64> = opt(args, key, HELP_SERVER)?;
+    match s.unwrap_or(default) {
+        0 => Err(usage(format!("{key} must be at least 1 second"))),
+        n => Ok(Duration::from_secs(n)),
+    }
+}
+
+fn parse_listen(s: &str) -> Result<SocketAddr> {
+    s.to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| {
+            usage(format!(
+                "bad --listen {s:?}: expected HOST:PORT such as 127.0.0.1:8889 or [::]:8889"
+            ))
+        })
+}
+
+fn cmd_server(mut args: Arguments) -> Result<()> {
+    let mut cfg = ServerConfig::default();
+    if let Some(l) = opt::<String>(&mut args, "--listen", HELP_SERVER)? {
+        cfg.listen = parse_listen(&l)?;
+    }
+    cfg.db = db_path(&mut args, HELP_SERVER)?;
+    cfg.allow_private = args.contains("--allow-private");
+    cfg.handshake_timeout = secs(&mut args, "--handshake-timeout", 10)?;
+    cfg.connect_timeout = secs(&mut args, "--connect-timeout", 10)?;
+    if let Some(ms) = opt::<u64>(&mut args, "--tick-ms", HELP_SERVER)? {
+        if !(1..=1000).contains(&ms) {
+            return Err(usage("--tick-ms must be 1 to 1000"));
+        }
+        cfg.tick = Duration::from_millis(ms);
+    }
+    finish(args, HELP_SERVER)?;
+    match server::raise_nofile_limit() {
+        Some(n) => log::info!("open-files limit: {n}"),
+        None => log::warn!("cannot read the open-files limit"),
+    }
+    server::start(&cfg)?.wait();
+    Ok(())
+}
+
+/// The password from --password, --password-stdin or SLUICE_PASSWORD (in that order), if any.
+fn password(args: &mut Arguments, help: &str) -> Result<Option<String>> {
+    let flag: Option<String> = opt(args, "--password", help)?;
+    let stdin = args.contains("--password-stdin");
+    let pw = match (flag, stdin) {
+        (Some(_), true) => return Err(usage("give --password or --password-stdin, not both")),
+        (Some(p), false) => Some(p),
+        (None, true) => {
+            let mut line = String::new();
+            std::io::stdin()
+                .lock()
+                .read_line(&mut line)
+                .map_err(|e| Error::Io("cannot read the password from stdin".into(), e))?;
+            Some(line.trim_end_matches(['\r', '\n']).to_string())
+        }
+        (None, false) => std::env::var("SLUICE_PASSWORD").ok(),
+    };
+    if let Some(p) = &pw {
+        check_credential("password", p)?;
+    }
+    Ok(pw)
+}
+
+fn name(args: &mut Arguments, help: &str) -> Result<String> {
+    let n: String = args
+        .free_from_str()
+        .map_err(|_| usage(format!("a user NAME is required\n{help}")))?;
+    check_credential("username", &n)?;
+    Ok(n)
+}
+
+fn rate(args: &mut Arguments) -> Result<Option<u64>> {
+    let r: Option<String> = opt(args, "--bandwidth", HELP_USER)?;
+    r.map(|s| parse_rate(&s).map_err(usage)).transpose()
+}
+
+fn cmd_user(mut args: Arguments) -> Result<()> {
+    let sub = args.subcommand().map_err(|e| usage(e.to_string()))?;
+    match sub.as_deref() {
+        Some("add") => user_add(args),
+        Some("set") => user_set(args),
+        Some("del") => user_del(args),
+        Some("list") => user_list(args),
+        Some(other) => Err(usage(format!(
+            "unknown user command {other:?}\n{HELP_USER}"
+        ))),
+        None => Err(usage(format!("a user command is required\n{HELP_USER}"))),
+    }
+}
+
+fn user_add(mut args: Arguments) -> Result<()> {
+    let db = db_path(&mut args, HELP_USER)?;
+    let bw = rate(&mut args)?.unwrap_or(0);
+    let pw = password(&mut args, HELP_USER)?;
+    let n = name(&mut args, HELP_USER)?;
+    finish(args, HELP_USER)?;
+    let pw = pw.ok_or_else(|| {
+        usage("a password is required: --password-stdin, SLUICE_PASSWORD, or --password P")
+    })?;
+    let store = UserStore::open_or_create(&db)?;
+    store.add(&n, &hash_password(&pw)?, bw)?;
+    println!("added user {n} at {}", format_rate(bw));
+    Ok(())
+}
+
+fn user_set(mut args: Arguments) -> Result<()> {
+    let db = db_path(&mut args, HELP_USER)?;
+    let bw = rate(&mut args)?;
+    let pw = password(&mut args, HELP_USER)?;
+    let n = name(&mut args, HELP_USER)?;
+    finish(args, HELP_USER)?;
+    if bw.is_none() && pw.is_none() {
+        return Err(usage(
+            "nothing to change: give --bandwidth and/or a password",
+        ));
+    }
+    let store = UserStore::open(&db)?;
+    let hash = pw.map(|p| hash_password(&p)).transpose()?;
+    store.update(&n, hash.as_deref(), bw)?;
+    println!("updated user {n}");
+    Ok(())
+}
+
+fn user_del(mut args: Arguments) -> Result<()> {
+    let db = db_path(&mut args, HELP_USER)?;
+    let n = name(&mut args, HELP_USER)?;
+    finish(args, HELP_USER)?;
+    UserStore::open(&db)?.delete(&n)?;
+    println!("deleted user {n}");
+    Ok(())
+}
+
+fn user_list(mut args: Arguments) -> Result<()> {
+    let db = db_path(&mut args, HELP_USER)?;
+    finish(args, HELP_USER)?;
+    let (rows, bad) = UserStore::open(&db)?.load()?;
+    println!("{:<32} {:>12}", "USER", "BANDWIDTH");
+    for r in rows {
+        println!("{:<32} {:>12}", r.username, format_rate(r.bandwidth));
+    }
+    for b in bad {
+        println!("{:<32} {:>12}  ({})", b.username, "invalid", b.reason);
+    }
+    Ok(())
+}

@@ -1,0 +1,276 @@
+//! The two copy loops of a connection, one thread per direction, and the one function every
+//! relayed byte passes through ([`pump`]), where the per-user limiter is applied.
+//!
+//! Half-close is carried through: EOF from one side shuts down writing toward the other while the
+//! other direction keeps flowing; an error in either direction shuts both sockets, which ends the
+//! other thread too. A limited relay first waits until its source is readable (a one-byte peek),
+//! then asks the limiter for up to a buffer's worth, reads at most what it was granted and gives
+//! back the rest, so it never holds tokens while blocked and never reads past its grant. Buffers
+//! are allocated only once data arrives, so an idle tunnel costs two sleeping threads and no buffer.
+
+use crate::account::Account;
+use crate::limiter::{Closed, Limiter, Waiter};
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::thread;
+use std::time::Instant;
+
+/// Bytes read per system call; also the most a relay asks the limiter for at once.
+pub const RELAY_BUF: usize = 64 * 1024;
+/// Stack size of a relay thread: it holds no buffer on its stack (the buffer is on the heap).
+pub const RELAY_STACK: usize = 64 * 1024;
+
+/// Which way bytes flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Client → destination.
+    Up,
+    /// Destination → client.
+    Down,
+}
+
+/// A user's limit as a relay sees it: the account (rate, counters) and the shared limiter.
+pub struct Budget {
+    /// The user whose bandwidth this traffic counts against.
+    pub account: Arc<Account>,
+    /// The server's limiter.
+    pub limiter: Arc<Limiter>,
+}
+
+impl Budget {
+    /// Tokens for up to `want` bytes: at once for an unlimited user, else from the limiter
+    /// (blocking until granted). Time spent waiting is added to the account.
+    fn take(&self, waiter: &Arc<Waiter>, want: usize) -> Result<usize, Closed> {
+        if self.account.rate() == 0 {
+            return Ok(want);
+        }
+        let t = Instant::now();
+        let g = self
+            .limiter
+            .acquire(&self.account.name, waiter, want as u64);
+        let waited = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.account
+            .throttled_ns
+            .fetch_add(waited, Ordering::Relaxed);
+        // A grant never exceeds `want`, which is a usize.
+        g.map(|n| n.min(want as u64) as usize)
+    }
+
+    fn give_back(&self, n: usize) {
+        if n > 0 && self.account.rate() != 0 {
+            self.limiter.give_back(&self.account.name, n as u64);
+        }
+    }
+
+    fn count(&self, dir: Direction, n: usize) {
+        let c = match dir {
+            Direction::Up => &self.account.bytes_up,
+            Direction::Down => &self.account.bytes_down,
+        };
+        c.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+/// How a direction (or a whole connection) ended.
+#[derive(Debug)]
+pub enum End {
+    /// Orderly EOF.
+    Closed,
+    /// A read or write failed.
+    Error(io::Error),
+    /// The user was deleted while connected.
+    Revoked,
+    /// The server is stopping.
+    Stopping,
+}
+
+impl fmt::Display for End {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            End::Closed => f.write_str("closed"),
+            End::Error(e) => write!(f, "error: {e}"),
+            End::Revoked => f.write_str("user revoked"),
+            End::Stopping => f.write_str("server stopping"),
+        }
+    }
+}
+
+impl From<Closed> for End {
+    fn from(c: Closed) -> End {
+        match c {
+            Closed::Revoked => End::Revoked,
+            Closed::Stopping => End::Stopping,
+        }
+    }
+}
+
+/// What a finished relay moved and how it ended.
+#[derive(Debug)]
+pub struct Outcome {
+    /// Bytes client → destination (including any prefix sent before the relay started).
+    pub up: u64,
+    /// Bytes destination → client.
+    pub down: u64,
+    /// The first abnormal end of either direction, else `Closed`.
+    pub end: End,
+}
+
+/// Sends bytes that arrived with the handshake (pipelined tunnel data, a rewritten HTTP head)
+/// through the limiter, as [`pump`] would. Blocking.
+///
+/// # Errors
+/// The write failed or the limiter refused (user gone, server stopping).
+pub fn send_prefix(
+    dst: &TcpStream,
+    mut data: &[u8],
+    budget: Option<&Budget>,
+    dir: Direction,
+) -> Result<(), End> {
+    let waiter = Waiter::new();
+    while !data.is_empty() {
+        let n = match budget {
+            Some(b) => b.take(&waiter, data.len().min(RELAY_BUF))?,
+            None => data.len(),
+        };
+        (&*dst).write_all(&data[..n]).map_err(End::Error)?;
+        if let Some(b) = budget {
+            b.count(dir, n);
+        }
+        data = &data[n..];
+    }
+    Ok(())
+}
+
+/// Copies `src` to `dst` until EOF or error, through the budget. Blocking; returns the bytes moved
+/// and how it ended. On EOF it shuts down writing on `dst`; on any other end it shuts both sockets
+/// so the opposite direction ends too.
+pub fn pump(
+    src: &TcpStream,
+    dst: &TcpStream,
+    budget: Option<&Budget>,
+    dir: Direction,
+) -> (u64, End) {
+    let mut moved = 0u64;
+    let end = match copy(src, dst, budget, dir, &mut moved) {
+        Ok(()) => {
+            let _ = dst.shutdown(Shutdown::Write);
+            End::Closed
+        }
+        Err(e) => {
+            let _ = src.shutdown(Shutdown::Both);
+            let _ = dst.shutdown(Shutdown::Both);
+            e
+        }
+    };
+    (moved, end)
+}
+
+fn copy(
+    mut src: &TcpStream,
+    mut dst: &TcpStream,
+    budget: Option<&Budget>,
+    dir: Direction,
+    moved: &mut u64,
+) -> Result<(), End> {
+    let waiter = budget.map(|_| Waiter::new());
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        let limited = budget.is_some_and(|b| b.account.rate() != 0);
+        // Wait for data before taking tokens (or allocating a buffer): a relay blocked in read
+        // must not hold tokens that other connections of the user could use.
+        if (buf.is_empty() || limited) && !wait_readable(src)? {
+            return Ok(());
+        }
+        if buf.is_empty() {
+            buf = vec![0; RELAY_BUF];
+        }
+        let grant = match (budget, &waiter) {
+            (Some(b), Some(w)) => b.take(w, RELAY_BUF)?,
+            _ => RELAY_BUF,
+        };
+        let n = loop {
+            match src.read(&mut buf[..grant]) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    if let Some(b) = budget {
+                        b.give_back(grant);
+                    }
+                    return Err(End::Error(e));
+                }
+            }
+        };
+        if let Some(b) = budget {
+            b.give_back(grant - n);
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        dst.write_all(&buf[..n]).map_err(End::Error)?;
+        *moved += n as u64;
+        if let Some(b) = budget {
+            b.count(dir, n);
+        }
+    }
+}
+
+/// Blocks until `src` has data (true) or is at EOF (false).
+fn wait_readable(src: &TcpStream) -> Result<bool, End> {
+    let mut one = [0u8; 1];
+    loop {
+        match src.peek(&mut one) {
+            Ok(0) => return Ok(false),
+            Ok(_) => return Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(End::Error(e)),
+        }
+    }
+}
+
+/// Relays both directions of a connection: spawns a thread for client → destination (named
+/// `up {label}`) and copies destination → client on the calling thread. Blocking until both
+/// directions are done.
+///
+/// # Errors
+/// Returns `Err` (with both sockets shut) only when the second thread cannot be spawned.
+pub fn relay(
+    client: TcpStream,
+    dest: TcpStream,
+    budget: Option<Arc<Budget>>,
+    label: &str,
+    up_already: u64,
+) -> io::Result<Outcome> {
+    let (c2, d2, b2) = (client.try_clone()?, dest.try_clone()?, budget.clone());
+    let up = thread::Builder::new()
+        .name(format!("up {label}"))
+        .stack_size(RELAY_STACK)
+        .spawn(move || pump(&c2, &d2, b2.as_deref(), Direction::Up));
+    let up = match up {
+        Ok(h) => h,
+        Err(e) => {
+            let _ = client.shutdown(Shutdown::Both);
+            let _ = dest.shutdown(Shutdown::Both);
+            return Err(e);
+        }
+    };
+    let (down, down_end) = pump(&dest, &client, budget.as_deref(), Direction::Down);
+    let (up_n, up_end) = up
+        .join()
+        .unwrap_or_else(|_| (0, End::Error(io::Error::other("relay thread panicked"))));
+    let end = match (up_end, down_end) {
+        (End::Closed, e) | (e, End::Closed) => e,
+        (e, _) => e,
+    };
+    let end = match (&end, &budget) {
+        (End::Error(_), Some(b)) if b.account.is_revoked() => End::Revoked,
+        _ => end,
+    };
+    Ok(Outcome {
+        up: up_n + up_already,
+        down,
+        end,
+    })
+}

@@ -1,0 +1,255 @@
+//! The listener: start-up, the accept loop (one thread per connection), and the `ServerHandle`
+//! tests and `main` use to stop it.
+//!
+//! The accept loop only accepts and spawns, so a slow or silent client never blocks anyone else.
+//! The handshake, dialing and relaying happen on the connection's thread (`conn.rs`).
+
+use crate::auth::{self, Directory};
+use crate::conn;
+use crate::dial::DialPolicy;
+use crate::error::{Error, Result};
+use crate::limiter::{self, Limiter};
+use crate::users::UserStore;
+use log::{info, warn};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+/// Stack size of a connection thread: it runs the handshake, argon2 (heap-allocated) and
+/// getaddrinfo, which needs more stack than a plain relay.
+pub const CONN_STACK: usize = 256 * 1024;
+/// Pause after a failed accept (e.g. out of file descriptors) so the loop does not spin.
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// How to run a server.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// The user database (must exist).
+    pub db: PathBuf,
+    /// Allow loopback and private destinations.
+    pub allow_private: bool,
+    /// Time a client has to finish its handshake.
+    pub handshake_timeout: Duration,
+    /// Time allowed for each connect attempt to a destination.
+    pub connect_timeout: Duration,
+    /// The limiter's refill tick.
+    pub tick: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> ServerConfig {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8889)),
+            db: PathBuf::from("sluice.db"),
+            allow_private: false,
+            handshake_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+            tick: limiter::DEFAULT_TICK,
+        }
+    }
+}
+
+/// State every connection thread reads.
+pub(crate) struct Shared {
+    pub directory: Arc<Directory>,
+    pub limiter: Arc<Limiter>,
+    pub policy: DialPolicy,
+    pub handshake_timeout: Duration,
+    pub stop: Arc<AtomicBool>,
+    next_id: AtomicU64,
+    /// Connection threads alive now.
+    pub active: AtomicUsize,
+}
+
+/// Decrements the live-connection count when a connection thread ends, however it ends.
+pub(crate) struct ActiveGuard<'a>(&'a AtomicUsize);
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A running server.
+pub struct ServerHandle {
+    local_addr: SocketAddr,
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl ServerHandle {
+    /// The address the server listens on (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Connection threads alive now.
+    pub fn active_connections(&self) -> usize {
+        self.shared.active.load(Ordering::Relaxed)
+    }
+
+    /// Stops accepting, closes open relays, stops the limiter and the watcher, and waits for
+    /// the server's own threads. Blocking.
+    pub fn shutdown(mut self) {
+        self.stop_all();
+    }
+
+    fn stop_all(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        // Wake accept() by connecting to ourselves (an unspecified address is reached on loopback).
+        let mut wake = self.local_addr;
+        if wake.ip().is_unspecified() {
+            wake.set_ip(if wake.is_ipv4() {
+                [127, 0, 0, 1].into()
+            } else {
+                std::net::Ipv6Addr::LOCALHOST.into()
+            });
+        }
+        let _ = TcpStream::connect_timeout(&wake, Duration::from_secs(1));
+        self.shared.limiter.shutdown();
+        for a in self.shared.directory.accounts() {
+            a.close_all();
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+
+    /// Blocks until the server stops (it runs until the process ends).
+    pub fn wait(mut self) {
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        if !self.threads.is_empty() {
+            self.stop_all();
+        }
+    }
+}
+
+/// Opens the database, loads the users, binds, and starts the server's threads.
+///
+/// # Errors
+/// A missing or unreadable database, an address that cannot be bound, or a thread that cannot be
+/// spawned; each as one clear message.
+pub fn start(config: &ServerConfig) -> Result<ServerHandle> {
+    let store = UserStore::open(&config.db)?;
+    let limiter = Limiter::new(config.tick);
+    let directory = Directory::new(limiter.clone());
+    auth::reload(&store, &directory)?;
+    let listener = TcpListener::bind(config.listen)
+        .map_err(|e| Error::Io(format!("cannot listen on {}", config.listen), e))?;
+    let local_addr = listener
+        .local_addr()
+        .map_err(|e| Error::Io("listener address".into(), e))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let shared = Arc::new(Shared {
+        directory: directory.clone(),
+        limiter: limiter.clone(),
+        policy: DialPolicy {
+            allow_private: config.allow_private,
+            connect_timeout: config.connect_timeout,
+        },
+        handshake_timeout: config.handshake_timeout,
+        stop: stop.clone(),
+        next_id: AtomicU64::new(1),
+        active: AtomicUsize::new(0),
+    });
+    let spawn_err = |e| Error::Io("cannot start a server thread".into(), e);
+    let mut threads = vec![limiter.spawn_refill().map_err(spawn_err)?];
+    threads.push(auth::spawn_watcher(store, directory.clone(), stop.clone()).map_err(spawn_err)?);
+    let sh = shared.clone();
+    let accept = thread::Builder::new()
+        .name("accept".into())
+        .stack_size(CONN_STACK)
+        .spawn(move || accept_loop(&listener, &sh))
+        .map_err(spawn_err)?;
+    threads.push(accept);
+    info!(
+        "sluice server listening on {local_addr} with {} users (db {}, tick {} ms{})",
+        directory.len(),
+        config.db.display(),
+        limiter.tick().as_millis(),
+        if config.allow_private {
+            ", private destinations allowed"
+        } else {
+            ""
+        }
+    );
+    Ok(ServerHandle {
+        local_addr,
+        shared,
+        threads,
+    })
+}
+
+fn accept_loop(listener: &TcpListener, sh: &Arc<Shared>) {
+    let mut last_warn: Option<Instant> = None;
+    loop {
+        let accepted = listener.accept();
+        if sh.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        match accepted {
+            Ok((stream, peer)) => spawn_connection(stream, peer, sh),
+            Err(e) => {
+                // EMFILE and friends: log at most once a second, back off, and keep serving.
+                if last_warn.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                    warn!("accept failed: {e}; backing off");
+                    last_warn = Some(Instant::now());
+                }
+                thread::sleep(ACCEPT_BACKOFF);
+            }
+        }
+    }
+}
+
+fn spawn_connection(stream: TcpStream, peer: SocketAddr, sh: &Arc<Shared>) {
+    let id = sh.next_id.fetch_add(1, Ordering::Relaxed);
+    sh.active.fetch_add(1, Ordering::Relaxed);
+    let sh2 = sh.clone();
+    let spawned = thread::Builder::new()
+        .name(format!("conn#{id}"))
+        .stack_size(CONN_STACK)
+        .spawn(move || {
+            let _guard = ActiveGuard(&sh2.active);
+            conn::handle(stream, peer, id, &sh2);
+        });
+    if let Err(e) = spawned {
+        sh.active.fetch_sub(1, Ordering::Relaxed);
+        warn!("conn#{id} {peer} dropped: cannot spawn a thread: {e}");
+    }
+}
+
+/// Raises the soft open-files limit to the hard limit and returns the new soft limit.
+pub fn raise_nofile_limit() -> Option<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return None;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let want = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+                lim = want;
+            }
+        }
+    }
+    Some(lim.rlim_cur)
+}
