@@ -17,6 +17,7 @@ pub mod dial;
 pub mod error;
 pub mod http;
 pub mod limiter;
+pub mod local;
 pub mod relay;
 pub mod server;
 pub mod socks5;

@@ -3,6 +3,7 @@
 use pico_args::Arguments;
 use sluice::auth::{check_credential, hash_password};
 use sluice::error::{Error, Result};
+use sluice::local::{self, LocalConfig};
 use sluice::server::{self, ServerConfig};
 use sluice::units::{format_rate, parse_rate};
 use sluice::users::UserStore;
@@ -24,6 +25,8 @@ usage:
   sluice user set NAME [--password P | --password-stdin] [--bandwidth RATE] [--db PATH]
   sluice user del NAME [--db PATH]
   sluice user list [--db PATH]
+  sluice local --server HOST:PORT --user NAME [--password P | --password-stdin]
+               [--listen ADDR] [--allow-lan] [--handshake-timeout SECS]
   sluice --version
 
 RATE is bytes per second: 65536, 64K, 1M, 2G (1024-based), or 0 / unlimited.
@@ -41,6 +44,23 @@ usage: sluice server [options]
   --tick-ms N               limiter refill tick in milliseconds (default 10)
 
 Logs go to stderr; RUST_LOG=debug|info|warn sets the level (default info).
+";
+
+const HELP_LOCAL: &str = "\
+usage: sluice local --server HOST:PORT --user NAME [--password P | --password-stdin] [options]
+
+Runs on the user's machine: apps connect to it without a password (SOCKS5, SOCKS4/4a, HTTP
+CONNECT and plain HTTP) and it opens each connection through the Sluice server as NAME.
+
+  --server HOST:PORT        the Sluice server (required)
+  --user NAME               the user to log in as (required)
+  --password P              the password (visible in `ps`; prefer the next two)
+  --password-stdin          read the password from the first line of standard input
+  SLUICE_PASSWORD           environment variable read when neither flag is given
+  --listen ADDR             where apps connect (default 127.0.0.1:1080)
+  --allow-lan               allow a non-loopback --listen: anyone who reaches it uses the account
+  --handshake-timeout SECS  time an app has to finish its handshake (default 10)
+  --connect-timeout SECS    time allowed to connect to the server (default 10)
 ";
 
 const HELP_USER: &str = "\
@@ -87,6 +107,8 @@ fn run(mut args: Arguments) -> Result<()> {
         Some("server") if help => print(HELP_SERVER),
         Some("server") => cmd_server(args),
         Some("user") if help => print(HELP_USER),
+        Some("local") if help => print(HELP_LOCAL),
+        Some("local") => cmd_local(args),
         Some("user") => cmd_user(args),
         None if help => print(HELP),
         None => Err(usage(format!("a command is required\n{HELP}"))),
@@ -132,7 +154,7 @@ fn db_path(args: &mut Arguments, help: &str) -> Result<PathBuf> {
 }
 
 fn secs(args: &mut Arguments, key: &'static str, default: u64) -> Result<Duration> {
-    let s: Option<u64> = opt(args, key, HELP_SERVER)?;
+    let s: Option<u64> = opt(args, key, "see `sluice COMMAND --help`")?;
     match s.unwrap_or(default) {
         0 => Err(usage(format!("{key} must be at least 1 second"))),
         n => Ok(Duration::from_secs(n)),
@@ -171,6 +193,41 @@ fn cmd_server(mut args: Arguments) -> Result<()> {
         None => log::warn!("cannot read the open-files limit"),
     }
     server::start(&cfg)?.wait();
+    Ok(())
+}
+
+fn cmd_local(mut args: Arguments) -> Result<()> {
+    let listen = match opt::<String>(&mut args, "--listen", HELP_LOCAL)? {
+        Some(l) => parse_listen(&l)?,
+        None => SocketAddr::from(([127, 0, 0, 1], 1080)),
+    };
+    let server: Option<String> = opt(&mut args, "--server", HELP_LOCAL)?;
+    let user: Option<String> = opt(&mut args, "--user", HELP_LOCAL)?;
+    let allow_lan = args.contains("--allow-lan");
+    let handshake_timeout = secs(&mut args, "--handshake-timeout", 10)?;
+    let connect_timeout = secs(&mut args, "--connect-timeout", 10)?;
+    let pw = password(&mut args, HELP_LOCAL)?;
+    finish(args, HELP_LOCAL)?;
+    let server =
+        server.ok_or_else(|| usage(format!("--server HOST:PORT is required\n{HELP_LOCAL}")))?;
+    let user = user.ok_or_else(|| usage(format!("--user NAME is required\n{HELP_LOCAL}")))?;
+    check_credential("username", &user)?;
+    let password = pw.ok_or_else(|| {
+        usage("a password is required: --password-stdin, SLUICE_PASSWORD, or --password P")
+    })?;
+    let cfg = LocalConfig {
+        listen,
+        server,
+        user,
+        password,
+        allow_lan,
+        handshake_timeout,
+        connect_timeout,
+    };
+    if let Some(n) = server::raise_nofile_limit() {
+        log::info!("open-files limit: {n}");
+    }
+    local::start(&cfg)?.wait();
     Ok(())
 }
 

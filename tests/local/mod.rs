@@ -1,0 +1,1 @@
+//! `sluice local` end to end (local → server → origin).

@@ -1,0 +1,7 @@
+//! The one integration test binary: real servers on 127.0.0.1:0, a loopback origin, temp
+//! databases. Suites live in subdirectories so Cargo does not build each as its own binary.
+
+mod support;
+
+mod local;
+mod server;
