@@ -1,7 +1,7 @@
 //! The server end to end: SOCKS5 and HTTP proxying, authentication, policy, half-close.
 
 use crate::support::*;
-use std::io::{Read, Write};
+use std::io::Write;
 
 #[test]
 fn socks5_download_exact_bytes_to_ipv4() {
