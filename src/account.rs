@@ -1,14 +1,42 @@
-//! A logged-in user as the relays see it: the live rate, a revoked flag, the open connections
-//! (so a deleted user's sockets can be shut), and counters. Shared as `Arc<Account>`.
+//! A logged-in user as the relays see it: the live rate and limits, a revoked flag, the open
+//! connections (so a deleted or over-quota user's sockets can be shut), and counters. Shared as
+//! `Arc<Account>`.
 //!
 //! Everything here is atomics or a short lock never held across I/O; the relay path reads the rate
-//! with one relaxed load, which is all an unlimited user pays.
+//! with one relaxed load, which is all an unlimited user without a quota pays. The quota is charged
+//! where tokens are taken (`relay::Budget::take`), by reserving before a read and returning what the
+//! read did not use, so parallel connections cannot overshoot it.
 
+use crate::users::QuotaPeriod;
 use parking_lot::Mutex;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+/// Seconds of per-second rate samples kept for the status page's sparklines.
+pub const HISTORY_SECS: usize = 60;
+
+/// Why a user may not open another connection now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The user was deleted.
+    Revoked,
+    /// The user's quota for this period is used up.
+    Quota,
+    /// The user has `max_connections` open already.
+    TooMany,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Refusal::Revoked => "user deleted",
+            Refusal::Quota => "quota exhausted",
+            Refusal::TooMany => "too many connections for this user",
+        })
+    }
+}
 
 /// One user's runtime state.
 pub struct Account {
@@ -17,14 +45,27 @@ pub struct Account {
     rate: AtomicU64,
     revoked: AtomicBool,
     conns: Mutex<HashMap<u64, Vec<TcpStream>>>,
-    /// Bytes forwarded client → destination.
+    quota: AtomicU64,
+    /// Bytes charged against the quota this period, including reservations in flight.
+    quota_used: AtomicU64,
+    period: Mutex<QuotaPeriod>,
+    /// Start of the quota period `quota_used` counts (unix seconds).
+    pub period_start: AtomicU64,
+    /// The `reset_epoch` of the usage row last seen, so `user reset-usage` restarts the count.
+    pub reset_epoch: AtomicU64,
+    max_connections: AtomicU64,
+    /// Bytes forwarded client → destination since start.
     pub bytes_up: AtomicU64,
-    /// Bytes forwarded destination → client.
+    /// Bytes forwarded destination → client since start.
     pub bytes_down: AtomicU64,
     /// Connections opened since start.
     pub opened: AtomicU64,
-    /// Nanoseconds relays spent waiting for tokens.
+    /// Nanoseconds relays spent waiting for tokens since start.
     pub throttled_ns: AtomicU64,
+    /// Relay-nanoseconds of open connections since start (two relays per connection).
+    pub active_ns: AtomicU64,
+    /// Per-second samples (bytes/s, share throttled), newest last, for the status page.
+    pub history: Mutex<VecDeque<(u64, f64)>>,
 }
 
 impl Account {
@@ -35,10 +76,19 @@ impl Account {
             rate: AtomicU64::new(rate),
             revoked: AtomicBool::new(false),
             conns: Mutex::new(HashMap::new()),
+            quota: AtomicU64::new(0),
+            quota_used: AtomicU64::new(0),
+            period: Mutex::new(QuotaPeriod::None),
+            period_start: AtomicU64::new(0),
+            // Unseen: the first usage row read sets the quota count.
+            reset_epoch: AtomicU64::new(u64::MAX),
+            max_connections: AtomicU64::new(0),
             bytes_up: AtomicU64::new(0),
             bytes_down: AtomicU64::new(0),
             opened: AtomicU64::new(0),
             throttled_ns: AtomicU64::new(0),
+            active_ns: AtomicU64::new(0),
+            history: Mutex::new(VecDeque::with_capacity(HISTORY_SECS)),
         })
     }
 
@@ -52,6 +102,73 @@ impl Account {
         self.rate.store(rate, Ordering::Relaxed);
     }
 
+    /// Sets the quota (bytes per period, 0 = none), its period, and the connection cap.
+    pub fn set_limits(&self, quota: u64, period: QuotaPeriod, max_connections: u64) {
+        self.quota.store(quota, Ordering::Relaxed);
+        *self.period.lock() = period;
+        self.max_connections
+            .store(max_connections, Ordering::Relaxed);
+    }
+
+    /// The quota in bytes per period (0 = none).
+    pub fn quota(&self) -> u64 {
+        self.quota.load(Ordering::Relaxed)
+    }
+
+    /// The quota period.
+    pub fn period(&self) -> QuotaPeriod {
+        *self.period.lock()
+    }
+
+    /// Bytes charged against the quota this period.
+    pub fn quota_used(&self) -> u64 {
+        self.quota_used.load(Ordering::Relaxed)
+    }
+
+    /// Starts a new quota count at `used` bytes (new period, reset, or start-up).
+    pub fn restart_quota(&self, used: u64) {
+        self.quota_used.store(used, Ordering::Relaxed);
+    }
+
+    /// The connection cap (0 = none).
+    pub fn max_connections(&self) -> u64 {
+        self.max_connections.load(Ordering::Relaxed)
+    }
+
+    /// True when a quota is set and used up.
+    pub fn quota_exhausted(&self) -> bool {
+        let q = self.quota();
+        q > 0 && self.quota_used() >= q
+    }
+
+    /// Reserves up to `want` bytes of quota; returns how many (all of `want` without a quota),
+    /// or `None` when the quota is used up.
+    pub fn reserve_quota(&self, want: u64) -> Option<u64> {
+        let q = self.quota();
+        if q == 0 {
+            return Some(want);
+        }
+        let mut got = 0;
+        self.quota_used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                got = want.min(q.saturating_sub(used));
+                (got > 0).then_some(used + got)
+            })
+            .ok()
+            .map(|_| got)
+    }
+
+    /// Returns quota a short read did not use.
+    pub fn unreserve_quota(&self, n: u64) {
+        if n > 0 && self.quota() > 0 {
+            let _ = self
+                .quota_used
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
+                    Some(u.saturating_sub(n))
+                });
+        }
+    }
+
     /// True once the user was deleted.
     pub fn is_revoked(&self) -> bool {
         self.revoked.load(Ordering::Relaxed)
@@ -62,17 +179,43 @@ impl Account {
         self.conns.lock().len()
     }
 
-    /// Registers an open connection's sockets so [`Account::revoke`] can shut them.
-    /// Returns false (and registers nothing) if the account is already revoked.
-    pub fn register(&self, id: u64, sockets: Vec<TcpStream>) -> bool {
+    /// Takes a connection slot for `id`, unless the user is deleted, over quota, or at its cap.
+    ///
+    /// # Errors
+    /// The [`Refusal`] that applies.
+    pub fn admit(&self, id: u64) -> Result<(), Refusal> {
         let mut conns = self.conns.lock();
-        // Checked under the lock so a revoke cannot slip between the check and the insert.
+        // Checked under the lock so a revoke or a parallel admit cannot slip in between.
         if self.is_revoked() {
-            return false;
+            return Err(Refusal::Revoked);
         }
-        conns.insert(id, sockets);
+        if self.quota_exhausted() {
+            return Err(Refusal::Quota);
+        }
+        let cap = self.max_connections();
+        if cap > 0 && conns.len() as u64 >= cap {
+            return Err(Refusal::TooMany);
+        }
+        conns.insert(id, Vec::new());
         self.opened.fetch_add(1, Ordering::Relaxed);
-        true
+        Ok(())
+    }
+
+    /// Attaches an admitted connection's sockets so they can be shut from outside. Returns false
+    /// (attaching nothing) if the connection was closed from outside in the meantime.
+    pub fn attach(&self, id: u64, sockets: Vec<TcpStream>) -> bool {
+        match self.conns.lock().get_mut(&id) {
+            Some(v) => {
+                *v = sockets;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Admits and attaches in one step.
+    pub fn register(&self, id: u64, sockets: Vec<TcpStream>) -> bool {
+        self.admit(id).is_ok() && self.attach(id, sockets)
     }
 
     /// Forgets a connection that ended.
@@ -82,23 +225,56 @@ impl Account {
 
     /// Marks the user deleted and shuts every open connection's sockets, which ends their relays.
     pub fn revoke(&self) {
-        let conns = {
-            let mut c = self.conns.lock();
-            self.revoked.store(true, Ordering::Relaxed);
-            std::mem::take(&mut *c)
-        };
+        self.revoked.store(true, Ordering::Relaxed);
+        self.close_all();
+    }
+
+    /// Shuts every open connection's sockets (server shutdown, quota used up).
+    pub fn close_all(&self) {
+        let conns = std::mem::take(&mut *self.conns.lock());
         for s in conns.values().flatten() {
             let _ = s.shutdown(Shutdown::Both);
         }
     }
 }
 
-impl Account {
-    /// Shuts every open connection's sockets without revoking the user (server shutdown).
-    pub fn close_all(&self) {
-        let conns = std::mem::take(&mut *self.conns.lock());
-        for s in conns.values().flatten() {
-            let _ = s.shutdown(Shutdown::Both);
-        }
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quota_reservations_never_overshoot() {
+        let a = Account::new("q", 0);
+        a.set_limits(100, QuotaPeriod::None, 0);
+        assert_eq!(a.reserve_quota(60), Some(60));
+        assert_eq!(a.reserve_quota(60), Some(40), "only what is left");
+        assert_eq!(a.reserve_quota(1), None);
+        assert!(a.quota_exhausted());
+        a.unreserve_quota(30);
+        assert_eq!(a.reserve_quota(64), Some(30));
+        a.set_limits(0, QuotaPeriod::None, 0);
+        assert_eq!(
+            a.reserve_quota(1 << 20),
+            Some(1 << 20),
+            "no quota, no limit"
+        );
+    }
+
+    #[test]
+    fn admit_enforces_cap_quota_and_revocation() {
+        let a = Account::new("c", 0);
+        a.set_limits(0, QuotaPeriod::None, 2);
+        assert_eq!(a.admit(1), Ok(()));
+        assert_eq!(a.admit(2), Ok(()));
+        assert_eq!(a.admit(3), Err(Refusal::TooMany));
+        a.unregister(1);
+        assert_eq!(a.admit(3), Ok(()));
+        a.set_limits(10, QuotaPeriod::Day, 0);
+        a.restart_quota(10);
+        assert_eq!(a.admit(4), Err(Refusal::Quota));
+        a.restart_quota(0);
+        a.revoke();
+        assert_eq!(a.admit(5), Err(Refusal::Revoked));
+        assert_eq!(a.open_connections(), 0);
     }
 }

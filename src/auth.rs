@@ -9,6 +9,7 @@
 use crate::account::Account;
 use crate::error::{Error, Result};
 use crate::limiter::Limiter;
+use crate::usage::{self, Accountant};
 use crate::users::{UserRow, UserStore};
 use argon2::Argon2;
 use argon2::password_hash::{PasswordHasher, PasswordVerifier, phc::PasswordHash};
@@ -134,6 +135,8 @@ impl Directory {
                         self.cache.lock().remove(&row.username);
                     }
                     old.account.set_rate(row.bandwidth);
+                    old.account
+                        .set_limits(row.quota_bytes, row.quota_period, row.max_connections);
                     Entry {
                         hash: row.password_hash,
                         account: old.account,
@@ -141,8 +144,10 @@ impl Directory {
                 }
                 None => {
                     changes.added += 1;
+                    let account = Account::new(&row.username, row.bandwidth);
+                    account.set_limits(row.quota_bytes, row.quota_period, row.max_connections);
                     Entry {
-                        account: Account::new(&row.username, row.bandwidth),
+                        account,
                         hash: row.password_hash,
                     }
                 }
@@ -213,21 +218,29 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Loads the store into the directory once, logging rows that cannot be used.
+/// Loads the store into the directory, logging rows that cannot be used, and applies the usage
+/// rows (quota counts, resets).
 ///
 /// # Errors
-/// The table cannot be read.
+/// The tables cannot be read.
 pub fn reload(store: &UserStore, dir: &Directory) -> Result<Changes> {
     let (rows, bad) = store.load()?;
+    let usage = store.load_usage()?;
     for b in bad {
         warn!("user {:?} ignored: {}", b.username, b.reason);
     }
-    Ok(dir.apply(rows))
+    let changes = dir.apply(rows);
+    usage::apply_usage(&dir.accounts(), &usage, usage::unix_now());
+    Ok(changes)
 }
 
-/// Starts the thread that notices database changes within [`WATCH_INTERVAL`] and applies them.
-/// If the file is deleted or replaced, it logs that and keeps the last good snapshot (reopening a
-/// replacement).
+/// How often usage counters are sampled and flushed to the database.
+pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Starts the database thread: it notices database changes within [`WATCH_INTERVAL`] and
+/// applies them, and samples and flushes usage every [`FLUSH_INTERVAL`] and once more when `stop`
+/// is set. If the file is deleted or replaced, it logs that and keeps the last good snapshot
+/// (reopening a replacement).
 ///
 /// # Errors
 /// The thread could not be spawned.
@@ -243,6 +256,9 @@ pub fn spawn_watcher(
 }
 
 struct Watcher {
+    accountant: Accountant,
+    last_flush: std::time::Instant,
+    flush_failing: bool,
     store: UserStore,
     path: PathBuf,
     identity: Option<(u64, u64)>,
@@ -259,6 +275,9 @@ impl Watcher {
     fn new(store: UserStore) -> Watcher {
         let path = store.path().to_path_buf();
         Watcher {
+            accountant: Accountant::new(),
+            last_flush: std::time::Instant::now(),
+            flush_failing: false,
             identity: file_identity(&path),
             version: store.data_version().ok(),
             store,
@@ -271,6 +290,33 @@ impl Watcher {
         while !stop.load(Ordering::Relaxed) {
             thread::sleep(WATCH_INTERVAL);
             self.poll(dir);
+            if self.last_flush.elapsed() >= FLUSH_INTERVAL {
+                self.flush(dir);
+            }
+        }
+        self.flush(dir);
+    }
+
+    /// Samples live figures and writes the usage deltas; on failure they wait for the next flush.
+    fn flush(&mut self, dir: &Directory) {
+        let now = std::time::Instant::now();
+        self.last_flush = now;
+        let accounts = dir.accounts();
+        self.accountant.sample(&accounts, now);
+        let (deltas, marks) = self.accountant.deltas(&accounts, usage::unix_now());
+        match self.store.flush_usage(&deltas, usage::unix_now()) {
+            Ok(()) => {
+                self.accountant.commit(marks);
+                if self.flush_failing {
+                    info!("usage flushes work again");
+                    self.flush_failing = false;
+                }
+            }
+            Err(e) if !self.flush_failing => {
+                warn!("cannot write usage ({e}); counting on in memory and retrying every second");
+                self.flush_failing = true;
+            }
+            Err(_) => {}
         }
     }
 
@@ -344,6 +390,9 @@ mod tests {
             username: name.into(),
             password_hash: hash.into(),
             bandwidth: bw,
+            quota_bytes: 0,
+            quota_period: crate::users::QuotaPeriod::None,
+            max_connections: 0,
         }
     }
 

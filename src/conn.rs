@@ -5,7 +5,7 @@
 //! this file only sequences them and answers the client. Refusals are logged at warn with the
 //! client address; every connection that got past authentication ends with one info line.
 
-use crate::account::Account;
+use crate::account::{Account, Refusal};
 use crate::dial::{self, DialError};
 use crate::http::{self, HttpError, ProxyAuth, Status};
 use crate::relay::{self, Budget, Direction, End};
@@ -139,8 +139,8 @@ fn run_relay(
 ) {
     let _ = s.dest.set_nodelay(true);
     let sockets = [client.try_clone(), s.dest.try_clone()];
-    let registered = match sockets {
-        [Ok(a), Ok(b)] => s.account.register(id, vec![a, b]),
+    let attached = match sockets {
+        [Ok(a), Ok(b)] => s.account.attach(id, vec![a, b]),
         _ => false,
     };
     let budget = Arc::new(Budget {
@@ -148,8 +148,8 @@ fn run_relay(
         limiter: sh.limiter.clone(),
     });
     let label = format!("{}#{id}", s.account.name);
-    let outcome = if !registered {
-        Err(io::Error::other("user revoked"))
+    let outcome = if !attached {
+        Err(io::Error::other("closed before the relay started"))
     } else {
         match relay::send_prefix(&s.dest, &s.prefix, Some(&budget), Direction::Up) {
             Ok(()) => relay::relay(client, s.dest, Some(budget), &label, s.prefix.len() as u64),
@@ -197,7 +197,10 @@ fn socks5_handshake(
     sh: &Shared,
 ) -> Option<Session> {
     let client = r.stream;
-    let refused = |what: String| warn!("conn#{id} {peer} socks5 {what}; closed");
+    let refused = |what: String| {
+        sh.counters.connection("socks5", "rejected");
+        warn!("conn#{id} {peer} socks5 {what}; closed");
+    };
     let greeting = match socks5::read_greeting(r) {
         Ok(g) => g,
         Err(e) => return socks_fail(&refused, e),
@@ -222,10 +225,9 @@ fn socks5_handshake(
     };
     let Some(account) = sh.directory.verify(&creds.username, &creds.password) else {
         send(client, &socks5::encode_userpass_status(false));
-        refused(format!(
-            "login refused for user \"{}\"",
-            printable(&creds.username)
-        ));
+        sh.counters.auth_failure("socks5");
+        let user = printable(&creds.username);
+        warn!("conn#{id} {peer} socks5 login refused for user \"{user}\"; closed");
         return None;
     };
     if !send(client, &socks5::encode_userpass_status(true)) {
@@ -259,7 +261,7 @@ fn socks5_handshake(
         refused(format!("command {:?} not supported", req.command));
         return None;
     }
-    match dial_logged(&req.target, &account, "socks5", peer, id, sh) {
+    match admit_and_dial(&req.target, &account, "socks5", peer, id, sh) {
         Ok(dest) => {
             let bound = dest.local_addr().ok();
             send(client, &socks5::encode_reply(Reply::Succeeded, bound)).then_some(Session {
@@ -285,23 +287,73 @@ fn socks_fail(refused: &dyn Fn(String), e: SocksError) -> Option<Session> {
     None
 }
 
-/// Dials, and on failure logs the connection's one line (it got past authentication).
-fn dial_logged(
+/// Why a logged-in client gets no tunnel.
+enum Denied {
+    /// The user may not open another connection (deleted, over quota, at its cap).
+    Refused(Refusal),
+    /// The destination could not be reached.
+    Dial(DialError),
+}
+
+impl Denied {
+    fn reply(&self) -> Reply {
+        match self {
+            Denied::Refused(_) => Reply::NotAllowed,
+            Denied::Dial(e) => e.reply(),
+        }
+    }
+
+    fn status(&self) -> Status {
+        match self {
+            Denied::Refused(Refusal::TooMany) => Status::TooManyRequests,
+            Denied::Refused(_) => Status::Forbidden,
+            Denied::Dial(e) => e.status(),
+        }
+    }
+
+    fn detail(&self) -> String {
+        match self {
+            Denied::Refused(r) => r.to_string(),
+            Denied::Dial(e) => e.to_string(),
+        }
+    }
+}
+
+/// Takes a connection slot for the user, then dials. Every outcome is counted; a refusal is
+/// logged at warn, a dial failure as the connection's one info line.
+fn admit_and_dial(
     target: &Target,
     account: &Account,
-    proto: &str,
+    proto: &'static str,
     peer: SocketAddr,
     id: u64,
     sh: &Shared,
-) -> Result<TcpStream, DialError> {
-    let t = Instant::now();
-    dial::dial(target, &sh.policy).inspect_err(|e| {
-        info!(
-            "conn#{id} {peer} user={} proto={proto} dest={target} up=0 down=0 secs={:.3} end=dial failed: {e}",
-            account.name,
-            t.elapsed().as_secs_f64()
+) -> Result<TcpStream, Denied> {
+    if let Err(r) = account.admit(id) {
+        warn!(
+            "conn#{id} {peer} {proto} user={} refused: {r}",
+            account.name
         );
-    })
+        sh.counters.connection(proto, "refused");
+        return Err(Denied::Refused(r));
+    }
+    let t = Instant::now();
+    match dial::dial(target, &sh.policy) {
+        Ok(d) => {
+            sh.counters.connection(proto, "ok");
+            Ok(d)
+        }
+        Err(e) => {
+            account.unregister(id);
+            sh.counters.connection(proto, "dial_failed");
+            info!(
+                "conn#{id} {peer} user={} proto={proto} dest={target} up=0 down=0 secs={:.3} end=dial failed: {e}",
+                account.name,
+                t.elapsed().as_secs_f64()
+            );
+            Err(Denied::Dial(e))
+        }
+    }
 }
 
 fn http_handshake(
@@ -312,6 +364,7 @@ fn http_handshake(
 ) -> Option<Session> {
     let client = r.stream;
     let refuse = |status: Status, why: String| {
+        sh.counters.connection("http", "rejected");
         send(client, &http::encode_response(status, &why));
         warn!("conn#{id} {peer} http {why}; answered {}", status.code());
         None
@@ -340,8 +393,14 @@ fn http_handshake(
             match sh.directory.verify(&username, &password) {
                 Some(a) => a,
                 None => {
+                    sh.counters.auth_failure("http");
                     let why = format!("login refused for user \"{}\"", printable(&username));
-                    return refuse(Status::ProxyAuthRequired, why);
+                    send(
+                        client,
+                        &http::encode_response(Status::ProxyAuthRequired, &why),
+                    );
+                    warn!("conn#{id} {peer} http {why}; answered 407");
+                    return None;
                 }
             }
         }
@@ -360,10 +419,10 @@ fn http_handshake(
             Err(e) => return refuse(e.status(), e.to_string()),
         }
     };
-    let dest = match dial_logged(&target, &account, proto, peer, id, sh) {
+    let dest = match admit_and_dial(&target, &account, proto, peer, id, sh) {
         Ok(d) => d,
         Err(e) => {
-            send(client, &http::encode_response(e.status(), &e.to_string()));
+            send(client, &http::encode_response(e.status(), &e.detail()));
             return None;
         }
     };

@@ -18,11 +18,14 @@ pub mod error;
 pub mod http;
 pub mod limiter;
 pub mod local;
+pub mod metrics;
 pub mod relay;
 pub mod server;
 pub mod socks5;
+pub mod stats;
 pub mod target;
 pub mod units;
+pub mod usage;
 pub mod users;
 
 pub use error::{Error, Result};

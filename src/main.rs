@@ -5,13 +5,16 @@ use sluice::auth::{check_credential, hash_password};
 use sluice::error::{Error, Result};
 use sluice::local::{self, LocalConfig};
 use sluice::server::{self, ServerConfig};
-use sluice::units::{format_rate, parse_rate};
-use sluice::users::UserStore;
+use sluice::stats;
+use sluice::units::{format_rate, format_size, parse_rate, parse_size};
+use sluice::users::{QuotaPeriod, UserChange, UserStore};
 use std::ffi::OsString;
 use std::io::BufRead;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
+
+mod signals;
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -20,11 +23,13 @@ sluice — a per-user bandwidth-limiting proxy (SOCKS5 + HTTP)
 
 usage:
   sluice server [--listen ADDR] [--db PATH] [--allow-private] [--handshake-timeout SECS]
-                [--connect-timeout SECS] [--tick-ms N]
-  sluice user add NAME [--password P | --password-stdin] [--bandwidth RATE] [--db PATH]
-  sluice user set NAME [--password P | --password-stdin] [--bandwidth RATE] [--db PATH]
+                [--connect-timeout SECS] [--tick-ms N] [--metrics ADDR]
+  sluice user add NAME [--password P | --password-stdin] [--bandwidth RATE] [LIMITS] [--db PATH]
+  sluice user set NAME [--password P | --password-stdin] [--bandwidth RATE] [LIMITS] [--db PATH]
   sluice user del NAME [--db PATH]
   sluice user list [--db PATH]
+  sluice user reset-usage NAME [--db PATH]
+  sluice stats [--db PATH] [--json]
   sluice local --server HOST:PORT --user NAME [--password P | --password-stdin]
                [--listen ADDR] [--allow-lan] [--handshake-timeout SECS]
   sluice --version
@@ -42,6 +47,9 @@ usage: sluice server [options]
   --handshake-timeout SECS  time a client has to finish its handshake (default 10)
   --connect-timeout SECS    time allowed for each connect to a destination (default 10)
   --tick-ms N               limiter refill tick in milliseconds (default 10)
+  --metrics ADDR            serve Prometheus /metrics and a status page / on ADDR (e.g. 127.0.0.1:9889)
+
+SIGINT / SIGTERM stop accepting, close the relays, flush usage to the database, and exit 0.
 
 Logs go to stderr; RUST_LOG=debug|info|warn sets the level (default info).
 ";
@@ -63,18 +71,31 @@ CONNECT and plain HTTP) and it opens each connection through the Sluice server a
   --connect-timeout SECS    time allowed to connect to the server (default 10)
 ";
 
+const HELP_STATS: &str = "\
+usage: sluice stats [--db PATH] [--json]
+
+Per user: bandwidth, quota and its use this period, bytes up/down, and — while a server runs on
+the database — connections open now, current rate and the share of time the limiter held the
+user back (throttled). `--json` prints the same as an array of objects.
+";
+
 const HELP_USER: &str = "\
 usage:
   sluice user add NAME [--password P | --password-stdin] [--bandwidth RATE] [--db PATH]
   sluice user set NAME [--password P | --password-stdin] [--bandwidth RATE] [--db PATH]
   sluice user del NAME [--db PATH]
   sluice user list [--db PATH]
+  sluice user reset-usage NAME [--db PATH]
 
   --password P       the password (visible to other users of this machine in `ps`; prefer the next two)
   --password-stdin   read the password from the first line of standard input
   SLUICE_PASSWORD    environment variable read when neither flag is given
   --bandwidth RATE   bytes per second for all of the user's connections together, both directions:
                      65536, 64K, 1M, 2G (1024-based), or 0 / unlimited (the default for add)
+  --quota SIZE       bytes per quota period, both directions (1G, 500M, ...; 0 = no quota);
+                     when used up, new connections are refused and open ones closed
+  --quota-period P   day, month (UTC calendar) or none (a lifetime total until reset-usage)
+  --max-connections N  most connections open at once (0 = no cap)
   --db PATH          user database (default sluice.db; `user add` creates it)
 
 Usernames and passwords are 1 to 255 bytes without control characters.
@@ -108,6 +129,8 @@ fn run(mut args: Arguments) -> Result<()> {
         Some("server") => cmd_server(args),
         Some("user") if help => print(HELP_USER),
         Some("local") if help => print(HELP_LOCAL),
+        Some("stats") if help => print(HELP_STATS),
+        Some("stats") => cmd_stats(args),
         Some("local") => cmd_local(args),
         Some("user") => cmd_user(args),
         None if help => print(HELP),
@@ -181,6 +204,9 @@ fn cmd_server(mut args: Arguments) -> Result<()> {
     cfg.allow_private = args.contains("--allow-private");
     cfg.handshake_timeout = secs(&mut args, "--handshake-timeout", 10)?;
     cfg.connect_timeout = secs(&mut args, "--connect-timeout", 10)?;
+    cfg.metrics = opt::<String>(&mut args, "--metrics", HELP_SERVER)?
+        .map(|m| parse_listen(&m))
+        .transpose()?;
     if let Some(ms) = opt::<u64>(&mut args, "--tick-ms", HELP_SERVER)? {
         if !(1..=1000).contains(&ms) {
             return Err(usage("--tick-ms must be 1 to 1000"));
@@ -192,7 +218,10 @@ fn cmd_server(mut args: Arguments) -> Result<()> {
         Some(n) => log::info!("open-files limit: {n}"),
         None => log::warn!("cannot read the open-files limit"),
     }
-    server::start(&cfg)?.wait();
+    signals::block_stop_signals();
+    let handle = server::start(&cfg)?;
+    signals::stop_on_signal(handle.stopper());
+    handle.wait();
     Ok(())
 }
 
@@ -274,6 +303,7 @@ fn cmd_user(mut args: Arguments) -> Result<()> {
         Some("set") => user_set(args),
         Some("del") => user_del(args),
         Some("list") => user_list(args),
+        Some("reset-usage") => user_reset_usage(args),
         Some(other) => Err(usage(format!(
             "unknown user command {other:?}\n{HELP_USER}"
         ))),
@@ -281,9 +311,25 @@ fn cmd_user(mut args: Arguments) -> Result<()> {
     }
 }
 
+/// --quota, --quota-period and --max-connections into a change (fields not given stay `None`).
+fn limits(args: &mut Arguments) -> Result<UserChange> {
+    let quota: Option<String> = opt(args, "--quota", HELP_USER)?;
+    let period: Option<String> = opt(args, "--quota-period", HELP_USER)?;
+    let maxc: Option<u64> = opt(args, "--max-connections", HELP_USER)?;
+    Ok(UserChange {
+        quota_bytes: quota.map(|q| parse_size(&q).map_err(usage)).transpose()?,
+        quota_period: period
+            .map(|p| QuotaPeriod::parse(&p).map_err(usage))
+            .transpose()?,
+        max_connections: maxc,
+        ..UserChange::default()
+    })
+}
+
 fn user_add(mut args: Arguments) -> Result<()> {
     let db = db_path(&mut args, HELP_USER)?;
     let bw = rate(&mut args)?.unwrap_or(0);
+    let lim = limits(&mut args)?;
     let pw = password(&mut args, HELP_USER)?;
     let n = name(&mut args, HELP_USER)?;
     finish(args, HELP_USER)?;
@@ -292,25 +338,62 @@ fn user_add(mut args: Arguments) -> Result<()> {
     })?;
     let store = UserStore::open_or_create(&db)?;
     store.add(&n, &hash_password(&pw)?, bw)?;
+    if lim.quota_bytes.is_some() || lim.quota_period.is_some() || lim.max_connections.is_some() {
+        store.change(&n, &lim)?;
+    }
     println!("added user {n} at {}", format_rate(bw));
     Ok(())
 }
 
 fn user_set(mut args: Arguments) -> Result<()> {
     let db = db_path(&mut args, HELP_USER)?;
-    let bw = rate(&mut args)?;
+    let mut change = limits(&mut args)?;
+    change.bandwidth = rate(&mut args)?;
     let pw = password(&mut args, HELP_USER)?;
     let n = name(&mut args, HELP_USER)?;
     finish(args, HELP_USER)?;
-    if bw.is_none() && pw.is_none() {
+    change.password_hash = pw.map(|p| hash_password(&p)).transpose()?;
+    let c = &change;
+    if c.bandwidth.is_none()
+        && c.password_hash.is_none()
+        && c.quota_bytes.is_none()
+        && c.quota_period.is_none()
+        && c.max_connections.is_none()
+    {
         return Err(usage(
-            "nothing to change: give --bandwidth and/or a password",
+            "nothing to change: give --bandwidth, a password, --quota, --quota-period or --max-connections",
         ));
     }
-    let store = UserStore::open(&db)?;
-    let hash = pw.map(|p| hash_password(&p)).transpose()?;
-    store.update(&n, hash.as_deref(), bw)?;
+    UserStore::open(&db)?.change(&n, &change)?;
     println!("updated user {n}");
+    Ok(())
+}
+
+fn user_reset_usage(mut args: Arguments) -> Result<()> {
+    let db = db_path(&mut args, HELP_USER)?;
+    let n = name(&mut args, HELP_USER)?;
+    finish(args, HELP_USER)?;
+    UserStore::open(&db)?.reset_usage(&n)?;
+    println!("usage of user {n} reset");
+    Ok(())
+}
+
+fn cmd_stats(mut args: Arguments) -> Result<()> {
+    let db = db_path(&mut args, HELP_STATS)?;
+    let json = args.contains("--json");
+    finish(args, HELP_STATS)?;
+    let store = UserStore::open(&db)?;
+    let (users, _) = store.load()?;
+    let usage = store.load_usage()?;
+    let report = stats::Report::build(&users, &usage, sluice::usage::unix_now());
+    print!(
+        "{}",
+        if json {
+            report.to_json()
+        } else {
+            report.to_table()
+        }
+    );
     Ok(())
 }
 
@@ -327,9 +410,26 @@ fn user_list(mut args: Arguments) -> Result<()> {
     let db = db_path(&mut args, HELP_USER)?;
     finish(args, HELP_USER)?;
     let (rows, bad) = UserStore::open(&db)?.load()?;
-    println!("{:<32} {:>12}", "USER", "BANDWIDTH");
+    println!(
+        "{:<32} {:>12} {:>14} {:>9}",
+        "USER", "BANDWIDTH", "QUOTA", "MAX-CONNS"
+    );
     for r in rows {
-        println!("{:<32} {:>12}", r.username, format_rate(r.bandwidth));
+        let quota = match r.quota_bytes {
+            0 => "-".to_string(),
+            q => format!("{}/{}", format_size(q), r.quota_period.as_str()),
+        };
+        let maxc = match r.max_connections {
+            0 => "-".to_string(),
+            n => n.to_string(),
+        };
+        println!(
+            "{:<32} {:>12} {:>14} {:>9}",
+            r.username,
+            format_rate(r.bandwidth),
+            quota,
+            maxc
+        );
     }
     for b in bad {
         println!("{:<32} {:>12}  ({})", b.username, "invalid", b.reason);

@@ -41,26 +41,42 @@ pub struct Budget {
 }
 
 impl Budget {
-    /// Tokens for up to `want` bytes: at once for an unlimited user, else from the limiter
-    /// (blocking until granted). Time spent waiting is added to the account.
-    fn take(&self, waiter: &Arc<Waiter>, want: usize) -> Result<usize, Closed> {
-        if self.account.rate() == 0 {
-            return Ok(want);
+    /// Tokens for up to `want` bytes: quota first (reserved, so parallel relays cannot overshoot
+    /// it), then bandwidth — at once for an unlimited user, else from the limiter (blocking until
+    /// granted). Time spent waiting is added to the account.
+    fn take(&self, waiter: &Arc<Waiter>, want: usize) -> Result<usize, End> {
+        let a = &self.account;
+        let Some(want) = a.reserve_quota(want as u64) else {
+            // Used up: close the user's other connections too, not only this one.
+            a.close_all();
+            return Err(End::Quota);
+        };
+        if a.rate() == 0 {
+            return Ok(want as usize);
         }
         let t = Instant::now();
-        let g = self
-            .limiter
-            .acquire(&self.account.name, waiter, want as u64);
+        let g = self.limiter.acquire(&a.name, waiter, want);
         let waited = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        self.account
-            .throttled_ns
-            .fetch_add(waited, Ordering::Relaxed);
-        // A grant never exceeds `want`, which is a usize.
-        g.map(|n| n.min(want as u64) as usize)
+        a.throttled_ns.fetch_add(waited, Ordering::Relaxed);
+        match g {
+            Ok(n) => {
+                a.unreserve_quota(want - n.min(want));
+                // A grant never exceeds `want`, which came from a usize.
+                Ok(n.min(want) as usize)
+            }
+            Err(c) => {
+                a.unreserve_quota(want);
+                Err(c.into())
+            }
+        }
     }
 
     fn give_back(&self, n: usize) {
-        if n > 0 && self.account.rate() != 0 {
+        if n == 0 {
+            return;
+        }
+        self.account.unreserve_quota(n as u64);
+        if self.account.rate() != 0 {
             self.limiter.give_back(&self.account.name, n as u64);
         }
     }
@@ -85,6 +101,8 @@ pub enum End {
     Revoked,
     /// The server is stopping.
     Stopping,
+    /// The user's quota is used up.
+    Quota,
 }
 
 impl fmt::Display for End {
@@ -94,6 +112,7 @@ impl fmt::Display for End {
             End::Error(e) => write!(f, "error: {e}"),
             End::Revoked => f.write_str("user revoked"),
             End::Stopping => f.write_str("server stopping"),
+            End::Quota => f.write_str("quota exhausted"),
         }
     }
 }
@@ -178,7 +197,7 @@ fn copy(
     let waiter = budget.map(|_| Waiter::new());
     let mut buf: Vec<u8> = Vec::new();
     loop {
-        let limited = budget.is_some_and(|b| b.account.rate() != 0);
+        let limited = budget.is_some_and(|b| b.account.rate() != 0 || b.account.quota() != 0);
         // Wait for data before taking tokens (or allocating a buffer): a relay blocked in read
         // must not hold tokens that other connections of the user could use.
         if (buf.is_empty() || limited) && !wait_readable(src)? {
@@ -266,6 +285,7 @@ pub fn relay(
     };
     let end = match (&end, &budget) {
         (End::Error(_), Some(b)) if b.account.is_revoked() => End::Revoked,
+        (End::Error(_), Some(b)) if b.account.quota_exhausted() => End::Quota,
         _ => end,
     };
     Ok(Outcome {

@@ -9,6 +9,7 @@ use crate::conn;
 use crate::dial::DialPolicy;
 use crate::error::{Error, Result};
 use crate::limiter::{self, Limiter};
+use crate::metrics::{self, Counters, Sources};
 use crate::users::UserStore;
 use log::{info, warn};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -39,6 +40,8 @@ pub struct ServerConfig {
     pub connect_timeout: Duration,
     /// The limiter's refill tick.
     pub tick: Duration,
+    /// Where to serve `/metrics` and the status page, if anywhere.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Default for ServerConfig {
@@ -50,6 +53,7 @@ impl Default for ServerConfig {
             handshake_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             tick: limiter::DEFAULT_TICK,
+            metrics: None,
         }
     }
 }
@@ -61,6 +65,8 @@ pub(crate) struct Shared {
     pub policy: DialPolicy,
     pub handshake_timeout: Duration,
     pub stop: Arc<AtomicBool>,
+    /// Connection outcomes for the metrics.
+    pub counters: Arc<Counters>,
     next_id: AtomicU64,
     /// Connection threads alive now.
     pub active: AtomicUsize,
@@ -78,7 +84,10 @@ impl Drop for ActiveGuard<'_> {
 /// A running server.
 pub struct ServerHandle {
     local_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
+    /// Tells the database thread to flush one last time and stop (after the relays ended).
+    db_stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -86,6 +95,16 @@ impl ServerHandle {
     /// The address the server listens on (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The address of the metrics endpoint, if one was asked for.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// A handle that can stop this server from another thread (a signal handler's).
+    pub fn stopper(&self) -> Stopper {
+        Stopper(self.shared.stop.clone())
     }
 
     /// Connection threads alive now.
@@ -101,31 +120,62 @@ impl ServerHandle {
 
     fn stop_all(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
-        // Wake accept() by connecting to ourselves (an unspecified address is reached on loopback).
-        let mut wake = self.local_addr;
-        if wake.ip().is_unspecified() {
-            wake.set_ip(if wake.is_ipv4() {
-                [127, 0, 0, 1].into()
-            } else {
-                std::net::Ipv6Addr::LOCALHOST.into()
-            });
+        for addr in [Some(self.local_addr), self.metrics_addr]
+            .into_iter()
+            .flatten()
+        {
+            wake(addr);
         }
-        let _ = TcpStream::connect_timeout(&wake, Duration::from_secs(1));
         self.shared.limiter.shutdown();
         for a in self.shared.directory.accounts() {
             a.close_all();
         }
+        // Let the relays finish counting before the last flush (bounded: sockets are shut).
+        let t = Instant::now();
+        while self.shared.active.load(Ordering::Relaxed) > 0 && t.elapsed() < Duration::from_secs(2)
+        {
+            thread::sleep(Duration::from_millis(10));
+        }
+        self.db_stop.store(true, Ordering::SeqCst);
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }
 
-    /// Blocks until the server stops (it runs until the process ends).
+    /// Blocks until a [`Stopper`] asks the server to stop, then stops it as
+    /// [`ServerHandle::shutdown`] does (usage flushed).
     pub fn wait(mut self) {
-        for t in self.threads.drain(..) {
-            let _ = t.join();
+        while !self.shared.stop.load(Ordering::SeqCst) {
+            thread::sleep(Duration::from_millis(100));
         }
+        info!("stopping: no new connections; closing relays and flushing usage");
+        self.stop_all();
+        info!("stopped");
     }
+}
+
+/// Asks a running server to stop; cheap to clone and safe to use from any thread.
+#[derive(Clone)]
+pub struct Stopper(Arc<AtomicBool>);
+
+impl Stopper {
+    /// Asks the server to stop; [`ServerHandle::wait`] then does the stopping.
+    pub fn stop(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Wakes a thread blocked in accept() on `addr` by connecting to it (an unspecified address is
+/// reached on loopback).
+fn wake(mut addr: SocketAddr) {
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() {
+            [127, 0, 0, 1].into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    let _ = TcpStream::connect_timeout(&addr, Duration::from_secs(1));
 }
 
 impl Drop for ServerHandle {
@@ -161,12 +211,27 @@ pub fn start(config: &ServerConfig) -> Result<ServerHandle> {
         },
         handshake_timeout: config.handshake_timeout,
         stop: stop.clone(),
+        counters: Arc::new(Counters::default()),
         next_id: AtomicU64::new(1),
         active: AtomicUsize::new(0),
     });
     let spawn_err = |e| Error::Io("cannot start a server thread".into(), e);
     let mut threads = vec![limiter.spawn_refill().map_err(spawn_err)?];
-    threads.push(auth::spawn_watcher(store, directory.clone(), stop.clone()).map_err(spawn_err)?);
+    let db_stop = Arc::new(AtomicBool::new(false));
+    threads
+        .push(auth::spawn_watcher(store, directory.clone(), db_stop.clone()).map_err(spawn_err)?);
+    let mut metrics_addr = None;
+    if let Some(addr) = config.metrics {
+        let src = Arc::new(Sources {
+            directory: directory.clone(),
+            limiter: limiter.clone(),
+            counters: shared.counters.clone(),
+        });
+        let (bound, h) = metrics::serve(addr, src, stop.clone())
+            .map_err(|e| Error::Io(format!("cannot serve metrics on {addr}"), e))?;
+        metrics_addr = Some(bound);
+        threads.push(h);
+    }
     let sh = shared.clone();
     let accept = thread::Builder::new()
         .name("accept".into())
@@ -187,7 +252,9 @@ pub fn start(config: &ServerConfig) -> Result<ServerHandle> {
     );
     Ok(ServerHandle {
         local_addr,
+        metrics_addr,
         shared,
+        db_stop,
         threads,
     })
 }

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 /// How long a statement waits for another writer before giving up.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -25,6 +25,159 @@ CREATE TABLE IF NOT EXISTS users (
     updated_at    INTEGER NOT NULL DEFAULT (strftime('%s','now'))
 );";
 
+/// Version 2: per-user quota and connection cap, and the usage table the server flushes into.
+const SCHEMA_V2: &str = "
+ALTER TABLE users ADD COLUMN quota_bytes INTEGER NOT NULL DEFAULT 0 CHECK (quota_bytes >= 0);
+ALTER TABLE users ADD COLUMN quota_period TEXT NOT NULL DEFAULT 'none';
+ALTER TABLE users ADD COLUMN max_connections INTEGER NOT NULL DEFAULT 0 CHECK (max_connections >= 0);
+CREATE TABLE IF NOT EXISTS usage (
+    username         TEXT PRIMARY KEY,
+    bytes_up         INTEGER NOT NULL DEFAULT 0,
+    bytes_down       INTEGER NOT NULL DEFAULT 0,
+    connections      INTEGER NOT NULL DEFAULT 0,
+    throttled_ms     INTEGER NOT NULL DEFAULT 0,
+    active_ms        INTEGER NOT NULL DEFAULT 0,
+    last_seen        INTEGER,
+    period_start     INTEGER NOT NULL DEFAULT 0,
+    period_bytes     INTEGER NOT NULL DEFAULT 0,
+    reset_epoch      INTEGER NOT NULL DEFAULT 0,
+    open_now         INTEGER NOT NULL DEFAULT 0,
+    rate_now         INTEGER NOT NULL DEFAULT 0,
+    throttled_now    REAL NOT NULL DEFAULT 0,
+    live_at          INTEGER NOT NULL DEFAULT 0
+);";
+
+/// When a quota starts over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaPeriod {
+    /// Never: the quota is a lifetime total (until `user reset-usage`).
+    None,
+    /// Every UTC day.
+    Day,
+    /// Every UTC calendar month.
+    Month,
+}
+
+impl QuotaPeriod {
+    /// Parses `none`, `day` or `month`.
+    ///
+    /// # Errors
+    /// Anything else, with the accepted forms.
+    pub fn parse(s: &str) -> std::result::Result<QuotaPeriod, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "none" | "" => Ok(QuotaPeriod::None),
+            "day" | "daily" => Ok(QuotaPeriod::Day),
+            "month" | "monthly" => Ok(QuotaPeriod::Month),
+            _ => Err(format!(
+                "bad quota period {s:?}: expected day, month or none"
+            )),
+        }
+    }
+
+    /// The name stored in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QuotaPeriod::None => "none",
+            QuotaPeriod::Day => "day",
+            QuotaPeriod::Month => "month",
+        }
+    }
+
+    /// The start (unix seconds, UTC) of the period containing `now` (0 for `None`).
+    pub fn start_of(self, now: u64) -> u64 {
+        match self {
+            QuotaPeriod::None => 0,
+            QuotaPeriod::Day => now - now % 86_400,
+            QuotaPeriod::Month => {
+                let (y, m, _) = civil_from_days((now / 86_400) as i64);
+                (days_from_civil(y, m, 1) * 86_400) as u64
+            }
+        }
+    }
+}
+
+/// Days since 1970-01-01 → (year, month, day), proleptic Gregorian (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+/// (year, month, day) → days since 1970-01-01.
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let m = i64::from(m);
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// What the server adds to a user's usage row at a flush (deltas), plus its live figures.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct UsageDelta {
+    /// The user.
+    pub username: String,
+    /// Bytes client → destination since the last flush.
+    pub bytes_up: u64,
+    /// Bytes destination → client since the last flush.
+    pub bytes_down: u64,
+    /// Connections opened since the last flush.
+    pub connections: u64,
+    /// Milliseconds relays waited for tokens since the last flush.
+    pub throttled_ms: u64,
+    /// Relay-milliseconds (two relays per open connection) since the last flush.
+    pub active_ms: u64,
+    /// Start of the user's current quota period (unix seconds).
+    pub period_start: u64,
+    /// Connections open now.
+    pub open_now: u64,
+    /// Bytes per second over the last second.
+    pub rate_now: u64,
+    /// Share of the last second the user's relays spent waiting for tokens (0..=1).
+    pub throttled_now: f64,
+}
+
+/// A user's usage row.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Usage {
+    /// The user.
+    pub username: String,
+    /// Total bytes client → destination.
+    pub bytes_up: u64,
+    /// Total bytes destination → client.
+    pub bytes_down: u64,
+    /// Connections opened.
+    pub connections: u64,
+    /// Milliseconds relays waited for tokens.
+    pub throttled_ms: u64,
+    /// Relay-milliseconds of open connections.
+    pub active_ms: u64,
+    /// Last time a connection was open (unix seconds), if ever.
+    pub last_seen: Option<u64>,
+    /// Start of the period `period_bytes` counts (unix seconds).
+    pub period_start: u64,
+    /// Bytes (both directions) in the period starting at `period_start`.
+    pub period_bytes: u64,
+    /// Bumped by `sluice user reset-usage`, so a running server restarts its quota count.
+    pub reset_epoch: u64,
+    /// Connections open at the server's last flush.
+    pub open_now: u64,
+    /// Bytes per second at the server's last flush.
+    pub rate_now: u64,
+    /// Share of time throttled at the server's last flush.
+    pub throttled_now: f64,
+    /// When the server last flushed live figures (unix seconds; 0 = never).
+    pub live_at: u64,
+}
+
 /// One user as stored.
 #[derive(Clone, PartialEq, Eq)]
 pub struct UserRow {
@@ -34,6 +187,12 @@ pub struct UserRow {
     pub password_hash: String,
     /// Bytes per second, both directions together, all connections together; 0 = unlimited.
     pub bandwidth: u64,
+    /// Bytes allowed per quota period, both directions; 0 = no quota.
+    pub quota_bytes: u64,
+    /// When the quota starts over.
+    pub quota_period: QuotaPeriod,
+    /// Most connections open at once; 0 = no cap.
+    pub max_connections: u64,
 }
 
 impl std::fmt::Debug for UserRow {
@@ -41,8 +200,26 @@ impl std::fmt::Debug for UserRow {
         f.debug_struct("UserRow")
             .field("username", &self.username)
             .field("bandwidth", &self.bandwidth)
+            .field("quota_bytes", &self.quota_bytes)
+            .field("quota_period", &self.quota_period)
+            .field("max_connections", &self.max_connections)
             .finish_non_exhaustive()
     }
+}
+
+/// A change to a user; `None` fields stay as they are.
+#[derive(Debug, Clone, Default)]
+pub struct UserChange {
+    /// A new argon2id PHC string.
+    pub password_hash: Option<String>,
+    /// A new bandwidth (bytes per second, 0 = unlimited).
+    pub bandwidth: Option<u64>,
+    /// A new quota (bytes per period, 0 = none).
+    pub quota_bytes: Option<u64>,
+    /// A new quota period.
+    pub quota_period: Option<QuotaPeriod>,
+    /// A new connection cap (0 = none).
+    pub max_connections: Option<u64>,
 }
 
 /// A row that could not be read as a user, and why (for the log).
@@ -125,6 +302,10 @@ impl UserStore {
             let sql = format!("BEGIN; {SCHEMA_V1} PRAGMA user_version = 1; COMMIT;");
             self.conn.execute_batch(&sql).map_err(e)?;
         }
+        if version < 2 {
+            let sql = format!("BEGIN; {SCHEMA_V2} PRAGMA user_version = 2; COMMIT;");
+            self.conn.execute_batch(&sql).map_err(e)?;
+        }
         Ok(())
     }
 
@@ -159,15 +340,39 @@ impl UserStore {
     /// # Errors
     /// [`Error::NoSuchUser`] if there is no such user; [`Error::Database`] otherwise.
     pub fn update(&self, username: &str, hash: Option<&str>, bandwidth: Option<u64>) -> Result<()> {
-        let bw = bandwidth.map(to_sql_rate).transpose()?;
+        self.change(
+            username,
+            &UserChange {
+                password_hash: hash.map(str::to_string),
+                bandwidth,
+                ..UserChange::default()
+            },
+        )
+    }
+
+    /// Applies a [`UserChange`]; fields left `None` keep their value.
+    ///
+    /// # Errors
+    /// [`Error::NoSuchUser`] if there is no such user; [`Error::Database`] otherwise.
+    pub fn change(&self, username: &str, c: &UserChange) -> Result<()> {
         let n = self
             .conn
             .execute(
                 "UPDATE users SET password_hash = coalesce(?2, password_hash),
                         bandwidth = coalesce(?3, bandwidth),
+                        quota_bytes = coalesce(?4, quota_bytes),
+                        quota_period = coalesce(?5, quota_period),
+                        max_connections = coalesce(?6, max_connections),
                         updated_at = strftime('%s','now')
                  WHERE username = ?1",
-                params![username, hash, bw],
+                params![
+                    username,
+                    c.password_hash,
+                    c.bandwidth.map(to_sql_rate).transpose()?,
+                    c.quota_bytes.map(to_sql_rate).transpose()?,
+                    c.quota_period.map(QuotaPeriod::as_str),
+                    c.max_connections.map(to_sql_rate).transpose()?,
+                ],
             )
             .map_err(|e| db_err(&self.path, e))?;
         if n == 0 {
@@ -181,14 +386,142 @@ impl UserStore {
     /// # Errors
     /// [`Error::NoSuchUser`] if there is no such user; [`Error::Database`] otherwise.
     pub fn delete(&self, username: &str) -> Result<()> {
-        let n = self
-            .conn
+        let e = |e| db_err(&self.path, e);
+        let tx = self.conn.unchecked_transaction().map_err(e)?;
+        let n = tx
             .execute("DELETE FROM users WHERE username = ?1", params![username])
-            .map_err(|e| db_err(&self.path, e))?;
+            .map_err(e)?;
         if n == 0 {
             return Err(Error::NoSuchUser(username.to_string()));
         }
+        tx.execute("DELETE FROM usage WHERE username = ?1", params![username])
+            .map_err(e)?;
+        tx.commit().map_err(e)
+    }
+
+    /// Zeroes a user's usage (totals and quota count); a running server notices and restarts its
+    /// quota count.
+    ///
+    /// # Errors
+    /// [`Error::NoSuchUser`] if there is no such user; [`Error::Database`] otherwise.
+    pub fn reset_usage(&self, username: &str) -> Result<()> {
+        let e = |e| db_err(&self.path, e);
+        let exists: bool = self
+            .conn
+            .query_row(
+                "SELECT count(*) FROM users WHERE username = ?1",
+                params![username],
+                |r| r.get::<_, i64>(0).map(|n| n > 0),
+            )
+            .map_err(e)?;
+        if !exists {
+            return Err(Error::NoSuchUser(username.to_string()));
+        }
+        self.conn
+            .execute(
+                "INSERT INTO usage (username, reset_epoch) VALUES (?1, 1)
+                 ON CONFLICT(username) DO UPDATE SET bytes_up = 0, bytes_down = 0, connections = 0,
+                    throttled_ms = 0, active_ms = 0, period_bytes = 0,
+                    reset_epoch = reset_epoch + 1",
+                params![username],
+            )
+            .map_err(e)?;
         Ok(())
+    }
+
+    /// Adds the server's counters to the usage table in one transaction. `now` is unix seconds.
+    ///
+    /// # Errors
+    /// [`Error::Database`], e.g. when another writer holds the file past the busy timeout; the
+    /// caller keeps the deltas and tries again at the next flush.
+    pub fn flush_usage(&self, deltas: &[UsageDelta], now: u64) -> Result<()> {
+        let e = |e| db_err(&self.path, e);
+        let tx = self.conn.unchecked_transaction().map_err(e)?;
+        {
+            let mut st = tx
+                .prepare_cached(
+                    "INSERT INTO usage (username, bytes_up, bytes_down, connections, throttled_ms,
+                        active_ms, last_seen, period_start, period_bytes, open_now, rate_now,
+                        throttled_now, live_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?2 + ?3, ?9, ?10, ?11, ?12)
+                     ON CONFLICT(username) DO UPDATE SET
+                        bytes_up = bytes_up + excluded.bytes_up,
+                        bytes_down = bytes_down + excluded.bytes_down,
+                        connections = connections + excluded.connections,
+                        throttled_ms = throttled_ms + excluded.throttled_ms,
+                        active_ms = active_ms + excluded.active_ms,
+                        last_seen = coalesce(excluded.last_seen, last_seen),
+                        period_bytes = CASE WHEN period_start = excluded.period_start
+                            THEN period_bytes + excluded.period_bytes ELSE excluded.period_bytes END,
+                        period_start = excluded.period_start,
+                        open_now = excluded.open_now,
+                        rate_now = excluded.rate_now,
+                        throttled_now = excluded.throttled_now,
+                        live_at = excluded.live_at",
+                )
+                .map_err(e)?;
+            for d in deltas {
+                let seen = (d.open_now > 0 || d.bytes_up + d.bytes_down > 0).then_some(now as i64);
+                st.execute(params![
+                    d.username,
+                    d.bytes_up as i64,
+                    d.bytes_down as i64,
+                    d.connections as i64,
+                    d.throttled_ms as i64,
+                    d.active_ms as i64,
+                    seen,
+                    d.period_start as i64,
+                    d.open_now as i64,
+                    d.rate_now as i64,
+                    d.throttled_now,
+                    now as i64,
+                ])
+                .map_err(e)?;
+            }
+        }
+        tx.commit().map_err(e)
+    }
+
+    /// Every user's usage row (users never seen have none).
+    ///
+    /// # Errors
+    /// [`Error::Database`] when the table cannot be read.
+    pub fn load_usage(&self) -> Result<Vec<Usage>> {
+        let e = |e| db_err(&self.path, e);
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT username, bytes_up, bytes_down, connections, throttled_ms, active_ms,
+                        last_seen, period_start, period_bytes, reset_epoch, open_now, rate_now,
+                        throttled_now, live_at
+                 FROM usage ORDER BY username",
+            )
+            .map_err(e)?;
+        let rows = st
+            .query_map([], |r| {
+                let n = |i: usize| {
+                    r.get::<_, Option<i64>>(i)
+                        .map(|v| v.unwrap_or(0).max(0) as u64)
+                };
+                Ok(Usage {
+                    username: r.get(0)?,
+                    bytes_up: n(1)?,
+                    bytes_down: n(2)?,
+                    connections: n(3)?,
+                    throttled_ms: n(4)?,
+                    active_ms: n(5)?,
+                    last_seen: r.get::<_, Option<i64>>(6)?.map(|v| v.max(0) as u64),
+                    period_start: n(7)?,
+                    period_bytes: n(8)?,
+                    reset_epoch: n(9)?,
+                    open_now: n(10)?,
+                    rate_now: n(11)?,
+                    throttled_now: r.get::<_, Option<f64>>(12)?.unwrap_or(0.0),
+                    live_at: n(13)?,
+                })
+            })
+            .map_err(e)?;
+        rows.collect::<std::result::Result<Vec<_>, _>>().map_err(e)
     }
 
     /// Reads every user, sorted by name. Rows that cannot be read come back as [`BadRow`]s.
@@ -199,15 +532,19 @@ impl UserStore {
         let e = |e| db_err(&self.path, e);
         let mut stmt = self
             .conn
-            .prepare("SELECT username, password_hash, bandwidth FROM users ORDER BY username")
+            .prepare(
+                "SELECT username, password_hash, bandwidth, quota_bytes, quota_period, max_connections
+                 FROM users ORDER BY username",
+            )
             .map_err(e)?;
         let mut rows = stmt.query([]).map_err(e)?;
         let (mut good, mut bad) = (Vec::new(), Vec::new());
         while let Some(row) = rows.next().map_err(e)? {
-            let name: Value = row.get(0).map_err(e)?;
-            let hash: Value = row.get(1).map_err(e)?;
-            let bw: Value = row.get(2).map_err(e)?;
-            match row_from_values(name, hash, bw) {
+            let mut v: [Value; 6] = std::array::from_fn(|_| Value::Null);
+            for (i, slot) in v.iter_mut().enumerate() {
+                *slot = row.get(i).map_err(e)?;
+            }
+            match row_from_values(v) {
                 Ok(u) => good.push(u),
                 Err(b) => bad.push(b),
             }
@@ -232,7 +569,8 @@ fn to_sql_rate(bandwidth: u64) -> Result<i64> {
 }
 
 /// Makes sense of a row whatever types a hand edit left in it (SQLite columns are loosely typed).
-fn row_from_values(name: Value, hash: Value, bw: Value) -> std::result::Result<UserRow, BadRow> {
+fn row_from_values(v: [Value; 6]) -> std::result::Result<UserRow, BadRow> {
+    let [name, hash, bw, quota, period, maxc] = v;
     let username = match name {
         Value::Text(s) => s,
         Value::Integer(i) => i.to_string(),
@@ -251,19 +589,34 @@ fn row_from_values(name: Value, hash: Value, bw: Value) -> std::result::Result<U
         Value::Text(s) => s,
         _ => return Err(bad("password_hash is not text".into())),
     };
-    let bandwidth = match bw {
-        Value::Integer(i) if i >= 0 => i as u64,
-        Value::Integer(i) => return Err(bad(format!("negative bandwidth {i}"))),
-        Value::Real(f) if f >= 0.0 && f.is_finite() => f as u64,
-        Value::Text(t) => crate::units::parse_rate(&t).map_err(bad)?,
-        Value::Null => 0,
-        other => return Err(bad(format!("bandwidth {other:?} is not a number"))),
+    let bandwidth = number("bandwidth", bw).map_err(bad)?;
+    let quota_bytes = number("quota_bytes", quota).map_err(bad)?;
+    let max_connections = number("max_connections", maxc).map_err(bad)?;
+    let quota_period = match period {
+        Value::Text(t) => QuotaPeriod::parse(&t).map_err(bad)?,
+        Value::Null => QuotaPeriod::None,
+        other => return Err(bad(format!("quota_period {other:?} is not text"))),
     };
     Ok(UserRow {
         username,
         password_hash,
         bandwidth,
+        quota_bytes,
+        quota_period,
+        max_connections,
     })
+}
+
+/// A non-negative number from a loosely typed column: an integer, a real, or text like `1M`.
+fn number(what: &str, v: Value) -> std::result::Result<u64, String> {
+    match v {
+        Value::Integer(i) if i >= 0 => Ok(i as u64),
+        Value::Integer(i) => Err(format!("negative {what} {i}")),
+        Value::Real(f) if f >= 0.0 && f.is_finite() => Ok(f as u64),
+        Value::Text(t) => crate::units::parse_rate(&t).map_err(|e| format!("{what}: {e}")),
+        Value::Null => Ok(0),
+        other => Err(format!("{what} {other:?} is not a number")),
+    }
 }
 
 #[cfg(test)]
@@ -342,6 +695,75 @@ mod tests {
         let other = UserStore::open(&path).unwrap();
         other.add("x", "h", 5).unwrap();
         assert_ne!(s.data_version().unwrap(), before);
+    }
+
+    #[test]
+    fn a_version_1_database_is_upgraded_in_place() {
+        let path = temp_db("v1");
+        let raw = Connection::open(&path).unwrap();
+        raw.execute_batch(&format!("{SCHEMA_V1} PRAGMA user_version = 1;"))
+            .unwrap();
+        raw.execute(
+            "INSERT INTO users (username, password_hash, bandwidth) VALUES ('old', 'h', 7)",
+            [],
+        )
+        .unwrap();
+        drop(raw);
+        let s = UserStore::open(&path).unwrap();
+        let (rows, _) = s.load().unwrap();
+        assert_eq!(
+            (rows[0].bandwidth, rows[0].quota_bytes, rows[0].quota_period),
+            (7, 0, QuotaPeriod::None)
+        );
+        let v: i64 = s
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn usage_flushes_add_up_and_periods_start_over() {
+        let path = temp_db("usage");
+        let s = UserStore::open_or_create(&path).unwrap();
+        s.add("u", "h", 0).unwrap();
+        let d = |up, start| UsageDelta {
+            username: "u".into(),
+            bytes_up: up,
+            bytes_down: 1,
+            connections: 1,
+            period_start: start,
+            ..UsageDelta::default()
+        };
+        s.flush_usage(&[d(10, 100)], 150).unwrap();
+        s.flush_usage(&[d(5, 100)], 160).unwrap();
+        let u = &s.load_usage().unwrap()[0];
+        assert_eq!(
+            (u.bytes_up, u.bytes_down, u.connections, u.period_bytes),
+            (15, 2, 2, 17)
+        );
+        assert_eq!(u.last_seen, Some(160));
+        s.flush_usage(&[d(3, 200)], 210).unwrap();
+        let u = &s.load_usage().unwrap()[0];
+        assert_eq!((u.bytes_up, u.period_start, u.period_bytes), (18, 200, 4));
+        s.reset_usage("u").unwrap();
+        let u = &s.load_usage().unwrap()[0];
+        assert_eq!((u.bytes_up, u.period_bytes, u.reset_epoch), (0, 0, 1));
+        assert!(matches!(s.reset_usage("nobody"), Err(Error::NoSuchUser(_))));
+        s.delete("u").unwrap();
+        assert!(s.load_usage().unwrap().is_empty());
+    }
+
+    #[test]
+    fn quota_periods_start_on_utc_boundaries() {
+        // 2026-11-27T12:00:00Z
+        let now = 1_795_780_800;
+        assert_eq!(QuotaPeriod::Day.start_of(now), 1_795_737_600);
+        assert_eq!(QuotaPeriod::Month.start_of(now), 1_793_491_200); // 2026-11-01
+        assert_eq!(QuotaPeriod::Month.start_of(951_782_400), 949_363_200); // 2000-02-29 → 02-01
+        assert_eq!(QuotaPeriod::None.start_of(now), 0);
+        assert_eq!(QuotaPeriod::parse("Month"), Ok(QuotaPeriod::Month));
+        assert!(QuotaPeriod::parse("week").is_err());
     }
 
     #[test]
