@@ -16,11 +16,12 @@ use argon2::password_hash::{PasswordHasher, PasswordVerifier, phc::PasswordHash}
 use log::{info, warn};
 use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Longest username or password accepted (the RFC 1929 limit).
 pub const MAX_CREDENTIAL_LEN: usize = 255;
@@ -210,6 +211,80 @@ impl Directory {
     }
 }
 
+/// Failed logins from one client address tolerated within [`FAILURE_WINDOW`].
+pub const MAX_FAILURES: u32 = 10;
+/// The window failures are counted in.
+pub const FAILURE_WINDOW: Duration = Duration::from_secs(60);
+/// How long an address that failed too often is refused without checking its password.
+pub const BLOCK_TIME: Duration = Duration::from_secs(300);
+/// Addresses remembered at most; past it, expired entries are dropped first, then everything.
+const MAX_TRACKED: usize = 65_536;
+
+/// Failures counted, when the window started, and until when the address is blocked.
+type Failures = (u32, Instant, Option<Instant>);
+
+/// Counts failed logins per client address (IPv6 by /64, since one host holds a whole /64) and
+/// refuses an address that failed too often, before any password hash runs: a guessing client
+/// cannot burn the CPU, and users on other addresses are unaffected.
+#[derive(Default)]
+pub struct LoginThrottle {
+    map: Mutex<HashMap<IpAddr, Failures>>,
+}
+
+fn throttle_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+        v4 => v4,
+    }
+}
+
+impl LoginThrottle {
+    /// True if `ip` may try a password now (at `now`).
+    pub fn allowed(&self, ip: IpAddr, now: Instant) -> bool {
+        match self.map.lock().get(&throttle_key(ip)) {
+            Some((_, _, Some(until))) => now >= *until,
+            _ => true,
+        }
+    }
+
+    /// Records a failed login; returns true if it just got `ip` blocked.
+    pub fn failed(&self, ip: IpAddr, now: Instant) -> bool {
+        let mut map = self.map.lock();
+        if map.len() >= MAX_TRACKED {
+            map.retain(|_, (_, start, until)| {
+                now.duration_since(*start) < FAILURE_WINDOW || until.is_some_and(|u| u > now)
+            });
+            if map.len() >= MAX_TRACKED {
+                map.clear();
+            }
+        }
+        let e = map.entry(throttle_key(ip)).or_insert((0, now, None));
+        if e.2.is_some_and(|u| now >= u) || now.duration_since(e.1) >= FAILURE_WINDOW {
+            *e = (0, now, None);
+        }
+        e.0 += 1;
+        if e.0 >= MAX_FAILURES && e.2.is_none() {
+            e.2 = Some(now + BLOCK_TIME);
+            return true;
+        }
+        false
+    }
+
+    /// Forgets an address's failures after it logged in.
+    pub fn succeeded(&self, ip: IpAddr) {
+        let mut map = self.map.lock();
+        if !map.is_empty() {
+            map.remove(&throttle_key(ip));
+        }
+    }
+}
+
 /// Compares two byte strings in time that depends only on their lengths.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
@@ -383,7 +458,6 @@ impl Watcher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Instant;
 
     fn row(name: &str, hash: &str, bw: u64) -> UserRow {
         UserRow {
@@ -453,6 +527,39 @@ mod tests {
         dir.apply(vec![row("x", "not-a-phc-string", 0)]);
         assert!(dir.verify(b"x", b"anything").is_none());
         assert!(dir.verify(&[0xff, 0xfe], b"p").is_none());
+    }
+
+    #[test]
+    fn a_guessing_address_is_blocked_and_others_are_not() {
+        let t = LoginThrottle::default();
+        let t0 = Instant::now();
+        let bad: IpAddr = "203.0.113.9".parse().unwrap();
+        let good: IpAddr = "198.51.100.1".parse().unwrap();
+        for i in 0..MAX_FAILURES {
+            assert!(t.allowed(bad, t0));
+            assert_eq!(t.failed(bad, t0), i + 1 == MAX_FAILURES);
+        }
+        assert!(!t.allowed(bad, t0 + Duration::from_secs(1)));
+        assert!(t.allowed(good, t0));
+        assert!(t.allowed(bad, t0 + BLOCK_TIME), "the block ends");
+        // One IPv6 host holds a /64: its neighbours share its count.
+        let a: IpAddr = "2001:db8::1".parse().unwrap();
+        let b: IpAddr = "2001:db8::2".parse().unwrap();
+        for _ in 0..MAX_FAILURES {
+            t.failed(a, t0);
+        }
+        assert!(!t.allowed(b, t0));
+    }
+
+    #[test]
+    fn failures_outside_the_window_do_not_add_up() {
+        let t = LoginThrottle::default();
+        let t0 = Instant::now();
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        for i in 0..(3 * MAX_FAILURES) {
+            t.failed(ip, t0 + FAILURE_WINDOW * i);
+        }
+        assert!(t.allowed(ip, t0 + FAILURE_WINDOW * 3 * MAX_FAILURES));
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! client address; every connection that got past authentication ends with one info line.
 
 use crate::account::{Account, Refusal};
+use crate::auth;
 use crate::dial::{self, DialError};
 use crate::http::{self, HttpError, ProxyAuth, Status};
 use crate::relay::{self, Budget, Direction, End};
@@ -138,6 +139,8 @@ fn run_relay(
     started: Instant,
 ) {
     let _ = s.dest.set_nodelay(true);
+    relay::set_keepalive(&client);
+    relay::set_keepalive(&s.dest);
     let sockets = [client.try_clone(), s.dest.try_clone()];
     let attached = match sockets {
         [Ok(a), Ok(b)] => s.account.attach(id, vec![a, b]),
@@ -152,7 +155,14 @@ fn run_relay(
         Err(io::Error::other("closed before the relay started"))
     } else {
         match relay::send_prefix(&s.dest, &s.prefix, Some(&budget), Direction::Up) {
-            Ok(()) => relay::relay(client, s.dest, Some(budget), &label, s.prefix.len() as u64),
+            Ok(()) => relay::relay_idle(
+                client,
+                s.dest,
+                Some(budget),
+                &label,
+                s.prefix.len() as u64,
+                sh.idle_timeout,
+            ),
             Err(e) => Ok(relay::Outcome {
                 up: 0,
                 down: 0,
@@ -172,6 +182,43 @@ fn run_relay(
         s.target,
         started.elapsed().as_secs_f64()
     );
+}
+
+/// Checks credentials, unless the client address failed too often lately (then refused without
+/// running the hash). Refusals are logged at warn with the address and counted.
+fn login(
+    sh: &Shared,
+    peer: SocketAddr,
+    id: u64,
+    proto: &'static str,
+    user: &[u8],
+    pass: &[u8],
+) -> Option<Arc<Account>> {
+    let name = printable(user);
+    if !sh.logins.allowed(peer.ip(), Instant::now()) {
+        sh.counters.auth_failure(proto);
+        warn!(
+            "conn#{id} {peer} {proto} login for user \"{name}\" refused unchecked: too many failures from this address"
+        );
+        return None;
+    }
+    match sh.directory.verify(user, pass) {
+        Some(a) => {
+            sh.logins.succeeded(peer.ip());
+            Some(a)
+        }
+        None => {
+            sh.counters.auth_failure(proto);
+            warn!("conn#{id} {peer} {proto} login refused for user \"{name}\"");
+            if sh.logins.failed(peer.ip(), Instant::now()) {
+                warn!(
+                    "conn#{id} {peer} too many failed logins; refusing this address for {} s",
+                    auth::BLOCK_TIME.as_secs()
+                );
+            }
+            None
+        }
+    }
 }
 
 fn send(mut s: &TcpStream, bytes: &[u8]) -> bool {
@@ -223,11 +270,8 @@ fn socks5_handshake(
         Ok(c) => c,
         Err(e) => return socks_fail(&refused, e),
     };
-    let Some(account) = sh.directory.verify(&creds.username, &creds.password) else {
+    let Some(account) = login(sh, peer, id, "socks5", &creds.username, &creds.password) else {
         send(client, &socks5::encode_userpass_status(false));
-        sh.counters.auth_failure("socks5");
-        let user = printable(&creds.username);
-        warn!("conn#{id} {peer} socks5 login refused for user \"{user}\"; closed");
         return None;
     };
     if !send(client, &socks5::encode_userpass_status(true)) {
@@ -390,16 +434,14 @@ fn http_handshake(
             return refuse(Status::BadRequest, "malformed Proxy-Authorization".into());
         }
         ProxyAuth::Basic { username, password } => {
-            match sh.directory.verify(&username, &password) {
+            match login(sh, peer, id, "http", &username, &password) {
                 Some(a) => a,
                 None => {
-                    sh.counters.auth_failure("http");
-                    let why = format!("login refused for user \"{}\"", printable(&username));
+                    let why = "login refused";
                     send(
                         client,
-                        &http::encode_response(Status::ProxyAuthRequired, &why),
+                        &http::encode_response(Status::ProxyAuthRequired, why),
                     );
-                    warn!("conn#{id} {peer} http {why}; answered 407");
                     return None;
                 }
             }

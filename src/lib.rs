@@ -18,6 +18,7 @@ pub mod error;
 pub mod http;
 pub mod limiter;
 pub mod local;
+pub mod local_conn;
 pub mod metrics;
 pub mod relay;
 pub mod server;
@@ -25,6 +26,7 @@ pub mod socks5;
 pub mod stats;
 pub mod target;
 pub mod units;
+pub mod upstream;
 pub mod usage;
 pub mod users;
 

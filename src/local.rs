@@ -1,14 +1,32 @@
 //! The client-side proxy: apps on the user's machine connect without credentials; each of their
 //! connections is opened through the Sluice server as one user (SOCKS5 with username/password).
 //!
-//! (Being written: see issue 4.)
+//! This file is the listener: checking the configuration, the accept loop (one thread per
+//! connection) and the `LocalHandle` that stops it. What an app says and how it is answered is in
+//! `local_conn.rs`; the SOCKS5 client side toward the server is in `upstream.rs`. Nothing here
+//! limits bandwidth: the server does, for all of the user's connections together.
 
+use crate::auth::check_credential;
 use crate::error::{Error, Result};
-use std::net::SocketAddr;
-use std::time::Duration;
+use crate::local_conn;
+use crate::server::{ACCEPT_BACKOFF, CONN_STACK};
+use crate::target::Target;
+use log::{info, warn};
+use parking_lot::Mutex;
+use std::fmt;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+/// A recurring failure (server unreachable, login refused) is logged at most this often.
+pub const BURST_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// How to run `sluice local`.
-#[derive(Debug, Clone)]
+///
+/// `Debug` never shows the password.
+#[derive(Clone)]
 pub struct LocalConfig {
     /// Where apps connect (default 127.0.0.1:1080).
     pub listen: SocketAddr,
@@ -20,15 +38,97 @@ pub struct LocalConfig {
     pub password: String,
     /// Allow a non-loopback `listen` address.
     pub allow_lan: bool,
-    /// Time an app has to finish its handshake.
+    /// Time an app has to finish its handshake; the handshake with the server counts too.
     pub handshake_timeout: Duration,
     /// Time allowed to connect to the server.
     pub connect_timeout: Duration,
 }
 
+impl fmt::Debug for LocalConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LocalConfig")
+            .field("listen", &self.listen)
+            .field("server", &self.server)
+            .field("user", &self.user)
+            .field("password", &"<redacted>")
+            .field("allow_lan", &self.allow_lan)
+            .field("handshake_timeout", &self.handshake_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish()
+    }
+}
+
+/// Counts a recurring failure and says when to log it: the first one at once, then at most once
+/// per [`BURST_LOG_INTERVAL`], with the number that went unlogged in between.
+#[derive(Default)]
+pub(crate) struct Burst {
+    state: Mutex<BurstState>,
+}
+
+#[derive(Default)]
+struct BurstState {
+    /// When the last line was logged; `None` when no burst is under way.
+    logged: Option<Instant>,
+    /// Failures since that line.
+    unlogged: u64,
+}
+
+impl Burst {
+    /// Records one failure at `now`. `Some(n)`: log this one, mentioning the `n` failures before
+    /// it that were not logged; `None`: stay quiet.
+    pub fn record(&self, now: Instant) -> Option<u64> {
+        let mut s = self.state.lock();
+        match s.logged {
+            Some(t) if now.saturating_duration_since(t) < BURST_LOG_INTERVAL => {
+                s.unlogged += 1;
+                None
+            }
+            _ => {
+                s.logged = Some(now);
+                Some(std::mem::take(&mut s.unlogged))
+            }
+        }
+    }
+
+    /// Ends a burst after a success. `Some(n)` if one was under way, with its unlogged failures,
+    /// so the recovery can be logged; the next failure is then logged at once.
+    pub fn settle(&self) -> Option<u64> {
+        let mut s = self.state.lock();
+        s.logged.take().map(|_| std::mem::take(&mut s.unlogged))
+    }
+}
+
+/// State every connection thread reads.
+pub(crate) struct LocalShared {
+    /// The server, parsed from `LocalConfig::server` (a name stays unresolved until dialing).
+    pub server: Target,
+    pub user: String,
+    pub password: String,
+    pub handshake_timeout: Duration,
+    pub connect_timeout: Duration,
+    /// The server could not be reached.
+    pub unreachable: Burst,
+    /// The server refused the login.
+    pub rejected: Burst,
+    stop: AtomicBool,
+    next_id: AtomicU64,
+    active: AtomicUsize,
+}
+
+/// Decrements the live-connection count when a connection thread ends, however it ends.
+struct ActiveGuard<'a>(&'a AtomicUsize);
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// A running local proxy.
 pub struct LocalHandle {
     local_addr: SocketAddr,
+    shared: Arc<LocalShared>,
+    accept: Option<JoinHandle<()>>,
 }
 
 impl LocalHandle {
@@ -36,19 +136,186 @@ impl LocalHandle {
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
     }
-    /// Stops the proxy and waits for its accept thread.
-    pub fn shutdown(self) {}
-    /// Blocks until the proxy stops.
-    pub fn wait(self) {}
+
+    /// Connection threads alive now.
+    pub fn active_connections(&self) -> usize {
+        self.shared.active.load(Ordering::Relaxed)
+    }
+
+    /// Stops accepting and waits for the accept thread; connections already open run to their
+    /// end. Blocking.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    /// Blocks until the proxy stops (it runs until the process ends).
+    pub fn wait(mut self) {
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
+    }
+
+    fn stop(&mut self) {
+        let Some(t) = self.accept.take() else { return };
+        self.shared.stop.store(true, Ordering::SeqCst);
+        // Wake accept() by connecting to ourselves (an unspecified address is reached on loopback).
+        let mut wake = self.local_addr;
+        if wake.ip().is_unspecified() {
+            wake.set_ip(match wake {
+                SocketAddr::V4(_) => IpAddr::from([127, 0, 0, 1]),
+                SocketAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        let _ = TcpStream::connect_timeout(&wake, Duration::from_secs(1));
+        let _ = t.join();
+    }
 }
 
-/// Starts the local proxy.
+impl Drop for LocalHandle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Checks the configuration, binds, and starts the accept thread.
 ///
 /// # Errors
-/// A non-loopback listen address without `allow_lan`, or an address that cannot be bound.
+/// [`Error::Invalid`] for a non-loopback listen address without `allow_lan`, a `server` that is
+/// not HOST:PORT, or a username or password the protocol cannot carry; [`Error::Io`] for an
+/// address that cannot be bound or a thread that cannot be started.
 pub fn start(cfg: &LocalConfig) -> Result<LocalHandle> {
-    Err(Error::Invalid(format!(
-        "sluice local is not built yet ({})",
-        cfg.listen
-    )))
+    let loopback = cfg.listen.ip().to_canonical().is_loopback();
+    if !loopback && !cfg.allow_lan {
+        return Err(Error::Invalid(format!(
+            "refusing to listen on {}: anyone who can reach it would use the account of user {}; \
+             listen on 127.0.0.1 or pass --allow-lan",
+            cfg.listen, cfg.user
+        )));
+    }
+    let server = Target::parse(&cfg.server, None).map_err(|e| {
+        Error::Invalid(format!(
+            "bad --server {:?}: {e}; expected HOST:PORT such as proxy.example.com:8889",
+            cfg.server
+        ))
+    })?;
+    check_credential("username", &cfg.user)?;
+    check_credential("password", &cfg.password)?;
+    let listener = TcpListener::bind(cfg.listen)
+        .map_err(|e| Error::Io(format!("cannot listen on {}", cfg.listen), e))?;
+    let local_addr = listener
+        .local_addr()
+        .map_err(|e| Error::Io("listener address".into(), e))?;
+    let shared = Arc::new(LocalShared {
+        server,
+        user: cfg.user.clone(),
+        password: cfg.password.clone(),
+        handshake_timeout: cfg.handshake_timeout,
+        connect_timeout: cfg.connect_timeout,
+        unreachable: Burst::default(),
+        rejected: Burst::default(),
+        stop: AtomicBool::new(false),
+        next_id: AtomicU64::new(1),
+        active: AtomicUsize::new(0),
+    });
+    let sh = shared.clone();
+    let accept = thread::Builder::new()
+        .name("local accept".into())
+        .stack_size(CONN_STACK)
+        .spawn(move || accept_loop(&listener, &sh))
+        .map_err(|e| Error::Io("cannot start the accept thread".into(), e))?;
+    info!(
+        "sluice local listening on {local_addr} (SOCKS5, SOCKS4/4a, HTTP), through server {} as user {}",
+        shared.server, shared.user
+    );
+    if !loopback {
+        warn!(
+            "listening on {local_addr} (--allow-lan): anyone who can reach this address uses the account of user {}",
+            shared.user
+        );
+    }
+    Ok(LocalHandle {
+        local_addr,
+        shared,
+        accept: Some(accept),
+    })
+}
+
+fn accept_loop(listener: &TcpListener, sh: &Arc<LocalShared>) {
+    let mut last_warn: Option<Instant> = None;
+    loop {
+        let accepted = listener.accept();
+        if sh.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        match accepted {
+            Ok((stream, peer)) => spawn_connection(stream, peer, sh),
+            Err(e) => {
+                // EMFILE and friends: log at most once a second, back off, and keep serving.
+                if last_warn.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                    warn!("accept failed: {e}; backing off");
+                    last_warn = Some(Instant::now());
+                }
+                thread::sleep(ACCEPT_BACKOFF);
+            }
+        }
+    }
+}
+
+fn spawn_connection(stream: TcpStream, peer: SocketAddr, sh: &Arc<LocalShared>) {
+    let id = sh.next_id.fetch_add(1, Ordering::Relaxed);
+    sh.active.fetch_add(1, Ordering::Relaxed);
+    let sh2 = sh.clone();
+    let spawned = thread::Builder::new()
+        .name(format!("conn#{id}"))
+        .stack_size(CONN_STACK)
+        .spawn(move || {
+            let _guard = ActiveGuard(&sh2.active);
+            local_conn::handle(stream, peer, id, &sh2);
+        });
+    if let Err(e) = spawned {
+        sh.active.fetch_sub(1, Ordering::Relaxed);
+        warn!("conn#{id} {peer} dropped: cannot spawn a thread: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn burst_logs_first_then_once_per_interval_with_count() {
+        let b = Burst::default();
+        let t0 = Instant::now();
+        assert_eq!(b.record(t0), Some(0));
+        assert_eq!(b.record(t0 + Duration::from_secs(1)), None);
+        assert_eq!(b.record(t0 + Duration::from_secs(9)), None);
+        assert_eq!(b.record(t0 + BURST_LOG_INTERVAL), Some(2));
+        assert_eq!(b.record(t0 + BURST_LOG_INTERVAL), None);
+        assert_eq!(b.settle(), Some(1));
+        // After a success the next failure is news again.
+        assert_eq!(b.settle(), None);
+        assert_eq!(b.record(t0 + BURST_LOG_INTERVAL), Some(0));
+    }
+
+    #[test]
+    fn debug_hides_the_password() {
+        let cfg = LocalConfig {
+            listen: "127.0.0.1:1080".parse().unwrap(),
+            server: "s:1".into(),
+            user: "u".into(),
+            password: "hunter2".into(),
+            allow_lan: false,
+            handshake_timeout: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(1),
+        };
+        assert!(!format!("{cfg:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn mapped_loopback_counts_as_loopback() {
+        let ip: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
+        assert!(ip.to_canonical().is_loopback());
+        let ip: IpAddr = "0.0.0.0".parse().unwrap();
+        assert!(!ip.to_canonical().is_loopback());
+    }
 }

@@ -24,6 +24,7 @@ sluice — a per-user bandwidth-limiting proxy (SOCKS5 + HTTP)
 usage:
   sluice server [--listen ADDR] [--db PATH] [--allow-private] [--handshake-timeout SECS]
                 [--connect-timeout SECS] [--tick-ms N] [--metrics ADDR]
+                [--idle-timeout SECS] [--max-connections N]
   sluice user add NAME [--password P | --password-stdin] [--bandwidth RATE] [LIMITS] [--db PATH]
   sluice user set NAME [--password P | --password-stdin] [--bandwidth RATE] [LIMITS] [--db PATH]
   sluice user del NAME [--db PATH]
@@ -48,6 +49,9 @@ usage: sluice server [options]
   --connect-timeout SECS    time allowed for each connect to a destination (default 10)
   --tick-ms N               limiter refill tick in milliseconds (default 10)
   --metrics ADDR            serve Prometheus /metrics and a status page / on ADDR (e.g. 127.0.0.1:9889)
+  --idle-timeout SECS       close relays with no traffic either way for this long (default 7200)
+  --max-connections N       most connections at once; more are closed at once
+                            (default: (open-files limit - 64) / 2)
 
 SIGINT / SIGTERM stop accepting, close the relays, flush usage to the database, and exit 0.
 
@@ -204,6 +208,11 @@ fn cmd_server(mut args: Arguments) -> Result<()> {
     cfg.allow_private = args.contains("--allow-private");
     cfg.handshake_timeout = secs(&mut args, "--handshake-timeout", 10)?;
     cfg.connect_timeout = secs(&mut args, "--connect-timeout", 10)?;
+    cfg.idle_timeout = secs(&mut args, "--idle-timeout", 7200)?;
+    cfg.max_connections = opt::<usize>(&mut args, "--max-connections", HELP_SERVER)?;
+    if cfg.max_connections == Some(0) {
+        return Err(usage("--max-connections must be at least 1"));
+    }
     cfg.metrics = opt::<String>(&mut args, "--metrics", HELP_SERVER)?
         .map(|m| parse_listen(&m))
         .transpose()?;

@@ -62,7 +62,12 @@ pub struct Sources {
 }
 
 /// A per-user gauge or counter: name, type, help, and how to read it.
-type PerUser = (&'static str, &'static str, &'static str, fn(&Account) -> String);
+type PerUser = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&Account) -> String,
+);
 
 /// Escapes a Prometheus label value: backslash, double quote and newline.
 pub fn escape_label(s: &str) -> String {

@@ -14,14 +14,68 @@ use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
 use std::thread;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Bytes read per system call; also the most a relay asks the limiter for at once.
 pub const RELAY_BUF: usize = 64 * 1024;
 /// Stack size of a relay thread: it holds no buffer on its stack (the buffer is on the heap).
 pub const RELAY_STACK: usize = 64 * 1024;
+/// A relay with no traffic either way for this long is closed (`--idle-timeout`).
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(2 * 3600);
+/// TCP keepalive: first probe after this much silence, then every interval, giving up after count.
+const KEEPALIVE_IDLE_SECS: i32 = 60;
+const KEEPALIVE_INTERVAL_SECS: i32 = 10;
+const KEEPALIVE_PROBES: i32 = 6;
+
+/// When either direction of a connection last moved a byte, shared by its two relay threads.
+struct Activity {
+    epoch: Instant,
+    last_ms: AtomicU64,
+    idle: Duration,
+}
+
+impl Activity {
+    fn touch(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// True when neither direction moved a byte for the idle timeout.
+    fn expired(&self) -> bool {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        now.saturating_sub(self.last_ms.load(Ordering::Relaxed)) >= self.idle.as_millis() as u64
+    }
+}
+
+/// Turns on TCP keepalive (std has no call for it), so a peer that vanished without a FIN or RST
+/// is noticed in minutes rather than never.
+pub fn set_keepalive(s: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let fd = s.as_raw_fd();
+    let set = |level, name, v: i32| {
+        // SAFETY: setsockopt reads one int from a valid pointer of the stated size.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                (&v as *const i32).cast(),
+                std::mem::size_of::<i32>() as libc::socklen_t,
+            )
+        }
+    };
+    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, KEEPALIVE_IDLE_SECS);
+    set(
+        libc::IPPROTO_TCP,
+        libc::TCP_KEEPINTVL,
+        KEEPALIVE_INTERVAL_SECS,
+    );
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, KEEPALIVE_PROBES);
+}
 
 /// Which way bytes flow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,6 +157,8 @@ pub enum End {
     Stopping,
     /// The user's quota is used up.
     Quota,
+    /// No traffic either way for the idle timeout.
+    Idle,
 }
 
 impl fmt::Display for End {
@@ -113,6 +169,7 @@ impl fmt::Display for End {
             End::Revoked => f.write_str("user revoked"),
             End::Stopping => f.write_str("server stopping"),
             End::Quota => f.write_str("quota exhausted"),
+            End::Idle => f.write_str("idle timeout"),
         }
     }
 }
@@ -166,14 +223,15 @@ pub fn send_prefix(
 /// Copies `src` to `dst` until EOF or error, through the budget. Blocking; returns the bytes moved
 /// and how it ended. On EOF it shuts down writing on `dst`; on any other end it shuts both sockets
 /// so the opposite direction ends too.
-pub fn pump(
+fn pump(
     src: &TcpStream,
     dst: &TcpStream,
     budget: Option<&Budget>,
     dir: Direction,
+    activity: &Activity,
 ) -> (u64, End) {
     let mut moved = 0u64;
-    let end = match copy(src, dst, budget, dir, &mut moved) {
+    let end = match copy(src, dst, budget, dir, activity, &mut moved) {
         Ok(()) => {
             let _ = dst.shutdown(Shutdown::Write);
             End::Closed
@@ -192,6 +250,7 @@ fn copy(
     mut dst: &TcpStream,
     budget: Option<&Budget>,
     dir: Direction,
+    activity: &Activity,
     moved: &mut u64,
 ) -> Result<(), End> {
     let waiter = budget.map(|_| Waiter::new());
@@ -200,7 +259,7 @@ fn copy(
         let limited = budget.is_some_and(|b| b.account.rate() != 0 || b.account.quota() != 0);
         // Wait for data before taking tokens (or allocating a buffer): a relay blocked in read
         // must not hold tokens that other connections of the user could use.
-        if (buf.is_empty() || limited) && !wait_readable(src)? {
+        if (buf.is_empty() || limited) && !wait_readable(src, activity)? {
             return Ok(());
         }
         if buf.is_empty() {
@@ -214,6 +273,7 @@ fn copy(
             match src.read(&mut buf[..grant]) {
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if is_timeout(&e) && !activity.expired() => continue,
                 Err(e) => {
                     if let Some(b) = budget {
                         b.give_back(grant);
@@ -228,7 +288,9 @@ fn copy(
         if n == 0 {
             return Ok(());
         }
-        dst.write_all(&buf[..n]).map_err(End::Error)?;
+        activity.touch();
+        dst.write_all(&buf[..n])
+            .map_err(|e| write_end(e, activity))?;
         *moved += n as u64;
         if let Some(b) = budget {
             b.count(dir, n);
@@ -236,16 +298,38 @@ fn copy(
     }
 }
 
-/// Blocks until `src` has data (true) or is at EOF (false).
-fn wait_readable(src: &TcpStream) -> Result<bool, End> {
+/// Blocks until `src` has data (true) or is at EOF (false); ends with `Idle` once neither
+/// direction moved for the idle timeout.
+fn wait_readable(src: &TcpStream, activity: &Activity) -> Result<bool, End> {
     let mut one = [0u8; 1];
     loop {
         match src.peek(&mut one) {
             Ok(0) => return Ok(false),
             Ok(_) => return Ok(true),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if is_timeout(&e) => {
+                if activity.expired() {
+                    return Err(End::Idle);
+                }
+            }
             Err(e) => return Err(End::Error(e)),
         }
+    }
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+/// A write that timed out means the peer stopped reading for the whole idle timeout.
+fn write_end(e: io::Error, activity: &Activity) -> End {
+    if is_timeout(&e) && activity.expired() {
+        End::Idle
+    } else {
+        End::Error(e)
     }
 }
 
@@ -262,11 +346,50 @@ pub fn relay(
     label: &str,
     up_already: u64,
 ) -> io::Result<Outcome> {
-    let (c2, d2, b2) = (client.try_clone()?, dest.try_clone()?, budget.clone());
+    relay_idle(
+        client,
+        dest,
+        budget,
+        label,
+        up_already,
+        DEFAULT_IDLE_TIMEOUT,
+    )
+}
+
+/// [`relay`] with an idle timeout: the connection ends when neither direction moved a byte for
+/// `idle` (checked on socket timeouts, so a relay never sleeps past it by more than `idle`).
+///
+/// # Errors
+/// As [`relay`].
+pub fn relay_idle(
+    client: TcpStream,
+    dest: TcpStream,
+    budget: Option<Arc<Budget>>,
+    label: &str,
+    up_already: u64,
+    idle: Duration,
+) -> io::Result<Outcome> {
+    let activity = Arc::new(Activity {
+        epoch: Instant::now(),
+        last_ms: AtomicU64::new(0),
+        idle,
+    });
+    // Reads and writes wake up at least every `check` to look at the shared activity clock.
+    let check = Some(idle.clamp(Duration::from_millis(50), Duration::from_secs(60)));
+    for s in [&client, &dest] {
+        s.set_read_timeout(check)?;
+        s.set_write_timeout(Some(idle.max(Duration::from_millis(50))))?;
+    }
+    let (c2, d2, b2, a2) = (
+        client.try_clone()?,
+        dest.try_clone()?,
+        budget.clone(),
+        activity.clone(),
+    );
     let up = thread::Builder::new()
         .name(format!("up {label}"))
         .stack_size(RELAY_STACK)
-        .spawn(move || pump(&c2, &d2, b2.as_deref(), Direction::Up));
+        .spawn(move || pump(&c2, &d2, b2.as_deref(), Direction::Up, &a2));
     let up = match up {
         Ok(h) => h,
         Err(e) => {
@@ -275,7 +398,13 @@ pub fn relay(
             return Err(e);
         }
     };
-    let (down, down_end) = pump(&dest, &client, budget.as_deref(), Direction::Down);
+    let (down, down_end) = pump(
+        &dest,
+        &client,
+        budget.as_deref(),
+        Direction::Down,
+        &activity,
+    );
     let (up_n, up_end) = up
         .join()
         .unwrap_or_else(|_| (0, End::Error(io::Error::other("relay thread panicked"))));

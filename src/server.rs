@@ -4,12 +4,13 @@
 //! The accept loop only accepts and spawns, so a slow or silent client never blocks anyone else.
 //! The handshake, dialing and relaying happen on the connection's thread (`conn.rs`).
 
-use crate::auth::{self, Directory};
+use crate::auth::{self, Directory, LoginThrottle};
 use crate::conn;
 use crate::dial::DialPolicy;
 use crate::error::{Error, Result};
 use crate::limiter::{self, Limiter};
 use crate::metrics::{self, Counters, Sources};
+use crate::relay;
 use crate::users::UserStore;
 use log::{info, warn};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -42,6 +43,11 @@ pub struct ServerConfig {
     pub tick: Duration,
     /// Where to serve `/metrics` and the status page, if anywhere.
     pub metrics: Option<SocketAddr>,
+    /// A relay with no traffic either way for this long is closed.
+    pub idle_timeout: Duration,
+    /// Most connections at once; past it new ones are closed at once. `None`: derived from the
+    /// open-files limit (two sockets per connection, some files kept in reserve).
+    pub max_connections: Option<usize>,
 }
 
 impl Default for ServerConfig {
@@ -54,6 +60,8 @@ impl Default for ServerConfig {
             connect_timeout: Duration::from_secs(10),
             tick: limiter::DEFAULT_TICK,
             metrics: None,
+            idle_timeout: relay::DEFAULT_IDLE_TIMEOUT,
+            max_connections: None,
         }
     }
 }
@@ -67,6 +75,12 @@ pub(crate) struct Shared {
     pub stop: Arc<AtomicBool>,
     /// Connection outcomes for the metrics.
     pub counters: Arc<Counters>,
+    /// Failed logins per client address.
+    pub logins: LoginThrottle,
+    /// Relays idle this long are closed.
+    pub idle_timeout: Duration,
+    /// The global connection cap.
+    pub max_connections: usize,
     next_id: AtomicU64,
     /// Connection threads alive now.
     pub active: AtomicUsize,
@@ -212,6 +226,11 @@ pub fn start(config: &ServerConfig) -> Result<ServerHandle> {
         handshake_timeout: config.handshake_timeout,
         stop: stop.clone(),
         counters: Arc::new(Counters::default()),
+        logins: LoginThrottle::default(),
+        idle_timeout: config.idle_timeout,
+        max_connections: config
+            .max_connections
+            .unwrap_or_else(default_max_connections),
         next_id: AtomicU64::new(1),
         active: AtomicUsize::new(0),
     });
@@ -259,14 +278,39 @@ pub fn start(config: &ServerConfig) -> Result<ServerHandle> {
     })
 }
 
+/// Files kept free for the database, logs and the listener when deriving the connection cap.
+const RESERVED_FILES: u64 = 64;
+
+/// The default global connection cap: what the open-files limit allows at two sockets each.
+pub fn default_max_connections() -> usize {
+    let files = current_nofile_limit().unwrap_or(1024);
+    (files.saturating_sub(RESERVED_FILES) / 2).max(1) as usize
+}
+
 fn accept_loop(listener: &TcpListener, sh: &Arc<Shared>) {
     let mut last_warn: Option<Instant> = None;
+    let mut last_full: Option<Instant> = None;
+    let mut shed = 0u64;
     loop {
         let accepted = listener.accept();
         if sh.stop.load(Ordering::SeqCst) {
             return;
         }
         match accepted {
+            Ok((stream, peer)) if sh.active.load(Ordering::Relaxed) >= sh.max_connections => {
+                // Full: close at once, no thread; say so at most once a second.
+                drop(stream);
+                shed += 1;
+                if last_full.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                    warn!(
+                        "{peer} and {} more closed: {} connections open, the --max-connections cap",
+                        shed - 1,
+                        sh.max_connections
+                    );
+                    last_full = Some(Instant::now());
+                    shed = 0;
+                }
+            }
             Ok((stream, peer)) => spawn_connection(stream, peer, sh),
             Err(e) => {
                 // EMFILE and friends: log at most once a second, back off, and keep serving.
@@ -295,6 +339,15 @@ fn spawn_connection(stream: TcpStream, peer: SocketAddr, sh: &Arc<Shared>) {
         sh.active.fetch_sub(1, Ordering::Relaxed);
         warn!("conn#{id} {peer} dropped: cannot spawn a thread: {e}");
     }
+}
+
+fn current_nofile_limit() -> Option<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct we pass.
+    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0).then_some(lim.rlim_cur)
 }
 
 /// Raises the soft open-files limit to the hard limit and returns the new soft limit.

@@ -1,0 +1,453 @@
+//! One app connection of `sluice local`: tell the protocol by its first byte (SOCKS5, SOCKS4/4a or
+//! HTTP), read what the app asks for under the handshake deadline, open a tunnel through the
+//! server (`upstream.rs`), answer the app in its own protocol, then relay with no limit of ours.
+//!
+//! Apps are not asked for credentials: whoever reaches the port uses the configured account, which
+//! is why `local.rs` listens on loopback unless told otherwise. Refusals of an app are warn lines.
+//! Every connection that named a destination ends with one info line, except that a server that
+//! cannot be reached or refuses the login is reported once per burst (see `Burst`), not per
+//! connection, since a browser opens dozens of connections at once.
+
+use crate::conn::{self, DeadlineReader, HeadError};
+use crate::http::{self, Status};
+use crate::local::{Burst, LocalShared};
+use crate::relay::{self, Direction, End, Outcome};
+use crate::socks5::{self, Command, Reply, SocksError};
+use crate::target::{Host, Target};
+use crate::upstream::{self, Login, UpstreamError};
+use log::{debug, info, warn};
+use std::fmt;
+use std::io::{self, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Instant;
+
+/// The protocol an app spoke, which decides how it is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Proto {
+    Socks5,
+    Socks4,
+    Socks4a,
+    HttpConnect,
+    Http,
+}
+
+impl Proto {
+    fn name(self) -> &'static str {
+        match self {
+            Proto::Socks5 => "socks5",
+            Proto::Socks4 => "socks4",
+            Proto::Socks4a => "socks4a",
+            Proto::HttpConnect => "http-connect",
+            Proto::Http => "http",
+        }
+    }
+}
+
+/// What an app asked for: where to, and bytes to send ahead of its own (a plain HTTP request's
+/// rewritten head, bytes the app sent right after its request).
+struct Ask {
+    proto: Proto,
+    target: Target,
+    prefix: Vec<u8>,
+}
+
+/// Serves one app connection to its end. Blocking; runs on the connection's own thread.
+pub(crate) fn handle(client: TcpStream, peer: SocketAddr, id: u64, sh: &LocalShared) {
+    let started = Instant::now();
+    let _ = client.set_nodelay(true);
+    let mut r = DeadlineReader {
+        stream: &client,
+        deadline: started + sh.handshake_timeout,
+    };
+    let Some(ask) = read_ask(&mut r, peer, id) else {
+        return;
+    };
+    let login = Login {
+        server: &sh.server,
+        user: &sh.user,
+        password: &sh.password,
+        connect_timeout: sh.connect_timeout,
+    };
+    let log = EndLine {
+        id,
+        peer,
+        ask: &ask,
+        started,
+    };
+    match upstream::open(&login, &ask.target, r.deadline) {
+        Ok((server, bound)) => {
+            server_answered(sh);
+            if !send(&client, &granted(ask.proto, bound)) {
+                log.info(0, 0, "app closed before the answer");
+                return;
+            }
+            let _ = client.set_read_timeout(None);
+            let (up, down, end) = run_relay(client, server, &ask, id);
+            log.info(up, down, end);
+        }
+        Err(e) => {
+            send(&client, &refusal(ask.proto, &e, &sh.user));
+            log_failure(&e, &log, sh);
+        }
+    }
+}
+
+/// Tells the protocol by the first byte and reads the app's request; `None` if there is nothing
+/// to open (the app was answered, if it could be, and the reason logged).
+fn read_ask(r: &mut DeadlineReader<'_>, peer: SocketAddr, id: u64) -> Option<Ask> {
+    let first = match r.peek_byte() {
+        Ok(Some(b)) => b,
+        Ok(None) => return None,
+        Err(e) => {
+            warn!(
+                "conn#{id} {peer} closed before a handshake: {}",
+                io_reason(&e)
+            );
+            return None;
+        }
+    };
+    match first {
+        socks5::VERSION => socks5_ask(r, peer, id),
+        socks5::SOCKS4_VERSION => socks4_ask(r, peer, id),
+        b'A'..=b'Z' | b'a'..=b'z' => http_ask(r, peer, id),
+        other => {
+            warn!("conn#{id} {peer} unknown protocol (first byte 0x{other:02x}); closed");
+            None
+        }
+    }
+}
+
+/// The one line a connection ends with.
+struct EndLine<'a> {
+    id: u64,
+    peer: SocketAddr,
+    ask: &'a Ask,
+    started: Instant,
+}
+
+impl EndLine<'_> {
+    fn text(&self, up: u64, down: u64, end: impl fmt::Display) -> String {
+        format!(
+            "conn#{} {} proto={} dest={} up={up} down={down} secs={:.3} end={end}",
+            self.id,
+            self.peer,
+            self.ask.proto.name(),
+            self.ask.target,
+            self.started.elapsed().as_secs_f64()
+        )
+    }
+
+    fn info(&self, up: u64, down: u64, end: impl fmt::Display) {
+        info!("{}", self.text(up, down, end));
+    }
+}
+
+/// Relays until both directions end; returns bytes up, bytes down and how it ended.
+fn run_relay(client: TcpStream, server: TcpStream, ask: &Ask, id: u64) -> (u64, u64, String) {
+    let outcome = match relay::send_prefix(&server, &ask.prefix, None, Direction::Up) {
+        Ok(()) => relay::relay(
+            client,
+            server,
+            None,
+            &format!("local#{id}"),
+            ask.prefix.len() as u64,
+        ),
+        Err(end) => Ok(Outcome {
+            up: 0,
+            down: 0,
+            end,
+        }),
+    };
+    match outcome {
+        Ok(o) => (o.up, o.down, o.end.to_string()),
+        Err(e) => (0, 0, End::Error(e).to_string()),
+    }
+}
+
+/// The answer that opens the tunnel; a plain HTTP request gets none (the origin answers it).
+fn granted(proto: Proto, bound: Option<SocketAddr>) -> Vec<u8> {
+    match proto {
+        Proto::Socks5 => socks5::encode_reply(Reply::Succeeded, bound),
+        Proto::Socks4 | Proto::Socks4a => socks5::encode_socks4_reply(true).to_vec(),
+        Proto::HttpConnect => http::encode_response(Status::Ok, ""),
+        Proto::Http => Vec::new(),
+    }
+}
+
+/// The server's failure, told in the app's protocol.
+fn refusal(proto: Proto, e: &UpstreamError, user: &str) -> Vec<u8> {
+    match proto {
+        Proto::Socks5 => socks5::encode_reply(e.reply(), None),
+        Proto::Socks4 | Proto::Socks4a => socks5::encode_socks4_reply(false).to_vec(),
+        Proto::HttpConnect | Proto::Http => {
+            let detail = match e {
+                UpstreamError::Rejected => format!("the sluice server rejected user {user}"),
+                other => other.to_string(),
+            };
+            http::encode_response(e.status(), &detail)
+        }
+    }
+}
+
+/// The server reached us and took the login: an outage or refusal under way is over.
+fn server_answered(sh: &LocalShared) {
+    if let Some(n) = sh.unreachable.settle() {
+        info!("server {} reachable again{}", sh.server, unlogged(n));
+    }
+    if let Some(n) = sh.rejected.settle() {
+        info!("server accepts user {} again{}", sh.user, unlogged(n));
+    }
+}
+
+/// Logs a failed tunnel: problems with the server itself once per burst, the rest per connection.
+fn log_failure(e: &UpstreamError, log: &EndLine<'_>, sh: &LocalShared) {
+    let (burst, what): (&Burst, String) = match e {
+        UpstreamError::Unreachable(d) => (
+            &sh.unreachable,
+            format!("cannot reach server {}: {d}", sh.server),
+        ),
+        UpstreamError::Rejected => (
+            &sh.rejected,
+            format!(
+                "server rejected user {}: check --user and the password",
+                sh.user
+            ),
+        ),
+        UpstreamError::Method(_) => (&sh.rejected, format!("server {}: {e}", sh.server)),
+        UpstreamError::Refused(_) => {
+            server_answered(sh);
+            log.info(0, 0, e);
+            return;
+        }
+        UpstreamError::Protocol(_) => {
+            log.info(0, 0, e);
+            return;
+        }
+    };
+    if let Some(n) = burst.record(Instant::now()) {
+        warn!("conn#{} {} {what}{}", log.id, log.peer, unlogged(n));
+    }
+    debug!("{}", log.text(0, 0, e));
+}
+
+fn unlogged(n: u64) -> String {
+    match n {
+        0 => String::new(),
+        n => format!(" ({n} more like this since the last report)"),
+    }
+}
+
+fn send(mut s: &TcpStream, bytes: &[u8]) -> bool {
+    s.write_all(bytes).is_ok()
+}
+
+fn io_reason(e: &io::Error) -> String {
+    match e.kind() {
+        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => "handshake deadline passed".into(),
+        io::ErrorKind::UnexpectedEof => "app closed mid-handshake".into(),
+        _ => e.to_string(),
+    }
+}
+
+/// Logs why an app's SOCKS handshake failed.
+fn socks_fail<T>(refused: &dyn Fn(String), e: SocksError) -> Option<T> {
+    match e {
+        SocksError::Io(io) => refused(io_reason(&io)),
+        other => refused(other.to_string()),
+    }
+    None
+}
+
+/// The auth method to choose from an app's offer: none if offered, else username/password (the
+/// credentials are read and ignored), else none acceptable.
+fn choose_method(offered: &[u8]) -> u8 {
+    if offered.contains(&socks5::METHOD_NO_AUTH) {
+        socks5::METHOD_NO_AUTH
+    } else if offered.contains(&socks5::METHOD_USER_PASS) {
+        socks5::METHOD_USER_PASS
+    } else {
+        socks5::METHOD_NONE_ACCEPTABLE
+    }
+}
+
+/// The reply for a request that could not be decoded, when the stream still allows one.
+fn request_error_reply(e: &SocksError) -> Option<Reply> {
+    match e {
+        SocksError::AddressType(_) => Some(Reply::AddressTypeNotSupported),
+        SocksError::Command(_) => Some(Reply::CommandNotSupported),
+        SocksError::BadDomain | SocksError::Reserved(_) => Some(Reply::GeneralFailure),
+        _ => None,
+    }
+}
+
+fn socks5_ask(r: &mut DeadlineReader<'_>, peer: SocketAddr, id: u64) -> Option<Ask> {
+    let client = r.stream;
+    let refused = |what: String| warn!("conn#{id} {peer} socks5 {what}; closed");
+    let greeting = match socks5::read_greeting(r) {
+        Ok(g) => g,
+        Err(e) => return socks_fail(&refused, e),
+    };
+    let method = choose_method(&greeting.methods);
+    if !send(client, &socks5::encode_method_choice(method)) {
+        return None;
+    }
+    if method == socks5::METHOD_NONE_ACCEPTABLE {
+        refused("app offers neither no-auth nor username/password".into());
+        return None;
+    }
+    if method == socks5::METHOD_USER_PASS {
+        // Whatever the app sends, the server login uses the configured account.
+        if let Err(e) = socks5::read_userpass(r) {
+            return socks_fail(&refused, e);
+        }
+        if !send(client, &socks5::encode_userpass_status(true)) {
+            return None;
+        }
+    }
+    let req = match socks5::read_request(r) {
+        Ok(req) => req,
+        Err(e) => {
+            if let Some(reply) = request_error_reply(&e) {
+                send(client, &socks5::encode_reply(reply, None));
+            }
+            return socks_fail(&refused, e);
+        }
+    };
+    if req.command != Command::Connect {
+        send(
+            client,
+            &socks5::encode_reply(Reply::CommandNotSupported, None),
+        );
+        refused(format!("command {:?} not supported", req.command));
+        return None;
+    }
+    Some(Ask {
+        proto: Proto::Socks5,
+        target: req.target,
+        prefix: Vec::new(),
+    })
+}
+
+fn socks4_ask(r: &mut DeadlineReader<'_>, peer: SocketAddr, id: u64) -> Option<Ask> {
+    let client = r.stream;
+    let refused = |what: String| warn!("conn#{id} {peer} socks4 {what}; closed");
+    // Read straight from the socket, a byte at a time for the NUL-ended fields: slower than a
+    // BufReader, but nothing the app sent after the request is buffered away from the relay.
+    let req = match socks5::read_socks4_request(r) {
+        Ok(req) => req,
+        Err(e) => {
+            if matches!(e, SocksError::Command(_) | SocksError::BadDomain) {
+                send(client, &socks5::encode_socks4_reply(false));
+            }
+            return socks_fail(&refused, e);
+        }
+    };
+    if req.command != Command::Connect {
+        send(client, &socks5::encode_socks4_reply(false));
+        refused(format!("command {:?} not supported", req.command));
+        return None;
+    }
+    let proto = match req.target.host {
+        Host::Domain(_) => Proto::Socks4a,
+        Host::Ip(_) => Proto::Socks4,
+    };
+    Some(Ask {
+        proto,
+        target: req.target,
+        prefix: Vec::new(),
+    })
+}
+
+fn http_ask(r: &mut DeadlineReader<'_>, peer: SocketAddr, id: u64) -> Option<Ask> {
+    let client = r.stream;
+    let refuse = |status: Status, why: String| -> Option<Ask> {
+        send(client, &http::encode_response(status, &why));
+        warn!("conn#{id} {peer} http {why}; answered {}", status.code());
+        None
+    };
+    let (req, rest) = match conn::read_http_head(r) {
+        Ok(x) => x,
+        Err(HeadError::Http(e)) => return refuse(e.status(), e.to_string()),
+        Err(HeadError::Io(e)) => {
+            warn!("conn#{id} {peer} http {}; closed", io_reason(&e));
+            return None;
+        }
+    };
+    if req.is_connect() {
+        return match req.connect_target() {
+            Ok(target) => Some(Ask {
+                proto: Proto::HttpConnect,
+                target,
+                prefix: rest,
+            }),
+            Err(e) => refuse(e.status(), e.to_string()),
+        };
+    }
+    match req.absolute_target() {
+        Ok((target, path)) => {
+            // As the server does: origin-form, hop-by-hop headers (Proxy-*) gone, one request.
+            let mut prefix = req.encode_for_origin(&path, &target);
+            prefix.extend_from_slice(&rest);
+            Some(Ask {
+                proto: Proto::Http,
+                target,
+                prefix,
+            })
+        }
+        Err(e) => refuse(e.status(), e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefers_no_auth_then_userpass() {
+        assert_eq!(choose_method(&[2, 0]), socks5::METHOD_NO_AUTH);
+        assert_eq!(choose_method(&[2]), socks5::METHOD_USER_PASS);
+        assert_eq!(choose_method(&[1, 3]), socks5::METHOD_NONE_ACCEPTABLE);
+    }
+
+    #[test]
+    fn refusals_speak_the_apps_protocol() {
+        let e = UpstreamError::Refused(Reply::HostUnreachable);
+        assert_eq!(refusal(Proto::Socks5, &e, "u")[1], 0x04);
+        assert_eq!(refusal(Proto::Socks4a, &e, "u")[1], 0x5B);
+        assert!(refusal(Proto::Http, &e, "u").starts_with(b"HTTP/1.1 502 "));
+        let e = UpstreamError::Refused(Reply::NotAllowed);
+        assert!(refusal(Proto::HttpConnect, &e, "u").starts_with(b"HTTP/1.1 403 "));
+        let e = UpstreamError::Refused(Reply::TtlExpired);
+        assert!(refusal(Proto::HttpConnect, &e, "u").starts_with(b"HTTP/1.1 504 "));
+        let body = refusal(Proto::Http, &UpstreamError::Rejected, "alice");
+        assert!(String::from_utf8_lossy(&body).contains("rejected user alice"));
+        assert_eq!(
+            refusal(Proto::Socks5, &UpstreamError::Rejected, "u")[1],
+            0x01
+        );
+    }
+
+    #[test]
+    fn grants_speak_the_apps_protocol() {
+        let bound = "10.0.0.1:4242".parse().ok();
+        assert_eq!(
+            granted(Proto::Socks5, bound),
+            [5, 0, 0, 1, 10, 0, 0, 1, 0x10, 0x92]
+        );
+        assert_eq!(granted(Proto::Socks4, None), [0, 0x5A, 0, 0, 0, 0, 0, 0]);
+        assert!(granted(Proto::HttpConnect, None).starts_with(b"HTTP/1.1 200 "));
+        assert!(granted(Proto::Http, None).is_empty());
+    }
+
+    #[test]
+    fn undecodable_requests_get_the_rfc_reply() {
+        let r = |e| request_error_reply(&e);
+        assert_eq!(
+            r(SocksError::AddressType(9)),
+            Some(Reply::AddressTypeNotSupported)
+        );
+        assert_eq!(r(SocksError::Command(9)), Some(Reply::CommandNotSupported));
+        assert_eq!(r(SocksError::BadDomain), Some(Reply::GeneralFailure));
+        assert_eq!(r(SocksError::Version(4)), None);
+    }
+}
