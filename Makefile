@@ -25,3 +25,15 @@ test:
 lint:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
+
+# The benchmark (issue 5): release build, then every scenario; prints a Markdown table and writes
+# bench-out/latest.md. BENCH_ARGS=--quick runs each scenario once, briefly (a smoke test).
+bench: build
+	target/release/sluice-bench $(BENCH_ARGS)
+
+# Installs the reference proxies `make bench` compares against (Debian packages; run as root).
+# Failures are tolerated: the benchmark runs with whichever peers are present.
+.PHONY: bench-peers
+bench-peers:
+	-apt-get update
+	-apt-get install -y microsocks squid dante-server

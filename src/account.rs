@@ -7,10 +7,10 @@
 //! where tokens are taken (`relay::Budget::take`), by reserving before a read and returning what the
 //! read did not use, so parallel connections cannot overshoot it.
 
+use crate::stream::Stream;
 use crate::users::QuotaPeriod;
 use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
-use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -44,7 +44,7 @@ pub struct Account {
     pub name: Arc<str>,
     rate: AtomicU64,
     revoked: AtomicBool,
-    conns: Mutex<HashMap<u64, Vec<TcpStream>>>,
+    conns: Mutex<HashMap<u64, Vec<Stream>>>,
     quota: AtomicU64,
     /// Bytes charged against the quota this period, including reservations in flight.
     quota_used: AtomicU64,
@@ -203,7 +203,7 @@ impl Account {
 
     /// Attaches an admitted connection's sockets so they can be shut from outside. Returns false
     /// (attaching nothing) if the connection was closed from outside in the meantime.
-    pub fn attach(&self, id: u64, sockets: Vec<TcpStream>) -> bool {
+    pub fn attach(&self, id: u64, sockets: Vec<Stream>) -> bool {
         match self.conns.lock().get_mut(&id) {
             Some(v) => {
                 *v = sockets;
@@ -214,7 +214,7 @@ impl Account {
     }
 
     /// Admits and attaches in one step.
-    pub fn register(&self, id: u64, sockets: Vec<TcpStream>) -> bool {
+    pub fn register(&self, id: u64, sockets: Vec<Stream>) -> bool {
         self.admit(id).is_ok() && self.attach(id, sockets)
     }
 
@@ -233,7 +233,7 @@ impl Account {
     pub fn close_all(&self) {
         let conns = std::mem::take(&mut *self.conns.lock());
         for s in conns.values().flatten() {
-            let _ = s.shutdown(Shutdown::Both);
+            s.shutdown_both();
         }
     }
 }

@@ -12,9 +12,11 @@ use crate::http::{self, HttpError, ProxyAuth, Status};
 use crate::relay::{self, Budget, Direction, End};
 use crate::server::Shared;
 use crate::socks5::{self, Command, Reply, SocksError};
+use crate::stream::{self, Stream};
 use crate::target::Target;
+use crate::tls;
 use log::{info, warn};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::Instant;
@@ -22,37 +24,50 @@ use std::time::Instant;
 /// Bytes read at a time while collecting an HTTP head.
 const HEAD_CHUNK: usize = 4096;
 
-/// A reader that fails with `TimedOut` once a deadline computed at the start has passed, however
-/// the client spaces its bytes (a byte a minute still hits the deadline).
+/// Handshake-time reads: they fail with `TimedOut` once a deadline computed at the start has
+/// passed, however the client spaces its bytes (a byte a minute still hits the deadline). The
+/// first byte can be looked at and put back ([`DeadlineReader::peek_byte`]), which works the same
+/// over TLS, where the socket cannot be peeked.
 pub(crate) struct DeadlineReader<'a> {
-    pub stream: &'a TcpStream,
+    pub stream: &'a Stream,
     pub deadline: Instant,
+    peeked: Option<u8>,
 }
 
 impl Read for DeadlineReader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.arm()?;
-        (&*self.stream).read(buf)
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        if let Some(b) = self.peeked.take() {
+            buf[0] = b;
+            return Ok(1);
+        }
+        stream::arm(self.stream.socket(), self.deadline)?;
+        self.stream.read(buf)
     }
 }
 
-impl DeadlineReader<'_> {
-    fn arm(&self) -> io::Result<()> {
-        let left = self.deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::ErrorKind::TimedOut.into());
+impl<'a> DeadlineReader<'a> {
+    /// A reader over `stream` that gives up at `deadline`.
+    pub fn new(stream: &'a Stream, deadline: Instant) -> DeadlineReader<'a> {
+        DeadlineReader {
+            stream,
+            deadline,
+            peeked: None,
         }
-        self.stream.set_read_timeout(Some(left))
     }
 
-    /// The first byte, without consuming it.
-    pub fn peek_byte(&self) -> io::Result<Option<u8>> {
-        self.arm()?;
-        let mut b = [0u8; 1];
-        match self.stream.peek(&mut b)? {
-            0 => Ok(None),
-            _ => Ok(Some(b[0])),
+    /// The first byte, without consuming it (`None` if the peer closed).
+    pub fn peek_byte(&mut self) -> io::Result<Option<u8>> {
+        if self.peeked.is_none() {
+            let mut b = [0u8; 1];
+            if self.read(&mut b)? == 0 {
+                return Ok(None);
+            }
+            self.peeked = Some(b[0]);
         }
+        Ok(self.peeked)
     }
 }
 
@@ -94,18 +109,30 @@ struct Session {
     account: Arc<Account>,
     proto: &'static str,
     target: Target,
-    dest: TcpStream,
+    dest: Stream,
     prefix: Vec<u8>,
 }
 
 /// Serves one client connection to its end. Blocking; runs on the connection's own thread.
-pub(crate) fn handle(client: TcpStream, peer: SocketAddr, id: u64, sh: &Shared) {
+pub(crate) fn handle(sock: TcpStream, peer: SocketAddr, id: u64, sh: &Shared) {
     let started = Instant::now();
-    let _ = client.set_nodelay(true);
-    let mut r = DeadlineReader {
-        stream: &client,
-        deadline: started + sh.handshake_timeout,
+    let deadline = started + sh.handshake_timeout;
+    let _ = sock.set_nodelay(true);
+    let client = match &sh.tls {
+        None => Stream::plain(sock),
+        Some(cfg) => match tls::accept(sock, cfg, deadline) {
+            Ok(t) => t,
+            Err(e) => {
+                sh.counters.connection("tls", "rejected");
+                warn!(
+                    "conn#{id} {peer} tls handshake failed: {}; closed",
+                    io_reason(&e)
+                );
+                return;
+            }
+        },
     };
+    let mut r = DeadlineReader::new(&client, deadline);
     let first = match r.peek_byte() {
         Ok(Some(b)) => b,
         Ok(None) => return,
@@ -126,26 +153,14 @@ pub(crate) fn handle(client: TcpStream, peer: SocketAddr, id: u64, sh: &Shared) 
         }
     };
     let Some(s) = session else { return };
-    let _ = client.set_read_timeout(None);
     run_relay(client, s, peer, id, sh, started);
 }
 
-fn run_relay(
-    client: TcpStream,
-    s: Session,
-    peer: SocketAddr,
-    id: u64,
-    sh: &Shared,
-    started: Instant,
-) {
-    let _ = s.dest.set_nodelay(true);
-    relay::set_keepalive(&client);
-    relay::set_keepalive(&s.dest);
-    let sockets = [client.try_clone(), s.dest.try_clone()];
-    let attached = match sockets {
-        [Ok(a), Ok(b)] => s.account.attach(id, vec![a, b]),
-        _ => false,
-    };
+fn run_relay(client: Stream, s: Session, peer: SocketAddr, id: u64, sh: &Shared, started: Instant) {
+    let _ = s.dest.socket().set_nodelay(true);
+    relay::set_keepalive(client.socket());
+    relay::set_keepalive(s.dest.socket());
+    let attached = s.account.attach(id, vec![client.clone(), s.dest.clone()]);
     let budget = Arc::new(Budget {
         account: s.account.clone(),
         limiter: sh.limiter.clone(),
@@ -221,14 +236,16 @@ fn login(
     }
 }
 
-fn send(mut s: &TcpStream, bytes: &[u8]) -> bool {
+/// Answers the client (the handshake's deadline armed the socket's write timeout).
+pub(crate) fn send(s: &Stream, bytes: &[u8]) -> bool {
     s.write_all(bytes).is_ok()
 }
 
-fn io_reason(e: &io::Error) -> String {
+/// Why a handshake ended early, for the log.
+pub(crate) fn io_reason(e: &io::Error) -> String {
     match e.kind() {
         io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => "handshake deadline passed".into(),
-        io::ErrorKind::UnexpectedEof => "client closed mid-handshake".into(),
+        io::ErrorKind::UnexpectedEof => "peer closed mid-handshake".into(),
         _ => e.to_string(),
     }
 }
@@ -308,6 +325,7 @@ fn socks5_handshake(
     match admit_and_dial(&req.target, &account, "socks5", peer, id, sh) {
         Ok(dest) => {
             let bound = dest.local_addr().ok();
+            let dest = Stream::plain(dest);
             send(client, &socks5::encode_reply(Reply::Succeeded, bound)).then_some(Session {
                 account,
                 proto: "socks5",
@@ -323,7 +341,8 @@ fn socks5_handshake(
     }
 }
 
-fn socks_fail(refused: &dyn Fn(String), e: SocksError) -> Option<Session> {
+/// Logs why a SOCKS handshake failed (through `refused`) and gives up on it.
+pub(crate) fn socks_fail<T>(refused: &dyn Fn(String), e: SocksError) -> Option<T> {
     match e {
         SocksError::Io(io) => refused(io_reason(&io)),
         other => refused(other.to_string()),
@@ -468,6 +487,7 @@ fn http_handshake(
             return None;
         }
     };
+    let dest = Stream::plain(dest);
     let prefix = match prefix_head {
         None => {
             if !send(client, &http::encode_response(Status::Ok, "")) {

@@ -10,7 +10,8 @@ use crate::auth::check_credential;
 use crate::error::{Error, Result};
 use crate::local_conn;
 use crate::server::{ACCEPT_BACKOFF, CONN_STACK};
-use crate::target::Target;
+use crate::target::{Host, Target};
+use crate::tls::{self, Trust};
 use log::{info, warn};
 use parking_lot::Mutex;
 use std::fmt;
@@ -42,6 +43,17 @@ pub struct LocalConfig {
     pub handshake_timeout: Duration,
     /// Time allowed to connect to the server.
     pub connect_timeout: Duration,
+    /// Encrypt the hop to the server, if set.
+    pub tls: Option<LocalTls>,
+}
+
+/// TLS to the server: how to trust its certificate and which name to check.
+#[derive(Debug, Clone)]
+pub struct LocalTls {
+    /// System roots, a CA file, or a pinned fingerprint.
+    pub trust: Trust,
+    /// The name the certificate must carry (default: the host of `--server`).
+    pub server_name: Option<String>,
 }
 
 impl fmt::Debug for LocalConfig {
@@ -53,6 +65,7 @@ impl fmt::Debug for LocalConfig {
             .field("password", &"<redacted>")
             .field("allow_lan", &self.allow_lan)
             .field("handshake_timeout", &self.handshake_timeout)
+            .field("tls", &self.tls)
             .field("connect_timeout", &self.connect_timeout)
             .finish()
     }
@@ -110,6 +123,11 @@ pub(crate) struct LocalShared {
     pub unreachable: Burst,
     /// The server refused the login.
     pub rejected: Burst,
+    /// TLS to the server: the client config and the name its certificate must carry.
+    pub tls: Option<(
+        Arc<rustls::ClientConfig>,
+        rustls::pki_types::ServerName<'static>,
+    )>,
     stop: AtomicBool,
     next_id: AtomicU64,
     active: AtomicUsize,
@@ -200,6 +218,21 @@ pub fn start(cfg: &LocalConfig) -> Result<LocalHandle> {
     })?;
     check_credential("username", &cfg.user)?;
     check_credential("password", &cfg.password)?;
+    let tls = match &cfg.tls {
+        None => None,
+        Some(t) => {
+            let name = t.server_name.clone().unwrap_or_else(|| match &server.host {
+                Host::Ip(ip) => ip.to_string(),
+                Host::Domain(d) => d.clone(),
+            });
+            let name = rustls::pki_types::ServerName::try_from(name.clone()).map_err(|_| {
+                Error::Invalid(format!(
+                    "bad --server-name {name:?}: not a DNS name or IP address"
+                ))
+            })?;
+            Some((tls::client_config(&t.trust)?, name))
+        }
+    };
     let listener = TcpListener::bind(cfg.listen)
         .map_err(|e| Error::Io(format!("cannot listen on {}", cfg.listen), e))?;
     let local_addr = listener
@@ -213,6 +246,7 @@ pub fn start(cfg: &LocalConfig) -> Result<LocalHandle> {
         connect_timeout: cfg.connect_timeout,
         unreachable: Burst::default(),
         rejected: Burst::default(),
+        tls,
         stop: AtomicBool::new(false),
         next_id: AtomicU64::new(1),
         active: AtomicUsize::new(0),
@@ -307,6 +341,7 @@ mod tests {
             allow_lan: false,
             handshake_timeout: Duration::from_secs(1),
             connect_timeout: Duration::from_secs(1),
+            tls: None,
         };
         assert!(!format!("{cfg:?}").contains("hunter2"));
     }

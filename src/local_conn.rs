@@ -8,16 +8,16 @@
 //! cannot be reached or refuses the login is reported once per burst (see `Burst`), not per
 //! connection, since a browser opens dozens of connections at once.
 
-use crate::conn::{self, DeadlineReader, HeadError};
+use crate::conn::{self, DeadlineReader, HeadError, io_reason, send, socks_fail};
 use crate::http::{self, Status};
 use crate::local::{Burst, LocalShared};
 use crate::relay::{self, Direction, End, Outcome};
 use crate::socks5::{self, Command, Reply, SocksError};
+use crate::stream::Stream;
 use crate::target::{Host, Target};
 use crate::upstream::{self, Login, UpstreamError};
 use log::{debug, info, warn};
 use std::fmt;
-use std::io::{self, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Instant;
 
@@ -52,13 +52,11 @@ struct Ask {
 }
 
 /// Serves one app connection to its end. Blocking; runs on the connection's own thread.
-pub(crate) fn handle(client: TcpStream, peer: SocketAddr, id: u64, sh: &LocalShared) {
+pub(crate) fn handle(sock: TcpStream, peer: SocketAddr, id: u64, sh: &LocalShared) {
     let started = Instant::now();
-    let _ = client.set_nodelay(true);
-    let mut r = DeadlineReader {
-        stream: &client,
-        deadline: started + sh.handshake_timeout,
-    };
+    let _ = sock.set_nodelay(true);
+    let client = Stream::plain(sock);
+    let mut r = DeadlineReader::new(&client, started + sh.handshake_timeout);
     let Some(ask) = read_ask(&mut r, peer, id) else {
         return;
     };
@@ -67,6 +65,7 @@ pub(crate) fn handle(client: TcpStream, peer: SocketAddr, id: u64, sh: &LocalSha
         user: &sh.user,
         password: &sh.password,
         connect_timeout: sh.connect_timeout,
+        tls: sh.tls.as_ref(),
     };
     let log = EndLine {
         id,
@@ -81,7 +80,6 @@ pub(crate) fn handle(client: TcpStream, peer: SocketAddr, id: u64, sh: &LocalSha
                 log.info(0, 0, "app closed before the answer");
                 return;
             }
-            let _ = client.set_read_timeout(None);
             let (up, down, end) = run_relay(client, server, &ask, id);
             log.info(up, down, end);
         }
@@ -143,7 +141,7 @@ impl EndLine<'_> {
 }
 
 /// Relays until both directions end; returns bytes up, bytes down and how it ended.
-fn run_relay(client: TcpStream, server: TcpStream, ask: &Ask, id: u64) -> (u64, u64, String) {
+fn run_relay(client: Stream, server: Stream, ask: &Ask, id: u64) -> (u64, u64, String) {
     let outcome = match relay::send_prefix(&server, &ask.prefix, None, Direction::Up) {
         Ok(()) => relay::relay(
             client,
@@ -214,6 +212,8 @@ fn log_failure(e: &UpstreamError, log: &EndLine<'_>, sh: &LocalShared) {
             ),
         ),
         UpstreamError::Method(_) => (&sh.rejected, format!("server {}: {e}", sh.server)),
+        // A certificate that is not trusted is a problem with the server, reported per burst.
+        UpstreamError::Tls(_) => (&sh.unreachable, format!("server {}: {e}", sh.server)),
         UpstreamError::Refused(_) => {
             server_answered(sh);
             log.info(0, 0, e);
@@ -235,27 +235,6 @@ fn unlogged(n: u64) -> String {
         0 => String::new(),
         n => format!(" ({n} more like this since the last report)"),
     }
-}
-
-fn send(mut s: &TcpStream, bytes: &[u8]) -> bool {
-    s.write_all(bytes).is_ok()
-}
-
-fn io_reason(e: &io::Error) -> String {
-    match e.kind() {
-        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => "handshake deadline passed".into(),
-        io::ErrorKind::UnexpectedEof => "app closed mid-handshake".into(),
-        _ => e.to_string(),
-    }
-}
-
-/// Logs why an app's SOCKS handshake failed.
-fn socks_fail<T>(refused: &dyn Fn(String), e: SocksError) -> Option<T> {
-    match e {
-        SocksError::Io(io) => refused(io_reason(&io)),
-        other => refused(other.to_string()),
-    }
-    None
 }
 
 /// The auth method to choose from an app's offer: none if offered, else username/password (the

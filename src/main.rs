@@ -3,9 +3,10 @@
 use pico_args::Arguments;
 use sluice::auth::{check_credential, hash_password};
 use sluice::error::{Error, Result};
-use sluice::local::{self, LocalConfig};
+use sluice::local::{self, LocalConfig, LocalTls};
 use sluice::server::{self, ServerConfig};
 use sluice::stats;
+use sluice::tls::{self, Trust};
 use sluice::units::{format_rate, format_size, parse_rate, parse_size};
 use sluice::users::{QuotaPeriod, UserChange, UserStore};
 use std::ffi::OsString;
@@ -24,7 +25,7 @@ sluice — a per-user bandwidth-limiting proxy (SOCKS5 + HTTP)
 usage:
   sluice server [--listen ADDR] [--db PATH] [--allow-private] [--handshake-timeout SECS]
                 [--connect-timeout SECS] [--tick-ms N] [--metrics ADDR]
-                [--idle-timeout SECS] [--max-connections N]
+                [--idle-timeout SECS] [--max-connections N] [--tls-cert FILE --tls-key FILE]
   sluice user add NAME [--password P | --password-stdin] [--bandwidth RATE] [LIMITS] [--db PATH]
   sluice user set NAME [--password P | --password-stdin] [--bandwidth RATE] [LIMITS] [--db PATH]
   sluice user del NAME [--db PATH]
@@ -33,6 +34,8 @@ usage:
   sluice stats [--db PATH] [--json]
   sluice local --server HOST:PORT --user NAME [--password P | --password-stdin]
                [--listen ADDR] [--allow-lan] [--handshake-timeout SECS]
+               [--tls [--ca FILE | --pin-sha256 HEX] [--server-name NAME]]
+  sluice cert --name HOST [--out-dir DIR]
   sluice --version
 
 RATE is bytes per second: 65536, 64K, 1M, 2G (1024-based), or 0 / unlimited.
@@ -50,6 +53,8 @@ usage: sluice server [options]
   --tick-ms N               limiter refill tick in milliseconds (default 10)
   --metrics ADDR            serve Prometheus /metrics and a status page / on ADDR (e.g. 127.0.0.1:9889)
   --idle-timeout SECS       close relays with no traffic either way for this long (default 7200)
+  --tls-cert FILE           certificate chain (PEM) — with --tls-key, the port speaks TLS only;
+  --tls-key FILE            its private key (PEM: PKCS#8, RSA or EC). `sluice cert` makes a pair
   --max-connections N       most connections at once; more are closed at once
                             (default: (open-files limit - 64) / 2)
 
@@ -73,6 +78,19 @@ CONNECT and plain HTTP) and it opens each connection through the Sluice server a
   --allow-lan               allow a non-loopback --listen: anyone who reaches it uses the account
   --handshake-timeout SECS  time an app has to finish its handshake (default 10)
   --connect-timeout SECS    time allowed to connect to the server (default 10)
+  --tls                     encrypt the hop to the server (which runs with --tls-cert/--tls-key);
+                            its certificate is checked against the system roots unless:
+  --ca FILE                 trust this CA (or the server's self-signed certificate), PEM
+  --pin-sha256 HEX          trust exactly the certificate with this SHA-256 (from `sluice cert`)
+  --server-name NAME        the name the certificate must carry (default: the --server host)
+";
+
+const HELP_CERT: &str = "\
+usage: sluice cert --name HOST [--out-dir DIR]
+
+Writes cert.pem and key.pem (a self-signed certificate for HOST, which may be a DNS name or an IP
+address) into DIR (default .), and prints the certificate's SHA-256 fingerprint: give it to
+`sluice local --tls --pin-sha256 FINGERPRINT`. Existing files are not overwritten.
 ";
 
 const HELP_STATS: &str = "\
@@ -134,6 +152,8 @@ fn run(mut args: Arguments) -> Result<()> {
         Some("user") if help => print(HELP_USER),
         Some("local") if help => print(HELP_LOCAL),
         Some("stats") if help => print(HELP_STATS),
+        Some("cert") if help => print(HELP_CERT),
+        Some("cert") => cmd_cert(args),
         Some("stats") => cmd_stats(args),
         Some("local") => cmd_local(args),
         Some("user") => cmd_user(args),
@@ -173,7 +193,7 @@ where
     T::Err: std::fmt::Display,
 {
     args.opt_value_from_str(key)
-        .map_err(|e| usage(format!("{e}\n{help}")))
+        .map_err(|e| usage(format!("{key}: {e}\n{help}")))
 }
 
 fn db_path(args: &mut Arguments, help: &str) -> Result<PathBuf> {
@@ -213,6 +233,13 @@ fn cmd_server(mut args: Arguments) -> Result<()> {
     if cfg.max_connections == Some(0) {
         return Err(usage("--max-connections must be at least 1"));
     }
+    let cert: Option<PathBuf> = opt(&mut args, "--tls-cert", HELP_SERVER)?;
+    let key: Option<PathBuf> = opt(&mut args, "--tls-key", HELP_SERVER)?;
+    cfg.tls = match (cert, key) {
+        (Some(c), Some(k)) => Some((c, k)),
+        (None, None) => None,
+        _ => return Err(usage("--tls-cert and --tls-key go together")),
+    };
     cfg.metrics = opt::<String>(&mut args, "--metrics", HELP_SERVER)?
         .map(|m| parse_listen(&m))
         .transpose()?;
@@ -244,6 +271,7 @@ fn cmd_local(mut args: Arguments) -> Result<()> {
     let allow_lan = args.contains("--allow-lan");
     let handshake_timeout = secs(&mut args, "--handshake-timeout", 10)?;
     let connect_timeout = secs(&mut args, "--connect-timeout", 10)?;
+    let tls = local_tls(&mut args)?;
     let pw = password(&mut args, HELP_LOCAL)?;
     finish(args, HELP_LOCAL)?;
     let server =
@@ -261,12 +289,74 @@ fn cmd_local(mut args: Arguments) -> Result<()> {
         allow_lan,
         handshake_timeout,
         connect_timeout,
+        tls,
     };
     if let Some(n) = server::raise_nofile_limit() {
         log::info!("open-files limit: {n}");
     }
     local::start(&cfg)?.wait();
     Ok(())
+}
+
+/// --tls with its trust options.
+fn local_tls(args: &mut Arguments) -> Result<Option<LocalTls>> {
+    let on = args.contains("--tls");
+    let ca: Option<PathBuf> = opt(args, "--ca", HELP_LOCAL)?;
+    let pin: Option<String> = opt(args, "--pin-sha256", HELP_LOCAL)?;
+    let server_name: Option<String> = opt(args, "--server-name", HELP_LOCAL)?;
+    if !on {
+        if ca.is_some() || pin.is_some() || server_name.is_some() {
+            return Err(usage("--ca, --pin-sha256 and --server-name need --tls"));
+        }
+        return Ok(None);
+    }
+    let trust = match (ca, pin) {
+        (Some(_), Some(_)) => return Err(usage("give --ca or --pin-sha256, not both")),
+        (Some(c), None) => Trust::Ca(c),
+        (None, Some(p)) => Trust::Pin(tls::parse_pin(&p).map_err(usage)?),
+        (None, None) => Trust::System,
+    };
+    Ok(Some(LocalTls { trust, server_name }))
+}
+
+fn cmd_cert(mut args: Arguments) -> Result<()> {
+    let name: Option<String> = opt(&mut args, "--name", HELP_CERT)?;
+    let dir: PathBuf =
+        opt(&mut args, "--out-dir", HELP_CERT)?.unwrap_or_else(|| PathBuf::from("."));
+    finish(args, HELP_CERT)?;
+    let name = name.ok_or_else(|| usage(format!("--name HOST is required\n{HELP_CERT}")))?;
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    for p in [&cert, &key] {
+        if p.exists() {
+            return Err(Error::Invalid(format!(
+                "{} exists; remove it or pick another --out-dir",
+                p.display()
+            )));
+        }
+    }
+    let (cert_pem, key_pem, fp) = tls::self_signed(&name)?;
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| Error::Io(format!("cannot create {}", dir.display()), e))?;
+    std::fs::write(&cert, cert_pem)
+        .map_err(|e| Error::Io(format!("cannot write {}", cert.display()), e))?;
+    write_private(&key, key_pem.as_bytes())?;
+    println!("wrote {} and {} for {name}", cert.display(), key.display());
+    println!("sha256 fingerprint (for sluice local --tls --pin-sha256):");
+    println!("{fp}");
+    Ok(())
+}
+
+/// Writes a file readable by its owner only (a private key).
+fn write_private(path: &std::path::Path, data: &[u8]) -> Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(data))
+        .map_err(|e| Error::Io(format!("cannot write {}", path.display()), e))
 }
 
 /// The password from --password, --password-stdin or SLUICE_PASSWORD (in that order), if any.

@@ -3,16 +3,17 @@
 //!
 //! Half-close is carried through: EOF from one side shuts down writing toward the other while the
 //! other direction keeps flowing; an error in either direction shuts both sockets, which ends the
-//! other thread too. A limited relay first waits until its source is readable (a one-byte peek),
-//! then asks the limiter for up to a buffer's worth, reads at most what it was granted and gives
+//! other thread too. Either side may be TLS (`stream.rs`). A limited relay first waits until its
+//! source is readable (a one-byte peek, or plaintext in the TLS session), then asks the limiter for up to a buffer's worth, reads at most what it was granted and gives
 //! back the rest, so it never holds tokens while blocked and never reads past its grant. Buffers
 //! are allocated only once data arrives, so an idle tunnel costs two sleeping threads and no buffer.
 
 use crate::account::Account;
 use crate::limiter::{Closed, Limiter, Waiter};
+use crate::stream::Stream;
 use std::fmt;
-use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::io;
+use std::net::TcpStream;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
@@ -200,7 +201,7 @@ pub struct Outcome {
 /// # Errors
 /// The write failed or the limiter refused (user gone, server stopping).
 pub fn send_prefix(
-    dst: &TcpStream,
+    dst: &Stream,
     mut data: &[u8],
     budget: Option<&Budget>,
     dir: Direction,
@@ -211,7 +212,7 @@ pub fn send_prefix(
             Some(b) => b.take(&waiter, data.len().min(RELAY_BUF))?,
             None => data.len(),
         };
-        (&*dst).write_all(&data[..n]).map_err(End::Error)?;
+        dst.write_all(&data[..n]).map_err(End::Error)?;
         if let Some(b) = budget {
             b.count(dir, n);
         }
@@ -224,8 +225,8 @@ pub fn send_prefix(
 /// and how it ended. On EOF it shuts down writing on `dst`; on any other end it shuts both sockets
 /// so the opposite direction ends too.
 fn pump(
-    src: &TcpStream,
-    dst: &TcpStream,
+    src: &Stream,
+    dst: &Stream,
     budget: Option<&Budget>,
     dir: Direction,
     activity: &Activity,
@@ -233,12 +234,12 @@ fn pump(
     let mut moved = 0u64;
     let end = match copy(src, dst, budget, dir, activity, &mut moved) {
         Ok(()) => {
-            let _ = dst.shutdown(Shutdown::Write);
+            dst.shutdown_write();
             End::Closed
         }
         Err(e) => {
-            let _ = src.shutdown(Shutdown::Both);
-            let _ = dst.shutdown(Shutdown::Both);
+            src.shutdown_both();
+            dst.shutdown_both();
             e
         }
     };
@@ -246,8 +247,8 @@ fn pump(
 }
 
 fn copy(
-    mut src: &TcpStream,
-    mut dst: &TcpStream,
+    src: &Stream,
+    dst: &Stream,
     budget: Option<&Budget>,
     dir: Direction,
     activity: &Activity,
@@ -300,12 +301,10 @@ fn copy(
 
 /// Blocks until `src` has data (true) or is at EOF (false); ends with `Idle` once neither
 /// direction moved for the idle timeout.
-fn wait_readable(src: &TcpStream, activity: &Activity) -> Result<bool, End> {
-    let mut one = [0u8; 1];
+fn wait_readable(src: &Stream, activity: &Activity) -> Result<bool, End> {
     loop {
-        match src.peek(&mut one) {
-            Ok(0) => return Ok(false),
-            Ok(_) => return Ok(true),
+        match src.wait_readable() {
+            Ok(r) => return Ok(r),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) if is_timeout(&e) => {
                 if activity.expired() {
@@ -340,8 +339,8 @@ fn write_end(e: io::Error, activity: &Activity) -> End {
 /// # Errors
 /// Returns `Err` (with both sockets shut) only when the second thread cannot be spawned.
 pub fn relay(
-    client: TcpStream,
-    dest: TcpStream,
+    client: Stream,
+    dest: Stream,
     budget: Option<Arc<Budget>>,
     label: &str,
     up_already: u64,
@@ -362,8 +361,8 @@ pub fn relay(
 /// # Errors
 /// As [`relay`].
 pub fn relay_idle(
-    client: TcpStream,
-    dest: TcpStream,
+    client: Stream,
+    dest: Stream,
     budget: Option<Arc<Budget>>,
     label: &str,
     up_already: u64,
@@ -377,12 +376,14 @@ pub fn relay_idle(
     // Reads and writes wake up at least every `check` to look at the shared activity clock.
     let check = Some(idle.clamp(Duration::from_millis(50), Duration::from_secs(60)));
     for s in [&client, &dest] {
-        s.set_read_timeout(check)?;
-        s.set_write_timeout(Some(idle.max(Duration::from_millis(50))))?;
+        s.socket().set_read_timeout(check)?;
+        s.socket()
+            .set_write_timeout(Some(idle.max(Duration::from_millis(50))))?;
     }
+    // Both threads share each socket (no dup), so a tunnel costs two descriptors.
     let (c2, d2, b2, a2) = (
-        client.try_clone()?,
-        dest.try_clone()?,
+        client.clone(),
+        dest.clone(),
         budget.clone(),
         activity.clone(),
     );
@@ -393,8 +394,8 @@ pub fn relay_idle(
     let up = match up {
         Ok(h) => h,
         Err(e) => {
-            let _ = client.shutdown(Shutdown::Both);
-            let _ = dest.shutdown(Shutdown::Both);
+            client.shutdown_both();
+            dest.shutdown_both();
             return Err(e);
         }
     };

@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::limiter::{self, Limiter};
 use crate::metrics::{self, Counters, Sources};
 use crate::relay;
+use crate::tls;
 use crate::users::UserStore;
 use log::{info, warn};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -48,6 +49,8 @@ pub struct ServerConfig {
     /// Most connections at once; past it new ones are closed at once. `None`: derived from the
     /// open-files limit (two sockets per connection, some files kept in reserve).
     pub max_connections: Option<usize>,
+    /// Certificate chain and key (PEM): the port then speaks TLS only.
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl Default for ServerConfig {
@@ -62,6 +65,7 @@ impl Default for ServerConfig {
             metrics: None,
             idle_timeout: relay::DEFAULT_IDLE_TIMEOUT,
             max_connections: None,
+            tls: None,
         }
     }
 }
@@ -81,6 +85,8 @@ pub(crate) struct Shared {
     pub idle_timeout: Duration,
     /// The global connection cap.
     pub max_connections: usize,
+    /// TLS on the listening port, if configured.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     next_id: AtomicU64,
     /// Connection threads alive now.
     pub active: AtomicUsize,
@@ -206,6 +212,10 @@ impl Drop for ServerHandle {
 /// A missing or unreadable database, an address that cannot be bound, or a thread that cannot be
 /// spawned; each as one clear message.
 pub fn start(config: &ServerConfig) -> Result<ServerHandle> {
+    let tls = match &config.tls {
+        Some((cert, key)) => Some(tls::server_config(cert, key)?),
+        None => None,
+    };
     let store = UserStore::open(&config.db)?;
     let limiter = Limiter::new(config.tick);
     let directory = Directory::new(limiter.clone());
@@ -231,6 +241,7 @@ pub fn start(config: &ServerConfig) -> Result<ServerHandle> {
         max_connections: config
             .max_connections
             .unwrap_or_else(default_max_connections),
+        tls,
         next_id: AtomicU64::new(1),
         active: AtomicUsize::new(0),
     });

@@ -10,10 +10,15 @@ use crate::conn::DeadlineReader;
 use crate::dial::{self, DialError, DialPolicy};
 use crate::http::Status;
 use crate::socks5::{self, Command, Reply, SocksError};
+use crate::stream::{self, Stream};
 use crate::target::{Host, Target};
+use crate::tls;
+use rustls::ClientConfig;
+use rustls::pki_types::ServerName;
 use std::fmt;
-use std::io::{self, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Why no tunnel through the server was opened.
@@ -29,6 +34,8 @@ pub(crate) enum UpstreamError {
     Refused(Reply),
     /// The exchange broke: a timeout, the server closing, or bytes that are not SOCKS5.
     Protocol(SocksError),
+    /// TLS to the server failed: its certificate was not trusted, or the handshake broke.
+    Tls(io::Error),
 }
 
 impl UpstreamError {
@@ -74,6 +81,7 @@ impl fmt::Display for UpstreamError {
                 f.write_str("no answer from the sluice server in time")
             }
             UpstreamError::Protocol(e) => write!(f, "sluice server handshake failed: {e}"),
+            UpstreamError::Tls(e) => write!(f, "tls to the sluice server failed: {e}"),
         }
     }
 }
@@ -98,6 +106,8 @@ pub(crate) struct Login<'a> {
     pub password: &'a str,
     /// Time allowed to connect to the server (also capped by the deadline).
     pub connect_timeout: Duration,
+    /// TLS to the server, if configured: the client config and the name to verify.
+    pub tls: Option<&'a (Arc<ClientConfig>, ServerName<'static>)>,
 }
 
 /// Connects to the server, logs in and asks for a CONNECT to `target`, all before `deadline`.
@@ -110,7 +120,7 @@ pub(crate) fn open(
     login: &Login<'_>,
     target: &Target,
     deadline: Instant,
-) -> Result<(TcpStream, Option<SocketAddr>), UpstreamError> {
+) -> Result<(Stream, Option<SocketAddr>), UpstreamError> {
     let left = deadline.saturating_duration_since(Instant::now());
     if left.is_zero() {
         return Err(io::Error::from(io::ErrorKind::TimedOut).into());
@@ -120,26 +130,28 @@ pub(crate) fn open(
         allow_private: true,
         connect_timeout: login.connect_timeout.min(left),
     };
-    let server = dial::dial(login.server, &policy).map_err(UpstreamError::Unreachable)?;
-    let _ = server.set_nodelay(true);
+    let sock = dial::dial(login.server, &policy).map_err(UpstreamError::Unreachable)?;
+    let _ = sock.set_nodelay(true);
+    let server = match login.tls {
+        None => Stream::plain(sock),
+        Some((cfg, name)) => {
+            tls::connect(sock, cfg, name.clone(), deadline).map_err(UpstreamError::Tls)?
+        }
+    };
     let bound = handshake(&server, login, target, deadline)?;
-    // The deadline armed a read timeout; the relay must not inherit it.
-    server.set_read_timeout(None)?;
     Ok((server, bound))
 }
 
 /// Greeting, login, request, reply, one step at a time (some servers mishandle pipelining).
 fn handshake(
-    server: &TcpStream,
+    server: &Stream,
     login: &Login<'_>,
     target: &Target,
     deadline: Instant,
 ) -> Result<Option<SocketAddr>, UpstreamError> {
-    let mut r = DeadlineReader {
-        stream: server,
-        deadline,
-    };
-    let mut w = server;
+    let mut r = DeadlineReader::new(server, deadline);
+    stream::arm(server.socket(), deadline)?;
+    let w = server;
     w.write_all(&socks5::encode_greeting(&[socks5::METHOD_USER_PASS]))?;
     let method = socks5::read_method_choice(&mut r)?;
     if method != socks5::METHOD_USER_PASS {

@@ -8,10 +8,11 @@ use sluice::users::UserStore;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Read timeout on every test client socket.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(20);
@@ -124,8 +125,13 @@ impl Origin {
     }
 
     pub fn start_on(bind: &str) -> Origin {
-        let l = TcpListener::bind(bind).unwrap();
-        let addr = l.local_addr().unwrap();
+        Self::try_start_on(bind).unwrap()
+    }
+
+    /// Like [`Origin::start_on`], but `Err` when `bind` cannot be bound (no IPv6 here, say).
+    pub fn try_start_on(bind: &str) -> io::Result<Origin> {
+        let l = TcpListener::bind(bind)?;
+        let addr = l.local_addr()?;
         let accepted = Arc::new(AtomicUsize::new(0));
         let received = Arc::new(AtomicU64::new(0));
         let last_head = Arc::new(parking_lot::Mutex::new(String::new()));
@@ -140,12 +146,12 @@ impl Origin {
                 });
             }
         });
-        Origin {
+        Ok(Origin {
             addr,
             accepted,
             received,
             last_head,
-        }
+        })
     }
 
     pub fn connections(&self) -> usize {
@@ -335,4 +341,229 @@ pub fn read_all(s: &mut TcpStream) -> Vec<u8> {
     let mut v = Vec::new();
     s.read_to_end(&mut v).unwrap();
     v
+}
+
+/// Read timeout for checks that expect the server to answer or close soon.
+pub const SHORT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Longest a child process (`sluice`, `curl`) may run before the test kills it and fails.
+pub const PROCESS_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Greets a SOCKS5 server offering username/password and logs in; panics unless both succeed.
+pub fn socks5_login(proxy: SocketAddr, user: &str, pass: &str) -> TcpStream {
+    let mut s = connect(proxy);
+    s.write_all(&[5, 1, 2]).unwrap();
+    let mut m = [0u8; 2];
+    s.read_exact(&mut m).unwrap();
+    assert_eq!(m, [5, 2], "method choice");
+    let mut a = vec![1, user.len() as u8];
+    a.extend_from_slice(user.as_bytes());
+    a.push(pass.len() as u8);
+    a.extend_from_slice(pass.as_bytes());
+    s.write_all(&a).unwrap();
+    s.read_exact(&mut m).unwrap();
+    assert_eq!(m, [1, 0], "login status");
+    s
+}
+
+/// Reads a whole SOCKS5 reply (VER REP RSV ATYP BND.ADDR BND.PORT) and returns REP.
+///
+/// # Errors
+/// The stream ended or failed first, or VER is not 5.
+pub fn socks5_reply(s: &mut TcpStream) -> io::Result<u8> {
+    let mut head = [0u8; 4];
+    s.read_exact(&mut head)?;
+    if head[0] != 5 {
+        return Err(io::Error::other(format!("reply version {}", head[0])));
+    }
+    let alen = match head[3] {
+        1 => 4,
+        4 => 16,
+        3 => {
+            let mut l = [0u8; 1];
+            s.read_exact(&mut l)?;
+            usize::from(l[0])
+        }
+        t => return Err(io::Error::other(format!("reply address type {t}"))),
+    };
+    let mut rest = vec![0u8; alen + 2];
+    s.read_exact(&mut rest)?;
+    Ok(head[1])
+}
+
+/// Reads until the peer closes (EOF or reset) and returns what came first; panics if the read
+/// times out instead, i.e. the server kept the connection open.
+pub fn read_to_close(s: &mut TcpStream) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return got,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::ConnectionReset
+                        | io::ErrorKind::ConnectionAborted
+                        | io::ErrorKind::BrokenPipe
+                ) =>
+            {
+                return got;
+            }
+            Err(e) => panic!("connection not closed by the server: {e} (after {got:?})"),
+        }
+    }
+}
+
+/// The status code of a response head ("HTTP/1.1 407 ..." → 407), or 0 if there is none.
+pub fn status_code(head: &str) -> u16 {
+    head.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A `CONNECT target` request head, with Basic credentials when `auth` is given.
+pub fn connect_head(target: &str, auth: Option<(&str, &str)>) -> String {
+    let mut h = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
+    if let Some((u, p)) = auth {
+        h.push_str(&format!("Proxy-Authorization: {}\r\n", basic(u, p)));
+    }
+    h.push_str("\r\n");
+    h
+}
+
+/// Opens an HTTP CONNECT tunnel; panics unless the proxy answers 200.
+pub fn http_connect(proxy: SocketAddr, user: &str, pass: &str, target: &str) -> TcpStream {
+    let (s, head) = http_exchange(proxy, &connect_head(target, Some((user, pass))));
+    assert_eq!(status_code(&head), 200, "CONNECT {target}: {head:?}");
+    s
+}
+
+/// A loopback port nothing listens on (bound, then released).
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// Polls `f` every 20 ms until it is true (returns true) or `timeout` passes (returns false).
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs `cmd` to its end with `stdin` fed in, capturing its output; kills it and panics after
+/// [`PROCESS_TIMEOUT`].
+pub fn run_command(mut cmd: Command, stdin: Option<&[u8]>) -> Output {
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let input = stdin.unwrap_or_default().to_vec();
+    let mut w = child.stdin.take().unwrap();
+    let feed = thread::spawn(move || {
+        let _ = w.write_all(&input);
+    });
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let out = thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let err = thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = err.read_to_end(&mut v);
+        v
+    });
+    let deadline = Instant::now() + PROCESS_TIMEOUT;
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} still running after {PROCESS_TIMEOUT:?}");
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    let _ = feed.join();
+    Output {
+        status,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    }
+}
+
+/// The `sluice` binary, with SLUICE_PASSWORD and RUST_LOG cleared so the caller decides.
+pub fn sluice_command() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    c.env_remove("SLUICE_PASSWORD").env_remove("RUST_LOG");
+    c
+}
+
+/// Runs `sluice ARGS` to its end (see [`run_command`]).
+pub fn sluice(args: &[&str]) -> Output {
+    let mut c = sluice_command();
+    c.args(args);
+    run_command(c, None)
+}
+
+/// `sluice user set NAME --bandwidth RATE --db DB`; panics unless it succeeds.
+pub fn sluice_set_bandwidth(db: &Path, name: &str, rate: &str) {
+    let out = sluice(&[
+        "user",
+        "set",
+        name,
+        "--bandwidth",
+        rate,
+        "--db",
+        db.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "user set failed: {out:?}");
+}
+
+/// True if a `curl` binary runs; else prints a note so the skip shows in the test output.
+pub fn have_curl() -> bool {
+    let ok = Command::new("curl")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("note: curl not found; skipping this test");
+    }
+    ok
+}
+
+/// Runs `curl -q -sS --max-time 20 ARGS` with every proxy variable cleared, so only `-x` counts.
+pub fn curl(args: &[&str]) -> Output {
+    let mut c = Command::new("curl");
+    for v in [
+        "http_proxy",
+        "HTTP_PROXY",
+        "https_proxy",
+        "HTTPS_PROXY",
+        "all_proxy",
+        "ALL_PROXY",
+        "no_proxy",
+        "NO_PROXY",
+    ] {
+        c.env_remove(v);
+    }
+    c.args(["-q", "-sS", "--max-time", "20"]).args(args);
+    run_command(c, None)
 }

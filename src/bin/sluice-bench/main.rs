@@ -1,0 +1,339 @@
+//! `sluice-bench`: measures Sluice against the direct path and the reference proxies on this
+//! machine, and prints a Markdown table (also written to bench-out/latest.md). See issue 5 for the
+//! scenarios and targets; `make bench` runs it after a release build.
+//!
+//! usage: sluice-bench [--quick] [--runs N] [--only 1,5,12] [--no-peers]
+//!
+//! Everything runs on loopback: an origin inside this process (`origin.rs`), the proxies as child
+//! processes (`proxies.rs`, `peers.rs`), clients in this process (`client.rs`). Each scenario file
+//! measures and adds rows; this file sets the stage, runs them in order and writes the table.
+
+mod accuracy;
+mod client;
+mod control;
+mod origin;
+mod peers;
+mod procs;
+mod proxies;
+mod scale;
+mod shares;
+mod table;
+mod throughput;
+
+use client::Route;
+use origin::{Endpoint, Kind};
+use peers::Peer;
+use procs::TempDir;
+use proxies::{Server, User};
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use table::Table;
+
+/// Durations and repetitions: the full run fits in 5 minutes on 2 cores; `--quick` is a smoke test.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Runs per figure (the median of these is reported).
+    pub runs: usize,
+    /// Time a load runs before its window opens (connection set-up, TCP ramp-up).
+    pub warmup: Duration,
+    /// Window of a throughput measurement (scenarios 1–3).
+    pub tput: Duration,
+    /// Length of the set-up scenario (4).
+    pub setup: Duration,
+    /// Window of the limiter-accuracy scenario (5).
+    pub accuracy: Duration,
+    /// Window of the fairness scenario (6).
+    pub fairness: Duration,
+    /// Windows of the isolation scenario (9), alone and flooded.
+    pub isolation: Duration,
+    /// How long the joining (8) and live-change (10) scenarios watch after their event.
+    pub observe: Duration,
+    /// Window of the limiter-cost scenario (11).
+    pub cost: Duration,
+    /// Idle tunnels held by the scale scenario (12), in two steps.
+    pub scale: [usize; 2],
+}
+
+impl Config {
+    fn full() -> Config {
+        Config {
+            runs: 3,
+            warmup: Duration::from_millis(200),
+            tput: Duration::from_millis(1500),
+            setup: Duration::from_secs(3),
+            accuracy: Duration::from_secs(10),
+            fairness: Duration::from_secs(5),
+            isolation: Duration::from_secs(2),
+            observe: Duration::from_secs(3),
+            cost: Duration::from_secs(5),
+            scale: [1000, 9000],
+        }
+    }
+
+    fn quick() -> Config {
+        Config {
+            runs: 1,
+            warmup: Duration::from_millis(100),
+            tput: Duration::from_millis(500),
+            setup: Duration::from_secs(1),
+            accuracy: Duration::from_secs(2),
+            fairness: Duration::from_secs(1),
+            isolation: Duration::from_secs(1),
+            observe: Duration::from_secs(2),
+            cost: Duration::from_secs(1),
+            scale: [1000, 9000],
+        }
+    }
+}
+
+/// What every scenario works with.
+pub struct Ctx {
+    /// Durations and repetitions.
+    pub cfg: Config,
+    /// Scratch space: database, configs, logs.
+    pub dir: TempDir,
+    /// The `sluice` binary.
+    pub bin: PathBuf,
+    /// The server most scenarios share (scale starts its own).
+    pub server: Option<Server>,
+    /// Reference proxies that started.
+    pub peers: Vec<Peer>,
+    /// Where tunnels go to log a user in without moving a byte.
+    pub echo: Endpoint,
+    /// The results.
+    pub table: Table,
+}
+
+impl Ctx {
+    /// The shared server.
+    ///
+    /// # Errors
+    /// It is not running (it failed to start or was stopped for the scale scenario).
+    pub fn server(&self) -> Result<&Server, String> {
+        self.server.as_ref().ok_or_else(|| "no server".to_string())
+    }
+}
+
+struct Args {
+    quick: bool,
+    runs: Option<usize>,
+    only: Option<Vec<u32>>,
+    peers: bool,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut a = Args {
+        quick: false,
+        runs: None,
+        only: None,
+        peers: true,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--quick" => a.quick = true,
+            "--no-peers" => a.peers = false,
+            "--runs" => {
+                let n = it.next().and_then(|v| v.parse().ok()).filter(|&n| n > 0);
+                a.runs = Some(n.ok_or("--runs needs a number ≥ 1")?);
+            }
+            "--only" => {
+                let v = it.next().ok_or("--only needs a list such as 1,5,12")?;
+                let nums: Result<Vec<u32>, _> = v.split(',').map(str::parse).collect();
+                a.only = Some(nums.map_err(|_| format!("bad --only {v:?}"))?);
+            }
+            "-h" | "--help" => {
+                return Err(
+                    "usage: sluice-bench [--quick] [--runs N] [--only 1,5,12] [--no-peers]".into(),
+                );
+            }
+            other => return Err(format!("unknown argument {other:?} (try --help)")),
+        }
+    }
+    Ok(a)
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("sluice-bench: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sluice-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Scenarios in the order they run; the number is the one `--only` takes.
+type Scenario = fn(&mut Ctx) -> Result<(), String>;
+const SCENARIOS: [(u32, &str, Scenario); 11] = [
+    (1, "1 · unlimited, 1 conn", throughput::single),
+    (2, "2 · unlimited, 8 conns", throughput::eight),
+    (3, "3 · via sluice local", throughput::local),
+    (4, "4 · connection set-up", throughput::setup),
+    (5, "5 · limiter accuracy", accuracy::run),
+    (6, "6 · fairness", shares::fairness),
+    (7, "7 · burst", shares::burst),
+    (8, "8 · joining", shares::joining),
+    (9, "9 · isolation", control::isolation),
+    (10, "10 · live change", control::live_change),
+    (11, "11 · limiter cost", scale::cost),
+];
+
+fn run(args: &Args) -> Result<(), String> {
+    let started = Instant::now();
+    let mut cfg = if args.quick {
+        Config::quick()
+    } else {
+        Config::full()
+    };
+    cfg.runs = args.runs.unwrap_or(cfg.runs);
+    let wanted = |n: u32| args.only.as_ref().is_none_or(|o| o.contains(&n));
+    let nofile = procs::raise_nofile_limit().unwrap_or(0);
+    let dir = TempDir::new()?;
+    let bin = proxies::sluice_bin()?;
+    let users = all_users(&cfg);
+    let db = dir.path("bench.db");
+    eprintln!(
+        "sluice-bench: creating {} users in {}",
+        users.len(),
+        db.display()
+    );
+    proxies::make_db(&db, &users)?;
+    let server = Server::start(&bin, &db, &dir, "server")?;
+    let echo = Endpoint::start(Kind::Echo)?;
+    log_in_everyone(&server, &users, &echo);
+    let (peers, present) = if args.peers && [1, 2, 4].into_iter().any(wanted) {
+        peers::start_all(&dir)
+    } else {
+        (Vec::new(), vec!["peers not run".to_string()])
+    };
+    let mut ctx = Ctx {
+        cfg,
+        dir,
+        bin,
+        server: Some(server),
+        peers,
+        echo,
+        table: Table::default(),
+    };
+    for (n, name, f) in SCENARIOS {
+        if !wanted(n) {
+            continue;
+        }
+        eprintln!("sluice-bench: scenario {name}");
+        if let Err(e) = f(&mut ctx) {
+            ctx.table.not_run(name, "error", &e);
+        }
+        if n == 4 {
+            // The peers are done: free their threads and sockets for the scenarios to come.
+            ctx.peers.clear();
+        }
+    }
+    // The scale scenario starts a server per run and needs every descriptor it can get.
+    ctx.server = None;
+    if wanted(12) {
+        eprintln!("sluice-bench: scenario 12 · scale");
+        if let Err(e) = scale::idle_tunnels(&mut ctx) {
+            ctx.table.not_run("12 · scale", "error", &e);
+        }
+    }
+    let header = header(&ctx.cfg, &present, started.elapsed(), nofile);
+    finish(&ctx.table.render(&header))
+}
+
+/// Every user any scenario needs, created before the server starts.
+fn all_users(cfg: &Config) -> Vec<User> {
+    let mut users: Vec<User> = vec![(proxies::UNLIMITED.into(), 0)];
+    users.extend(accuracy::users());
+    users.extend(shares::users(cfg.runs));
+    users.extend(control::users(cfg.runs));
+    users.extend(scale::users());
+    users
+}
+
+/// Logs every user in once (two at a time: each first login runs argon2 in the server), so the
+/// scenarios measure relaying, not password hashing. Users whose first connection is the point
+/// of a scenario (`shares::is_fresh`) are left alone. A failure here shows up in the scenario.
+fn log_in_everyone(server: &Server, users: &[User], echo: &Endpoint) {
+    let names: Vec<&str> = users
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .filter(|n| !shares::is_fresh(n))
+        .collect();
+    let target = echo.addr();
+    thread::scope(|s| {
+        for half in names.chunks(names.len().div_ceil(2).max(1)) {
+            let routes: Vec<Route> = half.iter().map(|n| server.route(n)).collect();
+            s.spawn(move || {
+                for r in routes {
+                    let _ = r.open(target);
+                }
+            });
+        }
+    });
+}
+
+/// Date, machine, peers and settings, for the top of the table.
+fn header(cfg: &Config, present: &[String], took: Duration, nofile: u64) -> String {
+    let uname = Command::new("uname")
+        .arg("-srm")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = thread::available_parallelism().map_or(0, |n| n.get());
+    format!(
+        "## `make bench` — {date}\n\n{uname} · {model} × {cores} cores · open-files limit {nofile} · \
+         {runs} run(s) per figure, median (min–max) · took {took:.0?}\n\nReference proxies: {peers}",
+        date = utc_now(),
+        runs = cfg.runs,
+        peers = present.join("; "),
+    )
+}
+
+/// Now as "YYYY-MM-DD HH:MM UTC" (civil-from-days, so no date crate is needed).
+fn utc_now() -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, rest) = ((secs / 86_400) as i64, secs % 86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02} UTC",
+        rest / 3600,
+        rest % 3600 / 60
+    )
+}
+
+/// Prints the table and writes it to bench-out/latest.md.
+fn finish(markdown: &str) -> Result<(), String> {
+    println!("{markdown}");
+    let dir = PathBuf::from("bench-out");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let out = dir.join("latest.md");
+    std::fs::write(&out, markdown).map_err(|e| format!("{}: {e}", out.display()))?;
+    eprintln!("sluice-bench: wrote {}", out.display());
+    Ok(())
+}

@@ -1,0 +1,191 @@
+//! The reference proxies, where installed (`make bench-peers` installs the Debian packages):
+//! microsocks (SOCKS5, username/password), squid (HTTP CONNECT, Basic auth checked by
+//! basic_ncsa_auth, a class-4 delay pool) and dante (SOCKS5, method "none": its username method
+//! checks system accounts, and adding one to this machine for a benchmark is too invasive).
+//! Each runs as a child process with a config written to the scratch directory.
+
+use crate::client::{Auth, Route};
+use crate::procs::{Proc, TempDir, free_addr};
+use crate::proxies::{PASSWORD, UNLIMITED};
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+/// How long a peer may take to listen (squid needs a second or two).
+const START_LIMIT: Duration = Duration::from_secs(15);
+
+/// A running reference proxy.
+pub struct Peer {
+    /// Its name in the table, with the auth it does.
+    pub name: String,
+    /// The process group (CPU is summed over it: dante forks).
+    pub proc: Proc,
+    /// How clients go through it.
+    pub route: Route,
+}
+
+/// Starts every installed peer. Returns the peers that run and one line per peer for the header
+/// ("microsocks 1.0.3-2", "squid: not installed", "dante: failed: …").
+pub fn start_all(dir: &TempDir) -> (Vec<Peer>, Vec<String>) {
+    type Start = fn(&TempDir) -> Result<Peer, String>;
+    let all: [(&str, &str, &str, Start); 3] = [
+        (
+            "microsocks",
+            "microsocks",
+            "/usr/bin/microsocks",
+            microsocks,
+        ),
+        ("squid", "squid", "/usr/sbin/squid", squid),
+        ("dante", "dante-server", "/usr/sbin/danted", dante),
+    ];
+    let (mut peers, mut lines) = (Vec::new(), Vec::new());
+    for (name, package, path, start) in all {
+        if !Path::new(path).exists() {
+            lines.push(format!("{name}: not installed"));
+            continue;
+        }
+        match start(dir) {
+            Ok(p) => {
+                lines.push(format!("{} {}", p.name, version(package)));
+                peers.push(p);
+            }
+            Err(e) => lines.push(format!("{name}: failed to start ({e})")),
+        }
+    }
+    (peers, lines)
+}
+
+/// The Debian package version, or "" when dpkg cannot tell.
+fn version(package: &str) -> String {
+    Command::new("dpkg-query")
+        .args(["-W", "-f", "${Version}", package])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn auth() -> Auth {
+    Auth {
+        user: UNLIMITED.into(),
+        pass: PASSWORD.into(),
+    }
+}
+
+fn microsocks(dir: &TempDir) -> Result<Peer, String> {
+    let addr = free_addr()?;
+    let mut cmd = Command::new("/usr/bin/microsocks");
+    cmd.args(["-i", "127.0.0.1", "-p", &addr.port().to_string()])
+        .args(["-u", UNLIMITED, "-P", PASSWORD]);
+    let mut proc = Proc::spawn(cmd, "microsocks", &dir.path("microsocks.log"))?;
+    proc.wait_listening(addr, START_LIMIT)?;
+    Ok(Peer {
+        name: "microsocks (socks5, user/pass)".into(),
+        proc,
+        route: Route::Socks5 {
+            proxy: addr,
+            auth: Some(auth()),
+        },
+    })
+}
+
+/// squid's config: no cache, no access log, Basic auth for everyone, and the class-4 (per-user)
+/// delay pool a per-user limiting deployment uses, unlimited here (-1/-1) as the user is.
+fn squid_conf(port: u16, work: &Path, passwd: &Path) -> String {
+    let w = work.display();
+    format!(
+        "http_port 127.0.0.1:{port}
+pid_filename none
+cache_log {w}/cache.log
+access_log none
+cache deny all
+cache_mem 8 MB
+coredump_dir {w}
+netdb_filename none
+shutdown_lifetime 0 seconds
+auth_param basic program /usr/lib/squid/basic_ncsa_auth {passwd}
+auth_param basic children 4
+auth_param basic credentialsttl 2 hours
+acl authed proxy_auth REQUIRED
+http_access allow authed
+http_access deny all
+delay_pools 1
+delay_class 1 4
+delay_parameters 1 -1/-1 -1/-1 -1/-1 -1/-1
+delay_access 1 allow authed
+",
+        passwd = passwd.display()
+    )
+}
+
+fn squid(dir: &TempDir) -> Result<Peer, String> {
+    // squid drops root for its own user, which must be able to write its log here.
+    let work = dir.path("squid");
+    fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
+    fs::set_permissions(&work, fs::Permissions::from_mode(0o777))
+        .map_err(|e| format!("{}: {e}", work.display()))?;
+    let hash = Command::new("openssl")
+        .args(["passwd", "-1", PASSWORD])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .ok_or("cannot hash a password for basic_ncsa_auth (`openssl passwd` failed)")?;
+    let passwd = work.join("passwd");
+    let conf = work.join("squid.conf");
+    let addr = free_addr()?;
+    let write =
+        |p: &Path, text: String| fs::write(p, text).map_err(|e| format!("{}: {e}", p.display()));
+    write(&passwd, format!("{UNLIMITED}:{hash}\n"))?;
+    write(&conf, squid_conf(addr.port(), &work, &passwd))?;
+    let mut cmd = Command::new("/usr/sbin/squid");
+    cmd.arg("-N").arg("-f").arg(&conf);
+    let mut proc = Proc::spawn(cmd, "squid", &work.join("stderr.log"))?;
+    proc.wait_listening(addr, START_LIMIT)?;
+    Ok(Peer {
+        name: "squid (http connect, basic auth)".into(),
+        proc,
+        route: Route::Connect {
+            proxy: addr,
+            auth: auth(),
+        },
+    })
+}
+
+fn dante(dir: &TempDir) -> Result<Peer, String> {
+    let addr = free_addr()?;
+    let conf = dir.path("danted.conf");
+    let text = format!(
+        "logoutput: {log}
+internal: 127.0.0.1 port = {port}
+external: 127.0.0.1
+clientmethod: none
+socksmethod: none
+user.privileged: root
+user.unprivileged: nobody
+client pass {{ from: 127.0.0.0/8 to: 0.0.0.0/0 }}
+socks pass {{ from: 127.0.0.0/8 to: 0.0.0.0/0 command: connect }}
+",
+        log = dir.path("danted.out").display(),
+        port = addr.port()
+    );
+    fs::write(&conf, text).map_err(|e| format!("{}: {e}", conf.display()))?;
+    let mut cmd = Command::new("/usr/sbin/danted");
+    cmd.arg("-f")
+        .arg(&conf)
+        .arg("-p")
+        .arg(dir.path("danted.pid"));
+    let mut proc = Proc::spawn(cmd, "danted", &dir.path("danted.log"))?;
+    proc.wait_listening(addr, START_LIMIT)?;
+    Ok(Peer {
+        name: "dante (socks5, no auth)".into(),
+        proc,
+        route: Route::Socks5 {
+            proxy: addr,
+            auth: None,
+        },
+    })
+}

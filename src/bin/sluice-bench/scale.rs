@@ -1,0 +1,194 @@
+//! Scenarios 11 and 12, what many connections cost the server: CPU for 1,000 throttled
+//! connections, and memory and threads for 1,000 and 9,000 idle tunnels.
+//!
+//! The idle tunnels are held without a thread each on both ends (the client keeps its sockets
+//! in a Vec, the origin's `Hold` endpoint too): with 20,000 open files per process, this process
+//! holds 18,000 sockets for 9,000 tunnels, and the server 18,000 more plus two threads per tunnel.
+
+use crate::Ctx;
+use crate::client::{Dir, Load, Meter, Route, open_many};
+use crate::origin::{Endpoint, Kind};
+use crate::proxies::{Server, UNLIMITED, User};
+use crate::table::{Samples, Unit, Verdict};
+use std::net::{SocketAddr, TcpStream};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// The limiter-cost load: 10 users × 100 download connections at 1 MiB/s each.
+const COST_USERS: usize = 10;
+const COST_CONNS: usize = 100;
+const COST_BW: u64 = 1 << 20;
+/// Time for 1,000 connections to settle into their throttled pace before measuring.
+const COST_SETTLE: Duration = Duration::from_secs(1);
+/// Server CPU, percent of one core, below this.
+const MAX_COST_PCT: f64 = 20.0;
+/// Threads opening idle tunnels, each one tunnel at a time: a bounded pace.
+const OPENERS: usize = 4;
+/// Server RSS growth per idle tunnel, at most.
+const MAX_KIB_PER_TUNNEL: f64 = 16.0;
+/// How long the server's RSS and thread count may take to settle after the tunnels are open.
+const SETTLE_LIMIT: Duration = Duration::from_secs(3);
+
+fn cost_user(i: usize) -> String {
+    format!("cost-{i}")
+}
+
+/// Users of the limiter-cost scenario.
+pub fn users() -> Vec<User> {
+    (0..COST_USERS).map(|i| (cost_user(i), COST_BW)).collect()
+}
+
+/// Scenario 11: server CPU while 1,000 throttled connections download, over consecutive windows
+/// on the same connections (one "run" each).
+pub fn cost(ctx: &mut Ctx) -> Result<(), String> {
+    let window = ctx.cfg.cost;
+    let (mut pct, mut held, mut threads) = (Samples::default(), Samples::default(), 0);
+    {
+        let server = ctx.server()?;
+        let ep = Endpoint::start(Kind::Source)?;
+        let meter = Meter::new(false);
+        let mut load = Load::default();
+        for u in 0..COST_USERS {
+            for s in open_many(&server.route(&cost_user(u)), ep.addr(), COST_CONNS)? {
+                load.start(Dir::Down, s, &meter)?;
+            }
+        }
+        thread::sleep(COST_SETTLE);
+        for _ in 0..ctx.cfg.runs {
+            let cpu = || {
+                server
+                    .proc
+                    .cpu_secs()
+                    .ok_or("cannot read the server's CPU time")
+            };
+            let (c0, b0, t0) = (cpu()?, meter.bytes(), Instant::now());
+            thread::sleep(window);
+            let (c1, b1, took) = (cpu()?, meter.bytes(), t0.elapsed().as_secs_f64());
+            pct.push((c1 - c0) / took * 100.0);
+            let total = (COST_USERS as u64 * COST_BW) as f64;
+            held.push(b1.saturating_sub(b0) as f64 / took / total);
+        }
+        threads = server.proc.rss_threads().map_or(threads, |(_, t)| t);
+        load.stop();
+    }
+    ctx.table.push(
+        "11 · limiter cost: 10 users × 100 conns at 1 MiB/s",
+        "server CPU, % of one core",
+        pct.show(Unit::Percent),
+        format!(
+            "{} × total bw delivered · {threads} server threads · {} consecutive {window:?} windows · target < {MAX_COST_PCT:.0} %",
+            held.show(Unit::Ratio),
+            ctx.cfg.runs
+        ),
+        Verdict::of(pct.median() < MAX_COST_PCT),
+    );
+    Ok(())
+}
+
+/// Scenario 12: a fresh server per run; RSS growth per tunnel and threads at each step.
+pub fn idle_tunnels(ctx: &mut Ctx) -> Result<(), String> {
+    let steps = ctx.cfg.scale;
+    let db = ctx.dir.path("bench.db");
+    let mut per = vec![Samples::default(); steps.len()];
+    let mut threads = vec![Samples::default(); steps.len()];
+    let mut short: Option<String> = None;
+    for run in 0..ctx.cfg.runs {
+        let server = Server::start(&ctx.bin, &db, &ctx.dir, &format!("scale-{run}"))?;
+        let route = server.route(UNLIMITED);
+        // One login first, so argon2's working memory belongs to the baseline, not the tunnels.
+        drop(route.open(ctx.echo.addr()));
+        let ep = Endpoint::start(Kind::Hold)?;
+        let (rss0, _) = settled(&server)?;
+        let mut socks: Vec<TcpStream> = Vec::new();
+        for (i, &n) in steps.iter().enumerate() {
+            if let Err(e) = open_idle(&route, ep.addr(), n - socks.len().min(n), &mut socks) {
+                short.get_or_insert(format!("{} of {n} opened: {e}", socks.len()));
+            }
+            let (rss, thr) = settled(&server)?;
+            per[i].push(rss.saturating_sub(rss0) as f64 / n as f64);
+            threads[i].push(thr as f64);
+        }
+        drop(socks);
+        drop(server);
+    }
+    for (i, n) in steps.iter().enumerate() {
+        let held = match (&short, i + 1 == steps.len()) {
+            (Some(e), _) => format!("NOT all held: {e} · "),
+            (None, true) => format!("{n} held · "),
+            (None, false) => String::new(),
+        };
+        ctx.table.push(
+            &format!("12 · scale: {n} idle tunnels"),
+            "server RSS growth per tunnel",
+            per[i].show(Unit::KiB),
+            format!(
+                "{held}{} server threads · target ≤ {MAX_KIB_PER_TUNNEL:.0} KiB",
+                threads[i].show(Unit::Count)
+            ),
+            Verdict::of(per[i].median() <= MAX_KIB_PER_TUNNEL && short.is_none()),
+        );
+    }
+    Ok(())
+}
+
+/// Opens `n` idle tunnels with a few threads, appending them to `socks`.
+///
+/// # Errors
+/// The first failure (the tunnels opened before it are kept).
+fn open_idle(
+    route: &Route,
+    target: SocketAddr,
+    n: usize,
+    socks: &mut Vec<TcpStream>,
+) -> Result<(), String> {
+    let results: Vec<(Vec<TcpStream>, Option<String>)> = thread::scope(|s| {
+        let hs: Vec<_> = (0..OPENERS)
+            .map(|k| {
+                let share = n / OPENERS + usize::from(k < n % OPENERS);
+                s.spawn(move || {
+                    let mut mine = Vec::with_capacity(share);
+                    for _ in 0..share {
+                        match route.open(target) {
+                            Ok(t) => mine.push(t),
+                            Err(e) => return (mine, Some(e.to_string())),
+                        }
+                    }
+                    (mine, None)
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| (Vec::new(), Some("opener panicked".into())))
+            })
+            .collect()
+    });
+    let mut first_err = None;
+    for (mine, err) in results {
+        socks.extend(mine);
+        first_err = first_err.or(err);
+    }
+    first_err.map_or(Ok(()), Err)
+}
+
+/// The server's (RSS KiB, threads) once two readings 200 ms apart agree, or after the limit.
+fn settled(server: &Server) -> Result<(u64, u64), String> {
+    let read = || {
+        server
+            .proc
+            .rss_threads()
+            .ok_or("cannot read the server's /proc status")
+    };
+    let deadline = Instant::now() + SETTLE_LIMIT;
+    let mut last = read()?;
+    while Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(200));
+        let now = read()?;
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    Ok(last)
+}

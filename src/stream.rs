@@ -1,0 +1,233 @@
+//! One side of a relayed connection: a plain TCP socket, or a TLS session over one.
+//!
+//! The card's shape is a thread per direction, but a TLS session is one state machine for both.
+//! [`TlsStream`] shares it between the two relay threads without ever holding its lock across a
+//! blocking read: the reading thread reads raw bytes from the socket *outside* the lock and only
+//! feeds them to the session under it; the writing thread encrypts under the lock and writes the
+//! records outside it. Records must reach the socket in the order they were sealed (TLS sequence
+//! numbers), so a writer takes the `write_order` lock *before* releasing the session lock and
+//! holds it while it writes: sealing order and socket order are then the same. No thread ever
+//! waits for the session while holding `write_order`, so the two locks cannot deadlock.
+
+use parking_lot::Mutex;
+use rustls::Connection;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Raw bytes read from a TLS socket at a time: one maximal record with its overhead.
+const TLS_READ_CHUNK: usize = 16 * 1024 + 2048;
+
+/// A plain socket or a TLS session; cloning shares the same connection.
+#[derive(Clone)]
+pub enum Stream {
+    /// Clear text.
+    Plain(Arc<TcpStream>),
+    /// A TLS session (client or server side) over a socket.
+    Tls(Arc<TlsStream>),
+}
+
+impl Stream {
+    /// A clear-text stream.
+    pub fn plain(s: TcpStream) -> Stream {
+        Stream::Plain(Arc::new(s))
+    }
+
+    /// The underlying socket (for timeouts, keepalive, addresses and shutting it from outside).
+    pub fn socket(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(t) => &t.sock,
+        }
+    }
+
+    /// True for TLS.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Stream::Tls(_))
+    }
+
+    /// Blocks until there is something to read (true) or the peer closed (false).
+    ///
+    /// # Errors
+    /// Socket errors, including the timeouts the socket was armed with; TLS errors as
+    /// `InvalidData`.
+    pub fn wait_readable(&self) -> io::Result<bool> {
+        match self {
+            Stream::Plain(s) => {
+                let mut one = [0u8; 1];
+                Ok(s.peek(&mut one)? > 0)
+            }
+            Stream::Tls(t) => t.wait_readable(),
+        }
+    }
+
+    /// Reads what is there (blocking if nothing is); 0 means the peer closed.
+    ///
+    /// # Errors
+    /// As [`Stream::wait_readable`].
+    pub fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => (&**s).read(buf),
+            Stream::Tls(t) => t.read(buf),
+        }
+    }
+
+    /// Writes all of `buf` (blocking).
+    ///
+    /// # Errors
+    /// Socket errors and timeouts.
+    pub fn write_all(&self, buf: &[u8]) -> io::Result<()> {
+        match self {
+            Stream::Plain(s) => (&**s).write_all(buf),
+            Stream::Tls(t) => t.write_all(buf),
+        }
+    }
+
+    /// Half-close: no more bytes this way (a FIN; for TLS a close_notify first).
+    pub fn shutdown_write(&self) {
+        if let Stream::Tls(t) = self {
+            t.close_notify();
+        }
+        let _ = self.socket().shutdown(Shutdown::Write);
+    }
+
+    /// Closes both ways at once, which also wakes a thread blocked reading it.
+    pub fn shutdown_both(&self) {
+        let _ = self.socket().shutdown(Shutdown::Both);
+    }
+}
+
+/// A TLS session shared by the two relay threads of a connection (see the module docs).
+pub struct TlsStream {
+    sock: TcpStream,
+    session: Mutex<Connection>,
+    write_order: Mutex<()>,
+}
+
+fn tls_err(e: rustls::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+impl TlsStream {
+    /// Runs the TLS handshake on `sock` until done or `deadline`. Blocking.
+    ///
+    /// # Errors
+    /// A socket error, the deadline (`TimedOut`), or the peer's TLS failing (`InvalidData`).
+    pub fn handshake(
+        sock: TcpStream,
+        mut conn: Connection,
+        deadline: Instant,
+    ) -> io::Result<TlsStream> {
+        while conn.is_handshaking() {
+            arm(&sock, deadline)?;
+            let mut s = &sock;
+            let (rd, wr) = conn.complete_io(&mut s)?;
+            if rd == 0 && wr == 0 && conn.is_handshaking() {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+        Ok(TlsStream {
+            sock,
+            session: Mutex::new(conn),
+            write_order: Mutex::new(()),
+        })
+    }
+
+    /// Reads raw bytes (outside the lock) and feeds them to the session; false at socket EOF.
+    fn pull(&self) -> io::Result<bool> {
+        let mut raw = [0u8; TLS_READ_CHUNK];
+        let n = (&self.sock).read(&mut raw)?;
+        if n == 0 {
+            return Ok(false);
+        }
+        let mut conn = self.session.lock();
+        let mut input = &raw[..n];
+        while !input.is_empty() {
+            conn.read_tls(&mut input)?;
+            conn.process_new_packets().map_err(tls_err)?;
+        }
+        // Reading can owe the peer records (key updates, alerts): send them in order.
+        self.flush_locked(conn)?;
+        Ok(true)
+    }
+
+    fn wait_readable(&self) -> io::Result<bool> {
+        loop {
+            {
+                let mut conn = self.session.lock();
+                let st = conn.process_new_packets().map_err(tls_err)?;
+                if st.plaintext_bytes_to_read() > 0 {
+                    return Ok(true);
+                }
+                if st.peer_has_closed() {
+                    return Ok(false);
+                }
+            }
+            if !self.pull()? {
+                return Ok(false);
+            }
+        }
+    }
+
+    fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match self.session.lock().reader().read(buf) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                // The peer closed without close_notify: treat as EOF, as browsers do.
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(0),
+                Err(e) => return Err(e),
+            }
+            if !self.pull()? {
+                return Ok(0);
+            }
+        }
+    }
+
+    fn write_all(&self, mut buf: &[u8]) -> io::Result<()> {
+        while !buf.is_empty() {
+            let mut conn = self.session.lock();
+            let n = conn.writer().write(buf)?;
+            buf = &buf[n..];
+            self.flush_locked(conn)?;
+        }
+        Ok(())
+    }
+
+    /// Seals what the session has to send, then writes it outside the session lock but under
+    /// `write_order`, taken before the session lock is released (see the module docs).
+    fn flush_locked(&self, mut conn: parking_lot::MutexGuard<'_, Connection>) -> io::Result<()> {
+        if !conn.wants_write() {
+            return Ok(());
+        }
+        let mut out = Vec::with_capacity(TLS_READ_CHUNK);
+        while conn.wants_write() {
+            conn.write_tls(&mut out)?;
+        }
+        let order = self.write_order.lock();
+        drop(conn);
+        let r = (&self.sock).write_all(&out);
+        drop(order);
+        r
+    }
+
+    fn close_notify(&self) {
+        let mut conn = self.session.lock();
+        conn.send_close_notify();
+        let _ = self.flush_locked(conn);
+    }
+}
+
+/// Sets the socket's read and write timeouts to what is left before `deadline`.
+///
+/// # Errors
+/// `TimedOut` once the deadline has passed.
+pub fn arm(sock: &TcpStream, deadline: Instant) -> io::Result<()> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(io::ErrorKind::TimedOut.into());
+    }
+    sock.set_read_timeout(Some(left))?;
+    sock.set_write_timeout(Some(left))
+}
