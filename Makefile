@@ -13,10 +13,14 @@ $(DEMO_DB): | build
 
 run: build $(DEMO_DB)
 	@echo
-	@echo "sluice server on 127.0.0.1:8889, user demo / password demo at 1M (1 MiB/s). Try:"
+	@echo "sluice server on 127.0.0.1:8889 and sluice local on 127.0.0.1:1080, user demo / password demo at 1M."
+	@echo "Try (Ctrl-C stops both):"
 	@echo "  curl -x socks5h://demo:demo@127.0.0.1:8889 https://example.com/ -o /dev/null -w '%{speed_download} B/s\n'"
+	@echo "  curl --socks5-hostname 127.0.0.1:1080 https://example.com/ -o /dev/null -w '%{speed_download} B/s\n'"
 	@echo "  curl -x http://demo:demo@127.0.0.1:8889 http://example.com/"
 	@echo
+	SLUICE_PASSWORD=demo $(BIN) local --server 127.0.0.1:8889 --user demo --listen 127.0.0.1:1080 & \
+	LOCAL=$$!; trap 'kill $$LOCAL 2>/dev/null' EXIT INT TERM; \
 	$(BIN) server --db $(DEMO_DB) --listen 127.0.0.1:8889
 
 test:
@@ -25,6 +29,10 @@ test:
 lint:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
+
+# Long leak and flood tests (issue 7), kept out of `make test`.
+soak:
+	$(CARGO) test --release --test tests -- --ignored --test-threads=1 soak_
 
 # The benchmark (issue 5): release build, then every scenario; prints a Markdown table and writes
 # bench-out/latest.md. BENCH_ARGS=--quick runs each scenario once, briefly (a smoke test).

@@ -9,13 +9,13 @@
 use crate::auth::check_credential;
 use crate::error::{Error, Result};
 use crate::local_conn;
-use crate::server::{ACCEPT_BACKOFF, CONN_STACK};
+use crate::server::{self, CONN_STACK, Service, accept_loop};
 use crate::target::{Host, Target};
 use crate::tls::{self, Trust};
 use log::{info, warn};
 use parking_lot::Mutex;
 use std::fmt;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread::{self, JoinHandle};
@@ -131,15 +131,8 @@ pub(crate) struct LocalShared {
     stop: AtomicBool,
     next_id: AtomicU64,
     active: AtomicUsize,
-}
-
-/// Decrements the live-connection count when a connection thread ends, however it ends.
-struct ActiveGuard<'a>(&'a AtomicUsize);
-
-impl Drop for ActiveGuard<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
+    /// Past this many app connections, new ones are closed at once (from the open-files limit).
+    max_connections: usize,
 }
 
 /// A running local proxy.
@@ -177,14 +170,7 @@ impl LocalHandle {
         let Some(t) = self.accept.take() else { return };
         self.shared.stop.store(true, Ordering::SeqCst);
         // Wake accept() by connecting to ourselves (an unspecified address is reached on loopback).
-        let mut wake = self.local_addr;
-        if wake.ip().is_unspecified() {
-            wake.set_ip(match wake {
-                SocketAddr::V4(_) => IpAddr::from([127, 0, 0, 1]),
-                SocketAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
-            });
-        }
-        let _ = TcpStream::connect_timeout(&wake, Duration::from_secs(1));
+        server::wake(self.local_addr);
         let _ = t.join();
     }
 }
@@ -250,6 +236,7 @@ pub fn start(cfg: &LocalConfig) -> Result<LocalHandle> {
         stop: AtomicBool::new(false),
         next_id: AtomicU64::new(1),
         active: AtomicUsize::new(0),
+        max_connections: server::default_max_connections(),
     });
     let sh = shared.clone();
     let accept = thread::Builder::new()
@@ -274,47 +261,28 @@ pub fn start(cfg: &LocalConfig) -> Result<LocalHandle> {
     })
 }
 
-fn accept_loop(listener: &TcpListener, sh: &Arc<LocalShared>) {
-    let mut last_warn: Option<Instant> = None;
-    loop {
-        let accepted = listener.accept();
-        if sh.stop.load(Ordering::SeqCst) {
-            return;
-        }
-        match accepted {
-            Ok((stream, peer)) => spawn_connection(stream, peer, sh),
-            Err(e) => {
-                // EMFILE and friends: log at most once a second, back off, and keep serving.
-                if last_warn.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
-                    warn!("accept failed: {e}; backing off");
-                    last_warn = Some(Instant::now());
-                }
-                thread::sleep(ACCEPT_BACKOFF);
-            }
-        }
+impl Service for LocalShared {
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
     }
-}
-
-fn spawn_connection(stream: TcpStream, peer: SocketAddr, sh: &Arc<LocalShared>) {
-    let id = sh.next_id.fetch_add(1, Ordering::Relaxed);
-    sh.active.fetch_add(1, Ordering::Relaxed);
-    let sh2 = sh.clone();
-    let spawned = thread::Builder::new()
-        .name(format!("conn#{id}"))
-        .stack_size(CONN_STACK)
-        .spawn(move || {
-            let _guard = ActiveGuard(&sh2.active);
-            local_conn::handle(stream, peer, id, &sh2);
-        });
-    if let Err(e) = spawned {
-        sh.active.fetch_sub(1, Ordering::Relaxed);
-        warn!("conn#{id} {peer} dropped: cannot spawn a thread: {e}");
+    fn active(&self) -> &AtomicUsize {
+        &self.active
+    }
+    fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+    fn max_connections(&self) -> usize {
+        self.max_connections
+    }
+    fn serve(&self, stream: TcpStream, peer: SocketAddr, id: u64) {
+        local_conn::handle(stream, peer, id, self);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::IpAddr;
 
     #[test]
     fn burst_logs_first_then_once_per_interval_with_count() {

@@ -10,7 +10,7 @@
 
 use crate::account::Account;
 use crate::limiter::{Closed, Limiter, Waiter};
-use crate::stream::Stream;
+use crate::stream::{Pipe, Stream};
 use std::fmt;
 use std::io;
 use std::net::TcpStream;
@@ -255,23 +255,23 @@ fn copy(
     moved: &mut u64,
 ) -> Result<(), End> {
     let waiter = budget.map(|_| Waiter::new());
-    let mut buf: Vec<u8> = Vec::new();
+    let mut mover = Mover::None;
     loop {
         let limited = budget.is_some_and(|b| b.account.rate() != 0 || b.account.quota() != 0);
         // Wait for data before taking tokens (or allocating a buffer): a relay blocked in read
         // must not hold tokens that other connections of the user could use.
-        if (buf.is_empty() || limited) && !wait_readable(src, activity)? {
+        if (mover.is_none() || limited) && !wait_readable(src, activity)? {
             return Ok(());
         }
-        if buf.is_empty() {
-            buf = vec![0; RELAY_BUF];
+        if mover.is_none() {
+            mover = Mover::for_streams(src, dst);
         }
         let grant = match (budget, &waiter) {
-            (Some(b), Some(w)) => b.take(w, RELAY_BUF)?,
-            _ => RELAY_BUF,
+            (Some(b), Some(w)) => b.take(w, mover.chunk())?,
+            _ => mover.chunk(),
         };
         let n = loop {
-            match src.read(&mut buf[..grant]) {
+            match mover.fill(src, grant) {
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if is_timeout(&e) && !activity.expired() => continue,
@@ -290,11 +290,59 @@ fn copy(
             return Ok(());
         }
         activity.touch();
-        dst.write_all(&buf[..n])
-            .map_err(|e| write_end(e, activity))?;
+        mover.flush(dst, n).map_err(|e| write_end(e, activity))?;
         *moved += n as u64;
         if let Some(b) = budget {
             b.count(dir, n);
+        }
+    }
+}
+
+/// How bytes get from one stream to the other: through a pipe with `splice(2)` when both sides
+/// are plain sockets (no copy through user space), else through a heap buffer. Chosen when the
+/// first byte arrives, so an idle tunnel holds neither.
+enum Mover {
+    None,
+    Buffer(Vec<u8>),
+    Pipe(Pipe),
+}
+
+impl Mover {
+    fn for_streams(src: &Stream, dst: &Stream) -> Mover {
+        if let (Stream::Plain(_), Stream::Plain(_)) = (src, dst) {
+            // Out of descriptors for a pipe: copying still works.
+            if let Ok(p) = Pipe::new() {
+                return Mover::Pipe(p);
+            }
+        }
+        Mover::Buffer(vec![0; RELAY_BUF])
+    }
+
+    fn is_none(&self) -> bool {
+        matches!(self, Mover::None)
+    }
+
+    /// The most one fill can move (what a relay asks the limiter for).
+    fn chunk(&self) -> usize {
+        match self {
+            Mover::Pipe(p) => p.capacity(),
+            _ => RELAY_BUF,
+        }
+    }
+
+    fn fill(&mut self, src: &Stream, max: usize) -> io::Result<usize> {
+        match self {
+            Mover::Pipe(p) => p.fill(src.socket(), max),
+            Mover::Buffer(b) => src.read(&mut b[..max.min(RELAY_BUF)]),
+            Mover::None => Ok(0),
+        }
+    }
+
+    fn flush(&mut self, dst: &Stream, n: usize) -> io::Result<()> {
+        match self {
+            Mover::Pipe(p) => p.drain(dst.socket()),
+            Mover::Buffer(b) => dst.write_all(&b[..n]),
+            Mover::None => Ok(()),
         }
     }
 }

@@ -187,7 +187,7 @@ impl Stopper {
 
 /// Wakes a thread blocked in accept() on `addr` by connecting to it (an unspecified address is
 /// reached on loopback).
-fn wake(mut addr: SocketAddr) {
+pub(crate) fn wake(mut addr: SocketAddr) {
     if addr.ip().is_unspecified() {
         addr.set_ip(if addr.is_ipv4() {
             [127, 0, 0, 1].into()
@@ -298,34 +298,52 @@ pub fn default_max_connections() -> usize {
     (files.saturating_sub(RESERVED_FILES) / 2).max(1) as usize
 }
 
-fn accept_loop(listener: &TcpListener, sh: &Arc<Shared>) {
+/// What an accept loop serves: the server, or the local proxy. The loop only accepts and spawns,
+/// so a slow or silent client never blocks anyone else.
+pub(crate) trait Service: Send + Sync + 'static {
+    /// True once the owner asked the loop to stop.
+    fn stopping(&self) -> bool;
+    /// Connection threads alive now (the loop adds; the thread's guard subtracts).
+    fn active(&self) -> &AtomicUsize;
+    /// A fresh connection number for the logs.
+    fn next_id(&self) -> u64;
+    /// Past this many live connections, new ones are closed at once.
+    fn max_connections(&self) -> usize;
+    /// Serves one connection to its end, on its own thread.
+    fn serve(&self, stream: TcpStream, peer: SocketAddr, id: u64);
+}
+
+/// Accepts until the service stops. Past the connection cap a connection is closed at once,
+/// without a thread, and said so at most once a second; a failed accept (EMFILE) is logged at most
+/// once a second and followed by a short sleep, not a spin.
+pub(crate) fn accept_loop<S: Service>(listener: &TcpListener, svc: &Arc<S>) {
     let mut last_warn: Option<Instant> = None;
     let mut last_full: Option<Instant> = None;
     let mut shed = 0u64;
+    let once_a_second =
+        |t: &Option<Instant>| t.is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
     loop {
         let accepted = listener.accept();
-        if sh.stop.load(Ordering::SeqCst) {
+        if svc.stopping() {
             return;
         }
         match accepted {
-            Ok((stream, peer)) if sh.active.load(Ordering::Relaxed) >= sh.max_connections => {
-                // Full: close at once, no thread; say so at most once a second.
+            Ok((stream, peer)) if svc.active().load(Ordering::Relaxed) >= svc.max_connections() => {
                 drop(stream);
                 shed += 1;
-                if last_full.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                if once_a_second(&last_full) {
                     warn!(
-                        "{peer} and {} more closed: {} connections open, the --max-connections cap",
+                        "{peer} and {} more closed: {} connections open, the connection cap",
                         shed - 1,
-                        sh.max_connections
+                        svc.max_connections()
                     );
                     last_full = Some(Instant::now());
                     shed = 0;
                 }
             }
-            Ok((stream, peer)) => spawn_connection(stream, peer, sh),
+            Ok((stream, peer)) => spawn_connection(stream, peer, svc),
             Err(e) => {
-                // EMFILE and friends: log at most once a second, back off, and keep serving.
-                if last_warn.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                if once_a_second(&last_warn) {
                     warn!("accept failed: {e}; backing off");
                     last_warn = Some(Instant::now());
                 }
@@ -335,20 +353,38 @@ fn accept_loop(listener: &TcpListener, sh: &Arc<Shared>) {
     }
 }
 
-fn spawn_connection(stream: TcpStream, peer: SocketAddr, sh: &Arc<Shared>) {
-    let id = sh.next_id.fetch_add(1, Ordering::Relaxed);
-    sh.active.fetch_add(1, Ordering::Relaxed);
-    let sh2 = sh.clone();
+fn spawn_connection<S: Service>(stream: TcpStream, peer: SocketAddr, svc: &Arc<S>) {
+    let id = svc.next_id();
+    svc.active().fetch_add(1, Ordering::Relaxed);
+    let svc2 = svc.clone();
     let spawned = thread::Builder::new()
         .name(format!("conn#{id}"))
         .stack_size(CONN_STACK)
         .spawn(move || {
-            let _guard = ActiveGuard(&sh2.active);
-            conn::handle(stream, peer, id, &sh2);
+            let _guard = ActiveGuard(svc2.active());
+            svc2.serve(stream, peer, id);
         });
     if let Err(e) = spawned {
-        sh.active.fetch_sub(1, Ordering::Relaxed);
+        svc.active().fetch_sub(1, Ordering::Relaxed);
         warn!("conn#{id} {peer} dropped: cannot spawn a thread: {e}");
+    }
+}
+
+impl Service for Shared {
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+    fn active(&self) -> &AtomicUsize {
+        &self.active
+    }
+    fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+    fn max_connections(&self) -> usize {
+        self.max_connections
+    }
+    fn serve(&self, stream: TcpStream, peer: SocketAddr, id: u64) {
+        conn::handle(stream, peer, id, self);
     }
 }
 

@@ -231,3 +231,116 @@ pub fn arm(sock: &TcpStream, deadline: Instant) -> io::Result<()> {
     sock.set_read_timeout(Some(left))?;
     sock.set_write_timeout(Some(left))
 }
+
+/// A pipe for zero-copy relaying between two plain sockets with `splice(2)`: bytes move
+/// socket → pipe → socket inside the kernel, never through a user-space buffer.
+pub struct Pipe {
+    read: std::os::fd::OwnedFd,
+    write: std::os::fd::OwnedFd,
+    /// Bytes in the pipe not yet written out.
+    pending: usize,
+    capacity: usize,
+}
+
+/// Pipe size asked for: the kernel default is 64 KiB; 256 KiB measured best on loopback (a bigger
+/// pipe stalls the reading side longer while it drains, a smaller one costs more calls per byte).
+pub const PIPE_SIZE: usize = 1 << 18;
+
+fn cvt(r: isize) -> io::Result<usize> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as usize)
+    }
+}
+
+impl Pipe {
+    /// A new pipe, as large as the kernel allows up to [`PIPE_SIZE`].
+    ///
+    /// # Errors
+    /// No descriptors left (the caller falls back to copying through a buffer).
+    pub fn new() -> io::Result<Pipe> {
+        use std::os::fd::{FromRawFd, OwnedFd};
+        let mut fds = [0 as libc::c_int; 2];
+        // SAFETY: pipe2 writes two descriptors into the array we pass.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: both descriptors were just created and are owned by nobody else.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // A bigger pipe means fewer system calls per byte; if refused, the default serves.
+        // SAFETY: fcntl on a descriptor we own.
+        let got = unsafe { libc::fcntl(fds[1], libc::F_SETPIPE_SZ, PIPE_SIZE as libc::c_int) };
+        let capacity = if got > 0 { got as usize } else { 64 * 1024 };
+        Ok(Pipe {
+            read,
+            write,
+            pending: 0,
+            capacity,
+        })
+    }
+
+    /// How many bytes one [`Pipe::fill`] can take at most.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Moves up to `max` bytes from `src` into the pipe, blocking until some arrive (or the
+    /// socket's read timeout passes). 0 means EOF.
+    ///
+    /// # Errors
+    /// Socket errors; a timeout as `WouldBlock`.
+    pub fn fill(&mut self, src: &TcpStream, max: usize) -> io::Result<usize> {
+        use std::os::fd::AsRawFd;
+        let want = max.min(self.capacity - self.pending);
+        loop {
+            // SAFETY: splice between two descriptors we hold; null offsets for non-seekable ends.
+            let r = unsafe {
+                libc::splice(
+                    src.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    self.write.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    want,
+                    libc::SPLICE_F_MOVE,
+                )
+            };
+            match cvt(r) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Ok(n) => {
+                    self.pending += n;
+                    return Ok(n);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Writes everything in the pipe to `dst` (blocking).
+    ///
+    /// # Errors
+    /// Socket errors; a write timeout as `WouldBlock` (what is left stays pending).
+    pub fn drain(&mut self, dst: &TcpStream) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        while self.pending > 0 {
+            // SAFETY: as in `fill`.
+            let r = unsafe {
+                libc::splice(
+                    self.read.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    dst.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    self.pending,
+                    libc::SPLICE_F_MOVE,
+                )
+            };
+            match cvt(r) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.pending -= n,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}

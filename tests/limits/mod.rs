@@ -612,3 +612,33 @@ fn waiters_are_not_fed_crumbs_between_ticks() {
         "unequal shares {got:?}"
     );
 }
+
+/// `server::start` loads the users, then starts the watcher thread, which reads its first
+/// `PRAGMA data_version` only once it runs. This replays that order through the public API with a
+/// commit in between (on a loaded machine a `sluice user add` right after start lands there).
+#[test]
+#[ignore = "bug: the watcher takes its first data_version after the initial load, so a commit in between is never applied"]
+fn a_change_committed_while_the_watcher_starts_is_not_lost() {
+    use sluice::auth::{self, Directory};
+    use sluice::limiter::Limiter;
+    use sluice::users::UserStore;
+    let dir = TempDir::new("watch");
+    let db = dir.path("users.db");
+    make_db(&db, &[("early", "p", 0)]);
+    let store = UserStore::open(&db).unwrap();
+    let users = Directory::new(Limiter::new(Duration::from_millis(10)));
+    auth::reload(&store, &users).unwrap();
+    make_db(&db, &[("late", "p", 0)]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = auth::spawn_watcher(store, users.clone(), stop.clone()).unwrap();
+    let seen = wait_until(Duration::from_secs(2), || {
+        users.verify(b"late", b"p").is_some()
+    });
+    stop.store(true, Ordering::SeqCst);
+    watcher.join().unwrap();
+    assert!(users.verify(b"early", b"p").is_some());
+    assert!(
+        seen,
+        "a user added between the load and the watcher's start never appeared"
+    );
+}

@@ -10,6 +10,7 @@
 use crate::Ctx;
 use crate::client::{Dir, Load, Meter, Route};
 use crate::origin::{Endpoint, Kind};
+use crate::procs::own_cpu_secs;
 use crate::proxies::User;
 use crate::table::{Samples, Unit, Verdict};
 use std::thread;
@@ -54,6 +55,9 @@ pub fn run(ctx: &mut Ctx) -> Result<(), String> {
     let window = ctx.cfg.accuracy;
     // samples[direction][rate][conns]
     let mut samples = vec![vec![vec![Samples::default(); CONNS.len()]; RATES.len()]; DIRS.len()];
+    // CPU, % of one core, of the server and of this process while a direction runs: a limiter
+    // that misses its figures because the machine is saturated shows here.
+    let mut cpu = vec![(Samples::default(), Samples::default()); DIRS.len()];
     let server = ctx.server()?;
     for _ in 0..ctx.cfg.runs {
         for (d, (dir, label)) in DIRS.iter().enumerate() {
@@ -65,7 +69,14 @@ pub fn run(ctx: &mut Ctx) -> Result<(), String> {
                         .collect()
                 })
                 .collect();
+            let (s0, b0, t0) = (server.proc.cpu_secs(), own_cpu_secs(), Instant::now());
             let got = run_direction(&routes, *dir, window)?;
+            let took = t0.elapsed().as_secs_f64();
+            let (s1, b1) = (server.proc.cpu_secs(), own_cpu_secs());
+            if let (Some(s0), Some(s1), Some(b0), Some(b1)) = (s0, s1, b0, b1) {
+                cpu[d].0.push((s1 - s0) / took * 100.0);
+                cpu[d].1.push((b1 - b0) / took * 100.0);
+            }
             for (r, row) in got.into_iter().enumerate() {
                 for (c, x) in row.into_iter().enumerate() {
                     samples[d][r][c].push(x);
@@ -84,7 +95,13 @@ pub fn run(ctx: &mut Ctx) -> Result<(), String> {
                 &format!("5 · accuracy {rlabel}, {dlabel}"),
                 "achieved / bw at 1 · 4 · 16 · 64 conns",
                 value.join(" · "),
-                format!("each {}–{} over {window:?}", RANGE.0, RANGE.1),
+                format!(
+                    "each {}–{} over {window:?} · CPU while the 12 cells ran: server {}, bench {}",
+                    RANGE.0,
+                    RANGE.1,
+                    cpu[d].0.show(Unit::Percent),
+                    cpu[d].1.show(Unit::Percent)
+                ),
                 Verdict::of(ok),
             );
         }

@@ -114,7 +114,7 @@ fn set_bandwidth_by_sql(db: &Path, user: &str, bw: u64) -> Result<(), String> {
 
 /// Scenario 10: 4 connections download at 1 MiB/s; the bandwidth is set to 256 KiB/s by SQL.
 pub fn live_change(ctx: &mut Ctx) -> Result<(), String> {
-    let observe = ctx.cfg.observe;
+    let observe = ctx.cfg.live_observe;
     let (mut took, mut before) = (Samples::default(), Samples::default());
     let mut missed = 0;
     for run in 0..ctx.cfg.runs {

@@ -8,6 +8,7 @@
 //! `client.rs`; scenarios choose the endpoints.
 
 use crate::client::Meter;
+use crate::procs::bind_low;
 use parking_lot::Mutex;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -39,7 +40,10 @@ pub enum Kind {
     Sink,
     /// Source and sink at once (two threads); counts bytes received.
     Duplex,
-    /// Writes back whatever it reads (a small thread pool, for short connections).
+    /// Writes back what one read brings, then closes (a small thread pool, for short
+    /// connections). Closing first puts the TIME_WAIT of the set-up scenario's tens of thousands
+    /// of connections on the origin's and proxy's listening ports, where it hinders nobody,
+    /// rather than on the ephemeral ports every other program on the machine draws from.
     Echo,
     /// Accepts and keeps the socket without a thread, for the idle-tunnel scenario.
     Hold,
@@ -61,7 +65,7 @@ impl Endpoint {
     /// # Errors
     /// Binding or spawning its accept thread failed.
     pub fn start(kind: Kind) -> Result<Endpoint, String> {
-        let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("origin bind: {e}"))?;
+        let listener = bind_low()?;
         let addr = listener
             .local_addr()
             .map_err(|e| format!("origin address: {e}"))?;
@@ -135,7 +139,7 @@ fn accept_loop(
         let _ = s.set_nodelay(true);
         match kind {
             Kind::Hold => held.lock().push(s),
-            Kind::Echo => echo(&s, meter, stop),
+            Kind::Echo => echo(&s, meter),
             _ => {
                 let (m, st) = (meter.clone(), stop.clone());
                 // A failed spawn drops the connection; the client sees it close.
@@ -197,20 +201,19 @@ fn sink(mut s: &TcpStream, meter: &Meter, stop: &AtomicBool) {
     }
 }
 
-/// Echoes one connection to its end, on the acceptor's own thread.
-fn echo(s: &TcpStream, meter: &Meter, stop: &AtomicBool) {
+/// Echoes one read of one connection, on the acceptor's own thread, then closes it.
+fn echo(s: &TcpStream, meter: &Meter) {
     let _ = s.set_read_timeout(Some(ECHO_TIMEOUT));
     let _ = s.set_write_timeout(Some(ECHO_TIMEOUT));
     let mut buf = [0u8; 512];
     let (mut r, mut w) = (s, s);
-    while !stop.load(Ordering::Relaxed) {
+    loop {
         match r.read(&mut buf) {
             Ok(0) => return,
             Ok(n) => {
                 meter.add(n);
-                if w.write_all(&buf[..n]).is_err() {
-                    return;
-                }
+                let _ = w.write_all(&buf[..n]);
+                return;
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(_) => return,

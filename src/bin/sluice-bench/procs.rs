@@ -92,6 +92,21 @@ impl Proc {
         ))
     }
 
+    /// If the process has exited: its status and the first line of its log that says why (a
+    /// panic or fatal error), else the end of its log.
+    pub fn exit_note(&mut self) -> Option<String> {
+        let status = self.child.try_wait().ok()??;
+        let text = fs::read_to_string(&self.log).unwrap_or_default();
+        let why = text
+            .lines()
+            .skip_while(|l| !l.contains("panicked at") && !l.contains("fatal"))
+            .take(2)
+            .collect::<Vec<_>>()
+            .join(" ");
+        let why = if why.is_empty() { self.log_tail() } else { why };
+        Some(format!("{} exited ({status}): {why}", self.name))
+    }
+
     /// The last few hundred bytes of the child's log, on one line.
     pub fn log_tail(&self) -> String {
         let text = fs::read_to_string(&self.log).unwrap_or_default();
@@ -106,6 +121,14 @@ impl Proc {
     /// forking proxy (dante) is counted whole.
     pub fn cpu_secs(&self) -> Option<f64> {
         group_cpu_secs(self.pid())
+    }
+
+    /// Memory mappings of the child (each thread costs a few; the kernel caps them per process
+    /// at vm.max_map_count).
+    pub fn map_count(&self) -> Option<usize> {
+        fs::read_to_string(format!("/proc/{}/maps", self.pid()))
+            .ok()
+            .map(|m| m.lines().count())
     }
 
     /// Resident memory (KiB) and thread count of the child itself.
@@ -134,6 +157,11 @@ impl Drop for Proc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// CPU seconds (user + system) used so far by this process, all threads.
+pub fn own_cpu_secs() -> Option<f64> {
+    stat_fields(std::process::id()).map(|(_, t)| t as f64 / clock_ticks())
 }
 
 /// Clock ticks per second for /proc's CPU fields.
@@ -172,14 +200,41 @@ fn stat_fields(pid: u32) -> Option<(u32, u64)> {
     Some((pgrp, utime + stime))
 }
 
-/// A loopback port free right now (bound, read, released) for a child to listen on.
+/// Ports the benchmark listens on (its origin) or lets a child listen on: below Linux's ephemeral
+/// range (32768–60999). Tens of thousands of short connections leave sockets in TIME_WAIT on
+/// ephemeral ports, which makes `bind(port 0)` fail (and squid, which does not set SO_REUSEADDR,
+/// fails to bind even a port that looks free).
+const LISTEN_PORTS: std::ops::Range<u16> = 20_000..32_000;
+
+/// A loopback listener on a free port of [`LISTEN_PORTS`].
 ///
 /// # Errors
-/// Binding 127.0.0.1:0 failed.
+/// No port in the range could be bound.
+pub fn bind_low() -> Result<TcpListener, String> {
+    // Start somewhere different each call so concurrent benchmarks and tests rarely collide.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let span = u32::from(LISTEN_PORTS.end - LISTEN_PORTS.start);
+    let first = nanos.wrapping_mul(2_654_435_761) % span;
+    for i in 0..span {
+        // Below `span`, which fits in u16.
+        let port = LISTEN_PORTS.start + ((first + i) % span) as u16;
+        if let Ok(l) = TcpListener::bind(("127.0.0.1", port)) {
+            return Ok(l);
+        }
+    }
+    Err(format!("no free port in {LISTEN_PORTS:?}"))
+}
+
+/// A loopback address free right now (bound and released) for a child to listen on.
+///
+/// # Errors
+/// No port in the range could be bound.
 pub fn free_addr() -> Result<SocketAddr, String> {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(|e| format!("cannot find a free port: {e}"))
+    bind_low()?
+        .local_addr()
+        .map_err(|e| format!("listener address: {e}"))
 }
 
 /// A scratch directory removed with its contents when dropped.
@@ -209,6 +264,11 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
+        // SLUICE_BENCH_KEEP=1 keeps the logs and configs for a look after the run.
+        if std::env::var_os("SLUICE_BENCH_KEEP").is_some() {
+            eprintln!("sluice-bench: kept {}", self.0.display());
+            return;
+        }
         let _ = fs::remove_dir_all(&self.0);
     }
 }

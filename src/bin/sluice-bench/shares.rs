@@ -159,7 +159,7 @@ pub fn burst(ctx: &mut Ctx) -> Result<(), String> {
 /// 80% of a fair share (bw / 16 × 100 ms).
 pub fn joining(ctx: &mut Ctx) -> Result<(), String> {
     let route = ctx.server()?.route("join");
-    let observe = ctx.cfg.observe;
+    let observe = ctx.cfg.join_observe;
     let need = SHARE_FRACTION * JOIN_BW as f64 / JOIN_CONNS as f64 * SHARE_WINDOW.as_secs_f64();
     let mut ms = Samples::default();
     let mut missed = 0;

@@ -270,11 +270,15 @@ fn setup_rate(route: &Route, echo: SocketAddr, length: Duration) -> (f64, u64) {
     )
 }
 
+/// One tunnel: open, send a byte, read it back, then wait for the origin's close to come through
+/// (so the client is not the first to close: see `Kind::Echo`).
 fn echo_once(route: &Route, echo: SocketAddr) -> std::io::Result<()> {
     let mut s = route.open(echo)?;
     s.write_all(b"x")?;
-    let mut one = [0u8; 1];
-    s.read_exact(&mut one)
+    let mut buf = [0u8; 16];
+    s.read_exact(&mut buf[..1])?;
+    while s.read(&mut buf)? > 0 {}
+    Ok(())
 }
 
 /// Scenario 4: authenticated SOCKS5 tunnels opened, one byte echoed, closed.
