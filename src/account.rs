@@ -38,6 +38,24 @@ impl std::fmt::Display for Refusal {
     }
 }
 
+/// The quota count: bytes used this period, and bytes reserved by reads in flight.
+#[derive(Default)]
+struct QuotaState {
+    used: u64,
+    inflight: u64,
+}
+
+/// The answer to a quota reservation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reserve {
+    /// This many bytes (≥ 1) may be read.
+    Granted(u64),
+    /// What is left is reserved by other reads in flight; ask again shortly.
+    Busy,
+    /// The quota is used up.
+    Exhausted,
+}
+
 /// One user's runtime state.
 pub struct Account {
     /// The login name; also the limiter's key.
@@ -46,8 +64,8 @@ pub struct Account {
     revoked: AtomicBool,
     conns: Mutex<HashMap<u64, Vec<Stream>>>,
     quota: AtomicU64,
-    /// Bytes charged against the quota this period, including reservations in flight.
-    quota_used: AtomicU64,
+    /// Bytes charged against the quota this period, and bytes reserved by reads in flight.
+    quota_state: Mutex<QuotaState>,
     period: Mutex<QuotaPeriod>,
     /// Start of the quota period `quota_used` counts (unix seconds).
     pub period_start: AtomicU64,
@@ -77,7 +95,7 @@ impl Account {
             revoked: AtomicBool::new(false),
             conns: Mutex::new(HashMap::new()),
             quota: AtomicU64::new(0),
-            quota_used: AtomicU64::new(0),
+            quota_state: Mutex::new(QuotaState::default()),
             period: Mutex::new(QuotaPeriod::None),
             period_start: AtomicU64::new(0),
             // Unseen: the first usage row read sets the quota count.
@@ -122,12 +140,12 @@ impl Account {
 
     /// Bytes charged against the quota this period.
     pub fn quota_used(&self) -> u64 {
-        self.quota_used.load(Ordering::Relaxed)
+        self.quota_state.lock().used
     }
 
     /// Starts a new quota count at `used` bytes (new period, reset, or start-up).
     pub fn restart_quota(&self, used: u64) {
-        self.quota_used.store(used, Ordering::Relaxed);
+        self.quota_state.lock().used = used;
     }
 
     /// The connection cap (0 = none).
@@ -141,32 +159,34 @@ impl Account {
         q > 0 && self.quota_used() >= q
     }
 
-    /// Reserves up to `want` bytes of quota; returns how many (all of `want` without a quota),
-    /// or `None` when the quota is used up.
-    pub fn reserve_quota(&self, want: u64) -> Option<u64> {
+    /// Reserves up to `want` bytes of quota for a read (all of `want` without a quota).
+    pub fn reserve_quota(&self, want: u64) -> Reserve {
         let q = self.quota();
         if q == 0 {
-            return Some(want);
+            return Reserve::Granted(want);
         }
-        let mut got = 0;
-        self.quota_used
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
-                got = want.min(q.saturating_sub(used));
-                (got > 0).then_some(used + got)
-            })
-            .ok()
-            .map(|_| got)
+        let mut st = self.quota_state.lock();
+        if st.used >= q {
+            return Reserve::Exhausted;
+        }
+        let n = want.min(q.saturating_sub(st.used + st.inflight));
+        if n == 0 {
+            return Reserve::Busy;
+        }
+        st.inflight += n;
+        Reserve::Granted(n)
     }
 
-    /// Returns quota a short read did not use.
-    pub fn unreserve_quota(&self, n: u64) {
-        if n > 0 && self.quota() > 0 {
-            let _ = self
-                .quota_used
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
-                    Some(u.saturating_sub(n))
-                });
+    /// Settles a reservation: `used` of the `reserved` bytes were read and count against the
+    /// quota; the rest is free again.
+    pub fn settle_quota(&self, reserved: u64, used: u64) {
+        if self.quota() == 0 {
+            // No quota: nothing to settle, and no lock on an unlimited user's path.
+            return;
         }
+        let mut st = self.quota_state.lock();
+        st.inflight = st.inflight.saturating_sub(reserved);
+        st.used += used;
     }
 
     /// True once the user was deleted.
@@ -246,16 +266,30 @@ mod tests {
     fn quota_reservations_never_overshoot() {
         let a = Account::new("q", 0);
         a.set_limits(100, QuotaPeriod::None, 0);
-        assert_eq!(a.reserve_quota(60), Some(60));
-        assert_eq!(a.reserve_quota(60), Some(40), "only what is left");
-        assert_eq!(a.reserve_quota(1), None);
+        assert_eq!(a.reserve_quota(60), Reserve::Granted(60));
+        assert_eq!(
+            a.reserve_quota(60),
+            Reserve::Granted(40),
+            "only what is left"
+        );
+        assert_eq!(
+            a.reserve_quota(1),
+            Reserve::Busy,
+            "reads in flight hold the rest"
+        );
+        assert!(!a.quota_exhausted(), "reserved is not used");
+        a.settle_quota(60, 30);
+        assert_eq!(a.quota_used(), 30);
+        assert_eq!(a.reserve_quota(64), Reserve::Granted(30));
+        a.settle_quota(40, 40);
+        a.settle_quota(30, 30);
+        assert_eq!(a.quota_used(), 100);
         assert!(a.quota_exhausted());
-        a.unreserve_quota(30);
-        assert_eq!(a.reserve_quota(64), Some(30));
+        assert_eq!(a.reserve_quota(1), Reserve::Exhausted);
         a.set_limits(0, QuotaPeriod::None, 0);
         assert_eq!(
             a.reserve_quota(1 << 20),
-            Some(1 << 20),
+            Reserve::Granted(1 << 20),
             "no quota, no limit"
         );
     }

@@ -83,6 +83,46 @@ pub struct Directory {
     limiter: Arc<Limiter>,
     /// A hash to verify against for unknown users, so they cost the same time as known ones.
     dummy_hash: String,
+    /// Bounds how many argon2 verifications (about 19 MiB each) run at once.
+    argon2_slots: Slots,
+}
+
+/// Most argon2 verifications running at once. Each holds ~19 MiB; a burst of new logins (or a
+/// crowd of guessers on many addresses) queues here instead of taking gigabytes.
+pub const MAX_CONCURRENT_ARGON2: usize = 4;
+
+/// A counting semaphore (std has none).
+struct Slots {
+    free: Mutex<usize>,
+    cv: parking_lot::Condvar,
+}
+
+struct SlotGuard<'a>(&'a Slots);
+
+impl Slots {
+    fn new(n: usize) -> Slots {
+        Slots {
+            free: Mutex::new(n),
+            cv: parking_lot::Condvar::new(),
+        }
+    }
+
+    /// Blocks until a slot is free; the guard gives it back.
+    fn take(&self) -> SlotGuard<'_> {
+        let mut free = self.free.lock();
+        while *free == 0 {
+            self.cv.wait(&mut free);
+        }
+        *free -= 1;
+        SlotGuard(self)
+    }
+}
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        *self.0.free.lock() += 1;
+        self.0.cv.notify_one();
+    }
 }
 
 impl Directory {
@@ -96,6 +136,7 @@ impl Directory {
             cache: Mutex::new(HashMap::new()),
             limiter,
             dummy_hash: hash_password(&dummy).unwrap_or_default(),
+            argon2_slots: Slots::new(MAX_CONCURRENT_ARGON2),
         })
     }
 
@@ -202,7 +243,10 @@ impl Directory {
 
     fn argon2_check(&self, hash: &str, password: &[u8]) -> bool {
         match PasswordHash::new(hash) {
-            Ok(parsed) => Argon2::default().verify_password(password, &parsed).is_ok(),
+            Ok(parsed) => {
+                let _slot = self.argon2_slots.take();
+                Argon2::default().verify_password(password, &parsed).is_ok()
+            }
             Err(e) => {
                 warn!("stored password hash is not a valid PHC string ({e}); login refused");
                 false
@@ -225,7 +269,9 @@ type Failures = (u32, Instant, Option<Instant>);
 
 /// Counts failed logins per client address (IPv6 by /64, since one host holds a whole /64) and
 /// refuses an address that failed too often, before any password hash runs: a guessing client
-/// cannot burn the CPU, and users on other addresses are unaffected.
+/// cannot burn the CPU, and users on other addresses are unaffected. A successful login does not
+/// wipe the count — else a client holding one valid account could guess others without limit —
+/// failures simply age out of the window.
 #[derive(Default)]
 pub struct LoginThrottle {
     map: Mutex<HashMap<IpAddr, Failures>>,
@@ -275,14 +321,6 @@ impl LoginThrottle {
         }
         false
     }
-
-    /// Forgets an address's failures after it logged in.
-    pub fn succeeded(&self, ip: IpAddr) {
-        let mut map = self.map.lock();
-        if !map.is_empty() {
-            map.remove(&throttle_key(ip));
-        }
-    }
 }
 
 /// Compares two byte strings in time that depends only on their lengths.
@@ -319,15 +357,18 @@ pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 ///
 /// # Errors
 /// The thread could not be spawned.
+/// `version` is the `data_version` read *before* the snapshot was loaded, so a commit made
+/// between that load and this thread's first look is not missed.
 pub fn spawn_watcher(
     store: UserStore,
+    version: Option<i64>,
     dir: Arc<Directory>,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<thread::JoinHandle<()>> {
     thread::Builder::new()
         .name("user watcher".into())
         .stack_size(256 * 1024)
-        .spawn(move || Watcher::new(store).run(&dir, &stop))
+        .spawn(move || Watcher::new(store, version).run(&dir, &stop))
 }
 
 struct Watcher {
@@ -347,14 +388,14 @@ fn file_identity(path: &Path) -> Option<(u64, u64)> {
 }
 
 impl Watcher {
-    fn new(store: UserStore) -> Watcher {
+    fn new(store: UserStore, version: Option<i64>) -> Watcher {
         let path = store.path().to_path_buf();
         Watcher {
             accountant: Accountant::new(),
             last_flush: std::time::Instant::now(),
             flush_failing: false,
             identity: file_identity(&path),
-            version: store.data_version().ok(),
+            version,
             store,
             path,
             missing_logged: false,

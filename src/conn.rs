@@ -218,10 +218,7 @@ fn login(
         return None;
     }
     match sh.directory.verify(user, pass) {
-        Some(a) => {
-            sh.logins.succeeded(peer.ip());
-            Some(a)
-        }
+        Some(a) => Some(a),
         None => {
             sh.counters.auth_failure(proto);
             warn!("conn#{id} {peer} {proto} login refused for user \"{name}\"");

@@ -70,6 +70,13 @@ impl fmt::Display for DialError {
 pub fn dial(target: &Target, policy: &DialPolicy) -> Result<TcpStream, DialError> {
     let addrs: Vec<SocketAddr> = match &target.host {
         Host::Ip(ip) => vec![SocketAddr::new(*ip, target.port)],
+        // RFC 6761 §6.4: `.invalid` never resolves; answer at once without asking DNS.
+        Host::Domain(name) if is_special_invalid(name) => {
+            return Err(DialError::Resolve(io::Error::new(
+                io::ErrorKind::NotFound,
+                "the .invalid domain never resolves (RFC 6761)",
+            )));
+        }
         Host::Domain(name) => (name.as_str(), target.port)
             .to_socket_addrs()
             .map_err(DialError::Resolve)?
@@ -97,6 +104,14 @@ pub fn dial(target: &Target, policy: &DialPolicy) -> Result<TcpStream, DialError
     Err(DialError::Connect(
         last.unwrap_or_else(|| io::Error::other("no address tried")),
     ))
+}
+
+/// True for names under the reserved `.invalid` top-level domain (any case, trailing dot allowed).
+fn is_special_invalid(name: &str) -> bool {
+    let n = name.strip_suffix('.').unwrap_or(name);
+    let tail = n.len().saturating_sub(".invalid".len());
+    n.eq_ignore_ascii_case("invalid")
+        || (n.is_char_boundary(tail) && n[tail..].eq_ignore_ascii_case(".invalid"))
 }
 
 /// True for addresses a public proxy must not reach.
@@ -240,6 +255,21 @@ mod tests {
         );
         let unresolved = DialError::Resolve(io::ErrorKind::NotFound.into());
         assert_eq!(unresolved.reply(), Reply::HostUnreachable);
+    }
+
+    #[test]
+    fn dot_invalid_fails_without_a_lookup() {
+        let policy = DialPolicy {
+            allow_private: true,
+            connect_timeout: Duration::from_secs(1),
+        };
+        for n in ["nothing.invalid", "A.INVALID.", "invalid"] {
+            let t = Target::parse(&format!("{n}:80"), None).unwrap();
+            let e = dial(&t, &policy).err().unwrap();
+            assert_eq!(e.reply(), Reply::HostUnreachable, "{n}");
+        }
+        assert!(!is_special_invalid("invalid.example"));
+        assert!(!is_special_invalid("notinvalid"));
     }
 
     #[test]

@@ -55,6 +55,8 @@ struct Queued {
 pub struct Bucket {
     rate: u64,
     capacity: u64,
+    /// The smallest grant worth waking a relay for: half a tick's worth (or all it asked for).
+    min_grant: u64,
     tokens: u64,
     /// Nanobytes not yet worth a whole byte (always < 1e9).
     frac: u64,
@@ -78,6 +80,7 @@ impl Bucket {
         Bucket {
             rate,
             capacity: capacity_for(rate, tick),
+            min_grant: min_grant_for(rate, tick),
             tokens: 0,
             frac: 0,
             last: now,
@@ -118,9 +121,11 @@ impl Bucket {
         served
     }
 
-    /// Takes up to `want` tokens at once if nobody is queued ahead. Returns the grant (maybe 0).
+    /// Takes up to `want` tokens at once if nobody is queued ahead and at least a minimum grant
+    /// is there. Returns the grant (maybe 0). Crumbs are left for the tick to add to: a relay fed
+    /// a few bytes at a time would wake, read and write thousands of times a second.
     pub fn try_take(&mut self, want: u64) -> u64 {
-        if !self.queue.is_empty() {
+        if !self.queue.is_empty() || self.tokens < want.min(self.min_grant) {
             return 0;
         }
         let n = want.min(self.tokens);
@@ -142,6 +147,7 @@ impl Bucket {
         let mut served = self.refill(now);
         self.rate = rate;
         self.capacity = capacity_for(rate, tick);
+        self.min_grant = min_grant_for(rate, tick);
         self.tokens = self.tokens.min(self.capacity);
         if rate == 0 {
             served.extend(self.queue.drain(..).map(|q| {
@@ -156,10 +162,14 @@ impl Bucket {
         self.queue.push_back(Queued { waiter, want });
     }
 
-    /// Hands tokens to queued waiters in FIFO order, each at most what it asked for.
+    /// Hands tokens to queued waiters in FIFO order, each at most what it asked for, and only
+    /// while there is at least a minimum grant for the one in front.
     fn serve(&mut self) -> Vec<Arc<Waiter>> {
         let mut served = Vec::new();
-        while self.tokens > 0 {
+        while let Some(front) = self.queue.front() {
+            if self.tokens == 0 || self.tokens < front.want.min(self.min_grant) {
+                break;
+            }
             let Some(q) = self.queue.pop_front() else {
                 break;
             };
@@ -180,6 +190,11 @@ impl Bucket {
             })
             .collect()
     }
+}
+
+fn min_grant_for(rate: u64, tick: Duration) -> u64 {
+    let per_tick = u128::from(rate) * tick.as_nanos() / NANOS;
+    u64::try_from(per_tick / 2).unwrap_or(u64::MAX).max(1)
 }
 
 fn capacity_for(rate: u64, tick: Duration) -> u64 {
@@ -260,7 +275,13 @@ impl Limiter {
         if b.rate == 0 {
             return Ok(want);
         }
-        let served = b.refill(Instant::now());
+        // With relays queued, accrual is the tick's to hand out (in order, in useful amounts);
+        // refilling here would feed the front waiter a few bytes at a time.
+        let served = if b.queue.is_empty() {
+            b.refill(Instant::now())
+        } else {
+            Vec::new()
+        };
         let n = b.try_take(want);
         if n > 0 {
             self.wake(served);
@@ -404,8 +425,15 @@ mod tests {
             "a big ask gets only what is there"
         );
         assert_eq!(b.try_take(1), 0);
-        b.give_back(4);
-        assert_eq!(b.try_take(100), 4);
+        b.give_back(6);
+        assert_eq!(b.try_take(100), 6);
+        b.give_back(3);
+        assert_eq!(
+            b.try_take(100),
+            0,
+            "3 bytes are crumbs: half a tick (5) is the least grant"
+        );
+        assert_eq!(b.try_take(2), 2, "but a small ask is served whole");
     }
 
     #[test]
@@ -417,13 +445,21 @@ mod tests {
             b.enqueue(w.clone(), 400);
         }
         let served = b.refill(ms(t0, 10));
-        assert_eq!(served.len(), 3);
-        let got: Vec<u64> = ws
-            .iter()
-            .map(|w| w.granted.load(Ordering::Relaxed))
-            .collect();
-        assert_eq!(got, vec![400, 400, 200], "no waiter takes the whole refill");
-        assert_eq!(b.tokens(), 0);
+        assert_eq!(served.len(), 2);
+        let got = |ws: &[Arc<Waiter>]| -> Vec<u64> {
+            ws.iter()
+                .map(|w| w.granted.load(Ordering::Relaxed))
+                .collect()
+        };
+        assert_eq!(
+            got(&ws),
+            vec![400, 400, 0],
+            "no waiter takes the whole refill"
+        );
+        // 200 bytes would be a crumb for a 400-byte ask: the third waits for the next tick.
+        assert_eq!(b.tokens(), 200);
+        assert_eq!(b.refill(ms(t0, 20)).len(), 1);
+        assert_eq!(got(&ws), vec![400, 400, 400]);
     }
 
     #[test]
@@ -477,9 +513,9 @@ mod tests {
         b.refill(ms(t0, 10));
         assert_eq!(b.try_take(u64::MAX), 10);
         b.set_rate(100_000, TICK, ms(t0, 20)); // the old rate accrues up to the change
-        assert_eq!(b.try_take(u64::MAX), 10);
+        assert_eq!(b.tokens(), 10);
         b.refill(ms(t0, 30));
-        assert_eq!(b.try_take(u64::MAX), 1000);
+        assert_eq!(b.try_take(u64::MAX), 1010);
         let w = Waiter::new();
         b.enqueue(w.clone(), 5000);
         let served = b.set_rate(0, TICK, ms(t0, 30));
@@ -504,6 +540,17 @@ mod tests {
         assert_eq!(lim.acquire("u", &w, 1), Err(Closed::Revoked));
         lim.shutdown();
         h.join().unwrap();
+    }
+
+    #[test]
+    fn a_give_back_of_crumbs_does_not_wake_a_waiter() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(100_000, TICK, t0); // 1000 bytes a tick, least grant 500
+        let w = Waiter::new();
+        b.enqueue(w.clone(), 64 * 1024);
+        assert!(b.give_back(3).is_empty());
+        assert_eq!(b.refill(ms(t0, 10)).len(), 1);
+        assert_eq!(w.granted.load(Ordering::Relaxed), 1003);
     }
 
     #[test]

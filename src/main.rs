@@ -201,9 +201,11 @@ fn db_path(args: &mut Arguments, help: &str) -> Result<PathBuf> {
 }
 
 fn secs(args: &mut Arguments, key: &'static str, default: u64) -> Result<Duration> {
-    let s: Option<u64> = opt(args, key, "see `sluice COMMAND --help`")?;
+    let s: Option<u64> = opt(args, key, "expected a whole number of seconds, at least 1")?;
     match s.unwrap_or(default) {
-        0 => Err(usage(format!("{key} must be at least 1 second"))),
+        0 => Err(usage(format!(
+            "{key}: expected a whole number of seconds, at least 1"
+        ))),
         n => Ok(Duration::from_secs(n)),
     }
 }
@@ -250,12 +252,16 @@ fn cmd_server(mut args: Arguments) -> Result<()> {
         cfg.tick = Duration::from_millis(ms);
     }
     finish(args, HELP_SERVER)?;
-    match server::raise_nofile_limit() {
+    // Raised before start (the connection cap derives from it), logged after (so a start-up
+    // error stays the only line).
+    let files = server::raise_nofile_limit();
+    server::tune_allocator();
+    signals::block_stop_signals();
+    let handle = server::start(&cfg)?;
+    match files {
         Some(n) => log::info!("open-files limit: {n}"),
         None => log::warn!("cannot read the open-files limit"),
     }
-    signals::block_stop_signals();
-    let handle = server::start(&cfg)?;
     signals::stop_on_signal(handle.stopper());
     handle.wait();
     Ok(())
@@ -291,10 +297,13 @@ fn cmd_local(mut args: Arguments) -> Result<()> {
         connect_timeout,
         tls,
     };
-    if let Some(n) = server::raise_nofile_limit() {
+    let files = server::raise_nofile_limit();
+    server::tune_allocator();
+    let handle = local::start(&cfg)?;
+    if let Some(n) = files {
         log::info!("open-files limit: {n}");
     }
-    local::start(&cfg)?.wait();
+    handle.wait();
     Ok(())
 }
 

@@ -8,9 +8,9 @@
 //! back the rest, so it never holds tokens while blocked and never reads past its grant. Buffers
 //! are allocated only once data arrives, so an idle tunnel costs two sleeping threads and no buffer.
 
-use crate::account::Account;
+use crate::account::{Account, Reserve};
 use crate::limiter::{Closed, Limiter, Waiter};
-use crate::stream::{Pipe, Stream};
+use crate::stream::{Pipe, Stream, is_timeout};
 use std::fmt;
 use std::io;
 use std::net::TcpStream;
@@ -96,43 +96,53 @@ pub struct Budget {
 }
 
 impl Budget {
-    /// Tokens for up to `want` bytes: quota first (reserved, so parallel relays cannot overshoot
-    /// it), then bandwidth — at once for an unlimited user, else from the limiter (blocking until
-    /// granted). Time spent waiting is added to the account.
+    /// Bytes the relay may read next, up to `want`: bandwidth first — at once for an unlimited
+    /// user, else from the limiter (blocking until granted; the wait is added to the account) —
+    /// then quota for exactly that grant, reserved so parallel relays cannot overshoot it. While
+    /// other relays' reads hold the last of the quota, this one waits a tick rather than calling
+    /// the quota used up.
     fn take(&self, waiter: &Arc<Waiter>, want: usize) -> Result<usize, End> {
         let a = &self.account;
-        let Some(want) = a.reserve_quota(want as u64) else {
-            // Used up: close the user's other connections too, not only this one.
-            a.close_all();
-            return Err(End::Quota);
-        };
-        if a.rate() == 0 {
-            return Ok(want as usize);
-        }
-        let t = Instant::now();
-        let g = self.limiter.acquire(&a.name, waiter, want);
-        let waited = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        a.throttled_ns.fetch_add(waited, Ordering::Relaxed);
-        match g {
-            Ok(n) => {
-                a.unreserve_quota(want - n.min(want));
+        loop {
+            let g = if a.rate() == 0 {
+                want as u64
+            } else {
+                let t = Instant::now();
+                let g = self.limiter.acquire(&a.name, waiter, want as u64);
+                let waited = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                a.throttled_ns.fetch_add(waited, Ordering::Relaxed);
                 // A grant never exceeds `want`, which came from a usize.
-                Ok(n.min(want) as usize)
-            }
-            Err(c) => {
-                a.unreserve_quota(want);
-                Err(c.into())
+                g.map_err(End::from)?.min(want as u64)
+            };
+            match a.reserve_quota(g) {
+                Reserve::Granted(n) => {
+                    self.limiter_back(g - n);
+                    return Ok(n as usize);
+                }
+                Reserve::Busy => {
+                    self.limiter_back(g);
+                    thread::sleep(self.limiter.tick());
+                }
+                Reserve::Exhausted => {
+                    self.limiter_back(g);
+                    // Used up: close the user's other connections too, not only this one.
+                    a.close_all();
+                    return Err(End::Quota);
+                }
             }
         }
     }
 
-    fn give_back(&self, n: usize) {
-        if n == 0 {
-            return;
-        }
-        self.account.unreserve_quota(n as u64);
-        if self.account.rate() != 0 {
-            self.limiter.give_back(&self.account.name, n as u64);
+    /// Settles a grant after the read: `used` bytes were read of `granted`; the rest goes back
+    /// to the quota and the bucket.
+    fn settle(&self, granted: usize, used: usize) {
+        self.account.settle_quota(granted as u64, used as u64);
+        self.limiter_back((granted - used.min(granted)) as u64);
+    }
+
+    fn limiter_back(&self, n: u64) {
+        if n > 0 && self.account.rate() != 0 {
+            self.limiter.give_back(&self.account.name, n);
         }
     }
 
@@ -209,7 +219,11 @@ pub fn send_prefix(
     let waiter = Waiter::new();
     while !data.is_empty() {
         let n = match budget {
-            Some(b) => b.take(&waiter, data.len().min(RELAY_BUF))?,
+            Some(b) => {
+                let n = b.take(&waiter, data.len().min(RELAY_BUF))?;
+                b.settle(n, n);
+                n
+            }
             None => data.len(),
         };
         dst.write_all(&data[..n]).map_err(End::Error)?;
@@ -277,20 +291,24 @@ fn copy(
                 Err(e) if is_timeout(&e) && !activity.expired() => continue,
                 Err(e) => {
                     if let Some(b) = budget {
-                        b.give_back(grant);
+                        b.settle(grant, 0);
                     }
                     return Err(End::Error(e));
                 }
             }
         };
         if let Some(b) = budget {
-            b.give_back(grant - n);
+            b.settle(grant, n);
         }
         if n == 0 {
             return Ok(());
         }
         activity.touch();
-        mover.flush(dst, n).map_err(|e| write_end(e, activity))?;
+        // A write stalled past the socket timeout goes on while the other direction is active.
+        let keep_waiting = || !activity.expired();
+        mover
+            .flush(dst, n, &keep_waiting)
+            .map_err(|e| write_end(e, activity))?;
         *moved += n as u64;
         if let Some(b) = budget {
             b.count(dir, n);
@@ -338,10 +356,10 @@ impl Mover {
         }
     }
 
-    fn flush(&mut self, dst: &Stream, n: usize) -> io::Result<()> {
+    fn flush(&mut self, dst: &Stream, n: usize, keep_waiting: &dyn Fn() -> bool) -> io::Result<()> {
         match self {
-            Mover::Pipe(p) => p.drain(dst.socket()),
-            Mover::Buffer(b) => dst.write_all(&b[..n]),
+            Mover::Pipe(p) => p.drain(dst.socket(), keep_waiting),
+            Mover::Buffer(b) => dst.write_all_patient(&b[..n], keep_waiting),
             Mover::None => Ok(()),
         }
     }
@@ -362,13 +380,6 @@ fn wait_readable(src: &Stream, activity: &Activity) -> Result<bool, End> {
             Err(e) => return Err(End::Error(e)),
         }
     }
-}
-
-fn is_timeout(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-    )
 }
 
 /// A write that timed out means the peer stopped reading for the whole idle timeout.

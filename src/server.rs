@@ -217,6 +217,8 @@ pub fn start(config: &ServerConfig) -> Result<ServerHandle> {
         None => None,
     };
     let store = UserStore::open(&config.db)?;
+    // Read before loading, so a commit between the load and the watcher's start is noticed.
+    let version = store.data_version().ok();
     let limiter = Limiter::new(config.tick);
     let directory = Directory::new(limiter.clone());
     auth::reload(&store, &directory)?;
@@ -248,8 +250,10 @@ pub fn start(config: &ServerConfig) -> Result<ServerHandle> {
     let spawn_err = |e| Error::Io("cannot start a server thread".into(), e);
     let mut threads = vec![limiter.spawn_refill().map_err(spawn_err)?];
     let db_stop = Arc::new(AtomicBool::new(false));
-    threads
-        .push(auth::spawn_watcher(store, directory.clone(), db_stop.clone()).map_err(spawn_err)?);
+    threads.push(
+        auth::spawn_watcher(store, version, directory.clone(), db_stop.clone())
+            .map_err(spawn_err)?,
+    );
     let mut metrics_addr = None;
     if let Some(addr) = config.metrics {
         let src = Arc::new(Sources {
@@ -309,6 +313,10 @@ pub(crate) trait Service: Send + Sync + 'static {
     fn next_id(&self) -> u64;
     /// Past this many live connections, new ones are closed at once.
     fn max_connections(&self) -> usize;
+    /// How the cap is named in the log (the flag that sets it, where there is one).
+    fn cap_name(&self) -> &'static str {
+        "connection cap"
+    }
     /// Serves one connection to its end, on its own thread.
     fn serve(&self, stream: TcpStream, peer: SocketAddr, id: u64);
 }
@@ -333,9 +341,10 @@ pub(crate) fn accept_loop<S: Service>(listener: &TcpListener, svc: &Arc<S>) {
                 shed += 1;
                 if once_a_second(&last_full) {
                     warn!(
-                        "{peer} and {} more closed: {} connections open, the connection cap",
+                        "{peer} and {} more closed: {} connections open, the {}",
                         shed - 1,
-                        svc.max_connections()
+                        svc.max_connections(),
+                        svc.cap_name()
                     );
                     last_full = Some(Instant::now());
                     shed = 0;
@@ -383,6 +392,9 @@ impl Service for Shared {
     fn max_connections(&self) -> usize {
         self.max_connections
     }
+    fn cap_name(&self) -> &'static str {
+        "--max-connections cap"
+    }
     fn serve(&self, stream: TcpStream, peer: SocketAddr, id: u64) {
         conn::handle(stream, peer, id, self);
     }
@@ -395,6 +407,19 @@ fn current_nofile_limit() -> Option<u64> {
     };
     // SAFETY: getrlimit only writes the struct we pass.
     (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0).then_some(lim.rlim_cur)
+}
+
+/// Keeps memory in check for a process with thousands of threads: large allocations (argon2's
+/// ~19 MiB work area) always come from mmap and go back to the system when freed, instead of
+/// glibc raising its mmap threshold and keeping them in a per-thread arena; and the number of
+/// arenas is bounded. glibc only; a no-op elsewhere.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; called before other threads allocate.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
+        libc::mallopt(libc::M_ARENA_MAX, 4);
+    }
 }
 
 /// Raises the soft open-files limit to the hard limit and returns the new soft limit.

@@ -78,9 +78,19 @@ impl Stream {
     /// # Errors
     /// Socket errors and timeouts.
     pub fn write_all(&self, buf: &[u8]) -> io::Result<()> {
+        self.write_all_patient(buf, &|| false)
+    }
+
+    /// Writes all of `buf`; when the socket's write timeout fires, asks `keep_waiting` whether to
+    /// go on (the relay does while the other direction is active). Progress is never lost: unlike
+    /// `Write::write_all`, a timeout in the middle does not forget what was already written.
+    ///
+    /// # Errors
+    /// Socket errors, and a timeout once `keep_waiting` says no.
+    pub fn write_all_patient(&self, buf: &[u8], keep_waiting: &dyn Fn() -> bool) -> io::Result<()> {
         match self {
-            Stream::Plain(s) => (&**s).write_all(buf),
-            Stream::Tls(t) => t.write_all(buf),
+            Stream::Plain(s) => write_fully(s, buf, keep_waiting),
+            Stream::Tls(t) => t.write_all(buf, keep_waiting),
         }
     }
 
@@ -98,11 +108,62 @@ impl Stream {
     }
 }
 
+/// True for the errors a socket timeout produces.
+pub fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+/// Writes all of `buf` to a socket, going on after a timeout while `keep_waiting` says so.
+fn write_fully(
+    mut sock: &TcpStream,
+    mut buf: &[u8],
+    keep_waiting: &dyn Fn() -> bool,
+) -> io::Result<()> {
+    while !buf.is_empty() {
+        match sock.write(buf) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if is_timeout(&e) && keep_waiting() => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// A TLS session shared by the two relay threads of a connection (see the module docs).
 pub struct TlsStream {
     sock: TcpStream,
-    session: Mutex<Connection>,
+    session: Mutex<Session>,
     write_order: Mutex<()>,
+}
+
+/// The session and the raw bytes read from the socket that it could not take yet: rustls holds
+/// at most 16 KiB of decrypted plaintext, so feeding stops while plaintext waits to be read.
+struct Session {
+    conn: Connection,
+    backlog: Vec<u8>,
+}
+
+impl Session {
+    /// Feeds backlog bytes to the session while it wants them; returns whether any went in.
+    fn feed(&mut self) -> io::Result<bool> {
+        let mut fed = false;
+        while !self.backlog.is_empty() && self.conn.wants_read() {
+            let mut input = &self.backlog[..];
+            let n = self.conn.read_tls(&mut input)?;
+            if n == 0 {
+                break;
+            }
+            self.backlog.drain(..n);
+            fed = true;
+            self.conn.process_new_packets().map_err(tls_err)?;
+        }
+        Ok(fed)
+    }
 }
 
 fn tls_err(e: rustls::Error) -> io::Error {
@@ -129,34 +190,42 @@ impl TlsStream {
         }
         Ok(TlsStream {
             sock,
-            session: Mutex::new(conn),
+            session: Mutex::new(Session {
+                conn,
+                backlog: Vec::new(),
+            }),
             write_order: Mutex::new(()),
         })
     }
 
-    /// Reads raw bytes (outside the lock) and feeds them to the session; false at socket EOF.
+    /// Feeds the session: from the backlog if it has bytes the session now takes, else by reading
+    /// raw bytes from the socket (outside the lock). False at socket EOF.
     fn pull(&self) -> io::Result<bool> {
+        {
+            let mut sess = self.session.lock();
+            if !sess.backlog.is_empty() && sess.feed()? {
+                self.flush_locked(sess, &|| false)?;
+                return Ok(true);
+            }
+        }
         let mut raw = [0u8; TLS_READ_CHUNK];
         let n = (&self.sock).read(&mut raw)?;
         if n == 0 {
             return Ok(false);
         }
-        let mut conn = self.session.lock();
-        let mut input = &raw[..n];
-        while !input.is_empty() {
-            conn.read_tls(&mut input)?;
-            conn.process_new_packets().map_err(tls_err)?;
-        }
+        let mut sess = self.session.lock();
+        sess.backlog.extend_from_slice(&raw[..n]);
+        sess.feed()?;
         // Reading can owe the peer records (key updates, alerts): send them in order.
-        self.flush_locked(conn)?;
+        self.flush_locked(sess, &|| false)?;
         Ok(true)
     }
 
     fn wait_readable(&self) -> io::Result<bool> {
         loop {
             {
-                let mut conn = self.session.lock();
-                let st = conn.process_new_packets().map_err(tls_err)?;
+                let mut sess = self.session.lock();
+                let st = sess.conn.process_new_packets().map_err(tls_err)?;
                 if st.plaintext_bytes_to_read() > 0 {
                     return Ok(true);
                 }
@@ -172,7 +241,7 @@ impl TlsStream {
 
     fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
-            match self.session.lock().reader().read(buf) {
+            match self.session.lock().conn.reader().read(buf) {
                 Ok(n) => return Ok(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 // The peer closed without close_notify: treat as EOF, as browsers do.
@@ -185,37 +254,41 @@ impl TlsStream {
         }
     }
 
-    fn write_all(&self, mut buf: &[u8]) -> io::Result<()> {
+    fn write_all(&self, mut buf: &[u8], keep_waiting: &dyn Fn() -> bool) -> io::Result<()> {
         while !buf.is_empty() {
-            let mut conn = self.session.lock();
-            let n = conn.writer().write(buf)?;
+            let mut sess = self.session.lock();
+            let n = sess.conn.writer().write(buf)?;
             buf = &buf[n..];
-            self.flush_locked(conn)?;
+            self.flush_locked(sess, keep_waiting)?;
         }
         Ok(())
     }
 
     /// Seals what the session has to send, then writes it outside the session lock but under
     /// `write_order`, taken before the session lock is released (see the module docs).
-    fn flush_locked(&self, mut conn: parking_lot::MutexGuard<'_, Connection>) -> io::Result<()> {
-        if !conn.wants_write() {
+    fn flush_locked(
+        &self,
+        mut sess: parking_lot::MutexGuard<'_, Session>,
+        keep_waiting: &dyn Fn() -> bool,
+    ) -> io::Result<()> {
+        if !sess.conn.wants_write() {
             return Ok(());
         }
         let mut out = Vec::with_capacity(TLS_READ_CHUNK);
-        while conn.wants_write() {
-            conn.write_tls(&mut out)?;
+        while sess.conn.wants_write() {
+            sess.conn.write_tls(&mut out)?;
         }
         let order = self.write_order.lock();
-        drop(conn);
-        let r = (&self.sock).write_all(&out);
+        drop(sess);
+        let r = write_fully(&self.sock, &out, keep_waiting);
         drop(order);
         r
     }
 
     fn close_notify(&self) {
-        let mut conn = self.session.lock();
-        conn.send_close_notify();
-        let _ = self.flush_locked(conn);
+        let mut sess = self.session.lock();
+        sess.conn.send_close_notify();
+        let _ = self.flush_locked(sess, &|| false);
     }
 }
 
@@ -320,7 +393,7 @@ impl Pipe {
     ///
     /// # Errors
     /// Socket errors; a write timeout as `WouldBlock` (what is left stays pending).
-    pub fn drain(&mut self, dst: &TcpStream) -> io::Result<()> {
+    pub fn drain(&mut self, dst: &TcpStream, keep_waiting: &dyn Fn() -> bool) -> io::Result<()> {
         use std::os::fd::AsRawFd;
         while self.pending > 0 {
             // SAFETY: as in `fill`.
@@ -336,6 +409,7 @@ impl Pipe {
             };
             match cvt(r) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if is_timeout(&e) && keep_waiting() => continue,
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => self.pending -= n,
                 Err(e) => return Err(e),

@@ -10,7 +10,7 @@ use crate::conn::DeadlineReader;
 use crate::dial::{self, DialError, DialPolicy};
 use crate::http::Status;
 use crate::socks5::{self, Command, Reply, SocksError};
-use crate::stream::{self, Stream};
+use crate::stream::{self, Stream, is_timeout};
 use crate::target::{Host, Target};
 use crate::tls;
 use rustls::ClientConfig;
@@ -58,13 +58,6 @@ impl UpstreamError {
             _ => Status::BadGateway,
         }
     }
-}
-
-fn is_timeout(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
-    )
 }
 
 impl fmt::Display for UpstreamError {

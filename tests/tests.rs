@@ -3,6 +3,7 @@
 
 mod support;
 
+mod cli;
 mod limits;
 mod local;
 mod server;

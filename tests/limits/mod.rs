@@ -563,7 +563,6 @@ fn a_newcomer_gets_its_share_while_others_use_the_whole_bandwidth() {
 /// costs differ (as an upload's and a download's do). Each should get about one grant a tick
 /// and half the bandwidth.
 #[test]
-#[ignore = "bug: Limiter::acquire refills between ticks and hands sub-tick crumbs to waiters"]
 fn waiters_are_not_fed_crumbs_between_ticks() {
     use sluice::limiter::{Limiter, Waiter};
     let rate = 128 * KIB;
@@ -613,11 +612,10 @@ fn waiters_are_not_fed_crumbs_between_ticks() {
     );
 }
 
-/// `server::start` loads the users, then starts the watcher thread, which reads its first
-/// `PRAGMA data_version` only once it runs. This replays that order through the public API with a
-/// commit in between (on a loaded machine a `sluice user add` right after start lands there).
+/// `server::start` loads the users, then starts the watcher thread. This replays that order
+/// through the public API with a commit in between (on a loaded machine a `sluice user add` right
+/// after start lands there): the version read before the load must make the watcher see it.
 #[test]
-#[ignore = "bug: the watcher takes its first data_version after the initial load, so a commit in between is never applied"]
 fn a_change_committed_while_the_watcher_starts_is_not_lost() {
     use sluice::auth::{self, Directory};
     use sluice::limiter::Limiter;
@@ -626,11 +624,12 @@ fn a_change_committed_while_the_watcher_starts_is_not_lost() {
     let db = dir.path("users.db");
     make_db(&db, &[("early", "p", 0)]);
     let store = UserStore::open(&db).unwrap();
+    let version = store.data_version().ok();
     let users = Directory::new(Limiter::new(Duration::from_millis(10)));
     auth::reload(&store, &users).unwrap();
     make_db(&db, &[("late", "p", 0)]);
     let stop = Arc::new(AtomicBool::new(false));
-    let watcher = auth::spawn_watcher(store, users.clone(), stop.clone()).unwrap();
+    let watcher = auth::spawn_watcher(store, version, users.clone(), stop.clone()).unwrap();
     let seen = wait_until(Duration::from_secs(2), || {
         users.verify(b"late", b"p").is_some()
     });

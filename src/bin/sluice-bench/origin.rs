@@ -7,7 +7,7 @@
 //! origin well above any proxy (checked by the direct path in every run). Opening the tunnels is
 //! `client.rs`; scenarios choose the endpoints.
 
-use crate::client::Meter;
+use crate::client::{Meter, big_buffers};
 use crate::procs::bind_low;
 use parking_lot::Mutex;
 use std::io::{self, Read, Write};
@@ -137,6 +137,7 @@ fn accept_loop(
             return;
         }
         let _ = s.set_nodelay(true);
+        big_buffers(&s);
         match kind {
             Kind::Hold => held.lock().push(s),
             Kind::Echo => echo(&s, meter),

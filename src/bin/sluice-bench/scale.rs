@@ -202,10 +202,7 @@ fn settled(server: &mut Server) -> Result<(u64, u64), String> {
     let mut last = None;
     loop {
         let Some(now) = server.proc.rss_threads() else {
-            return Err(server
-                .proc
-                .exit_note()
-                .unwrap_or_else(|| "cannot read the server's /proc status".into()));
+            return Err(death_note(server));
         };
         if last == Some(now) || Instant::now() >= deadline {
             return Ok(now);
@@ -220,4 +217,17 @@ fn max_map_count() -> String {
     std::fs::read_to_string("/proc/sys/vm/max_map_count")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "unknown".into())
+}
+
+/// Why the server's status went away: a dying process loses its /proc status a moment before
+/// it can be reaped, so give it a second to finish dying and tell how.
+fn death_note(server: &mut Server) -> String {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < deadline {
+        if let Some(note) = server.proc.exit_note() {
+            return note;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    "the server's /proc status cannot be read".into()
 }
