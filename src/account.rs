@@ -200,10 +200,11 @@ impl Account {
     }
 
     /// Takes a connection slot for `id`, unless the user is deleted, over quota, or at its cap.
+    /// Returns true when it is the user's only open connection (the user was idle).
     ///
     /// # Errors
     /// The [`Refusal`] that applies.
-    pub fn admit(&self, id: u64) -> Result<(), Refusal> {
+    pub fn admit(&self, id: u64) -> Result<bool, Refusal> {
         let mut conns = self.conns.lock();
         // Checked under the lock so a revoke or a parallel admit cannot slip in between.
         if self.is_revoked() {
@@ -218,7 +219,7 @@ impl Account {
         }
         conns.insert(id, Vec::new());
         self.opened.fetch_add(1, Ordering::Relaxed);
-        Ok(())
+        Ok(conns.len() == 1)
     }
 
     /// Attaches an admitted connection's sockets so they can be shut from outside. Returns false
@@ -298,11 +299,11 @@ mod tests {
     fn admit_enforces_cap_quota_and_revocation() {
         let a = Account::new("c", 0);
         a.set_limits(0, QuotaPeriod::None, 2);
-        assert_eq!(a.admit(1), Ok(()));
-        assert_eq!(a.admit(2), Ok(()));
+        assert_eq!(a.admit(1), Ok(true), "the first connection of an idle user");
+        assert_eq!(a.admit(2), Ok(false));
         assert_eq!(a.admit(3), Err(Refusal::TooMany));
         a.unregister(1);
-        assert_eq!(a.admit(3), Ok(()));
+        assert_eq!(a.admit(3), Ok(false));
         a.set_limits(10, QuotaPeriod::Day, 0);
         a.restart_quota(10);
         assert_eq!(a.admit(4), Err(Refusal::Quota));

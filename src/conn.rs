@@ -389,13 +389,18 @@ fn admit_and_dial(
     id: u64,
     sh: &Shared,
 ) -> Result<TcpStream, Denied> {
-    if let Err(r) = account.admit(id) {
-        warn!(
-            "conn#{id} {peer} {proto} user={} refused: {r}",
-            account.name
-        );
-        sh.counters.connection(proto, "refused");
-        return Err(Denied::Refused(r));
+    match account.admit(id) {
+        // An idle user starts from an empty bucket: its first second carries at most its rate.
+        Ok(true) => sh.limiter.start_fresh(&account.name),
+        Ok(false) => {}
+        Err(r) => {
+            warn!(
+                "conn#{id} {peer} {proto} user={} refused: {r}",
+                account.name
+            );
+            sh.counters.connection(proto, "refused");
+            return Err(Denied::Refused(r));
+        }
     }
     let t = Instant::now();
     match dial::dial(target, &sh.policy) {

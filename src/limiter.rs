@@ -22,11 +22,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-/// Default refill tick. 10 ms keeps the bucket (two ticks deep) at 2% of a second of bandwidth,
-/// so a user's first second stays under 1.02 × its rate, while costing 100 wake-ups a second.
+/// Default refill tick: a waiting relay waits ~10 ms at most for its next grant, and the refill
+/// thread wakes 100 times a second.
 pub const DEFAULT_TICK: Duration = Duration::from_millis(10);
-/// The bucket holds at most this many ticks' worth of tokens while nobody is waiting.
-pub const CAPACITY_TICKS: u64 = 2;
+/// The bucket holds at most this many ticks' worth of tokens while nobody takes them (40 ms at
+/// the default tick). Deep enough that a relay kept off the CPU for a few ticks on a busy
+/// machine loses nothing; shallow enough that a burst after a pause is 4% of a second. An idle
+/// user's first connection starts from an empty bucket ([`Limiter::start_fresh`]).
+pub const CAPACITY_TICKS: u64 = 4;
 const NANOS: u128 = 1_000_000_000;
 
 /// One relay thread's place to sleep. Reused for every grant the thread waits for.
@@ -247,6 +250,16 @@ impl Limiter {
             }
         };
         self.wake(served);
+    }
+
+    /// Empties a user's bucket (its first connection after being idle): the first second then
+    /// carries at most the rate itself.
+    pub fn start_fresh(&self, user: &str) {
+        if let Some(b) = self.buckets.lock().get_mut(user) {
+            b.tokens = 0;
+            b.frac = 0;
+            b.last = Instant::now();
+        }
     }
 
     /// Forgets a user: its waiting relays wake with [`Closed::Revoked`].

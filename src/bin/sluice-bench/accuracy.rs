@@ -124,7 +124,15 @@ fn run_direction(
                     .zip(CONNS)
                     .map(|(route, conns)| {
                         let bw = RATES[r].0;
-                        s.spawn(move || cell(route, dir, bw, conns, window))
+                        let only = std::env::var("ONLY").ok();
+                        let skip = only.is_some_and(|o| o != format!("{r}-{conns}"));
+                        s.spawn(move || {
+                            if skip {
+                                Ok(0.0)
+                            } else {
+                                cell(route, dir, bw, conns, window)
+                            }
+                        })
                     })
                     .collect()
             })
@@ -165,6 +173,12 @@ fn cell(route: &Route, dir: Dir, bw: u64, conns: usize, window: Duration) -> Res
     let (t0, b0) = start.ok_or("no connection")?;
     thread::sleep((t0 + window).saturating_duration_since(Instant::now()));
     let (b1, took) = (moved(), t0.elapsed());
+    eprintln!(
+        "DEBUG {dir:?} {conns} {bw} down {} up {} origin-write-blocked {} ms",
+        meter.bytes(),
+        ep.meter.bytes(),
+        crate::origin::WBLOCK.swap(0, std::sync::atomic::Ordering::Relaxed) / 1000
+    );
     load.stop();
     Ok(b1.saturating_sub(b0) as f64 / (bw as f64 * took.as_secs_f64()))
 }

@@ -174,9 +174,15 @@ fn serve(s: TcpStream, kind: Kind, meter: &Arc<Meter>, stop: &Arc<AtomicBool>) {
 }
 
 /// Writes the payload until the peer goes away or the origin stops.
+pub static WBLOCK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 fn send(mut s: &TcpStream, meter: Option<&Arc<Meter>>, stop: &AtomicBool) {
     while !stop.load(Ordering::Relaxed) {
-        match s.write(&PAYLOAD) {
+        let t = std::time::Instant::now();
+        let r = s.write(&PAYLOAD);
+        if meter.is_some() {
+            WBLOCK.fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+        }
+        match r {
             Ok(0) => return,
             Ok(n) => {
                 if let Some(m) = meter {
