@@ -80,8 +80,9 @@ pub struct Account {
     pub opened: AtomicU64,
     /// Nanoseconds relays spent waiting for tokens since start.
     pub throttled_ns: AtomicU64,
-    /// Relay-nanoseconds of open connections since start (two relays per connection).
-    pub active_ns: AtomicU64,
+    /// Nanoseconds relays spent moving bytes (reading and writing a grant) since start; with
+    /// `throttled_ns` it tells the share of working time the limiter held the user back.
+    pub busy_ns: AtomicU64,
     /// Per-second samples (bytes/s, share throttled), newest last, for the status page.
     pub history: Mutex<VecDeque<(u64, f64)>>,
 }
@@ -105,7 +106,7 @@ impl Account {
             bytes_down: AtomicU64::new(0),
             opened: AtomicU64::new(0),
             throttled_ns: AtomicU64::new(0),
-            active_ns: AtomicU64::new(0),
+            busy_ns: AtomicU64::new(0),
             history: Mutex::new(VecDeque::with_capacity(HISTORY_SECS)),
         })
     }

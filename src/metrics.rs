@@ -20,10 +20,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread;
 use std::time::Duration;
 
-/// Most scrapers served at once; more are closed at once.
-pub const MAX_SCRAPERS: usize = 8;
-/// Socket timeout for a scraper.
-pub const SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most scrapers served at once; more are closed at once. Generous, so a few silent connections
+/// cannot lock monitoring out; each costs one small thread until its timeout.
+pub const MAX_SCRAPERS: usize = 64;
+/// Socket timeout for a scraper: a request is one small head, sent at once.
+pub const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_REQUEST: usize = 8 * 1024;
 
 /// Server-wide counters.

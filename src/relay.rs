@@ -284,6 +284,8 @@ fn copy(
             (Some(b), Some(w)) => b.take(w, mover.chunk())?,
             _ => mover.chunk(),
         };
+        // Time moving bytes, against time waiting for tokens: the user's "throttled" share.
+        let busy_since = Instant::now();
         let n = loop {
             match mover.fill(src, grant) {
                 Ok(n) => break n,
@@ -311,6 +313,8 @@ fn copy(
             .map_err(|e| write_end(e, activity))?;
         *moved += n as u64;
         if let Some(b) = budget {
+            let busy = u64::try_from(busy_since.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            b.account.busy_ns.fetch_add(busy, Ordering::Relaxed);
             b.count(dir, n);
         }
     }

@@ -35,7 +35,7 @@ pub struct Line {
     pub rate: u64,
     /// Seconds relays waited for tokens.
     pub throttled_seconds: f64,
-    /// Share of relay time spent waiting for tokens, over the user's lifetime (0..=1).
+    /// Share of relays' working time spent waiting for tokens, over the user's lifetime (0..=1).
     pub throttled_share: f64,
     /// The same over the last second (0 without a live server).
     pub throttled_now: f64,
@@ -72,7 +72,11 @@ impl Report {
                     bandwidth: u.bandwidth,
                     quota: u.quota_bytes,
                     quota_period: u.quota_period,
-                    quota_used: if in_period { g.period_bytes } else { 0 },
+                    quota_used: if in_period && u.quota_bytes > 0 {
+                        g.period_bytes
+                    } else {
+                        0
+                    },
                     bytes_up: g.bytes_up,
                     bytes_down: g.bytes_down,
                     connections: g.connections,

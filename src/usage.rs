@@ -27,7 +27,7 @@ pub struct Counts {
     down: u64,
     opened: u64,
     throttled_ns: u64,
-    active_ns: u64,
+    busy_ns: u64,
 }
 
 fn counts(a: &Account) -> Counts {
@@ -36,7 +36,7 @@ fn counts(a: &Account) -> Counts {
         down: a.bytes_down.load(Ordering::Relaxed),
         opened: a.opened.load(Ordering::Relaxed),
         throttled_ns: a.throttled_ns.load(Ordering::Relaxed),
-        active_ns: a.active_ns.load(Ordering::Relaxed),
+        busy_ns: a.busy_ns.load(Ordering::Relaxed),
     }
 }
 
@@ -56,7 +56,9 @@ impl Accountant {
         Accountant::default()
     }
 
-    /// Takes one per-second sample of every account: relay-time, rate, share throttled, history.
+    /// Takes one per-second sample of every account: rate, share throttled, history. The share is
+    /// the time relays waited for tokens over the time they worked (waited or moved bytes); a relay
+    /// idle for lack of data does not count, so a throttled download reads ~100%, not 50%.
     pub fn sample(&mut self, accounts: &[Arc<Account>], now: Instant) {
         for a in accounts {
             let (prev, at) = self
@@ -65,18 +67,17 @@ impl Accountant {
                 .copied()
                 .unwrap_or((counts(a), now));
             let dt = now.saturating_duration_since(at);
-            // Two relays per open connection could each be waiting for tokens.
-            let relay_ns = dt.as_nanos() as u64 * 2 * a.open_connections() as u64;
-            a.active_ns.fetch_add(relay_ns, Ordering::Relaxed);
             let c = counts(a);
+            let waited = c.throttled_ns - prev.throttled_ns;
+            let worked = waited + (c.busy_ns - prev.busy_ns);
             let secs = dt.as_secs_f64();
             let rate = if secs > 0.0 {
                 ((c.up + c.down - prev.up - prev.down) as f64 / secs) as u64
             } else {
                 0
             };
-            let thr = if relay_ns > 0 {
-                ((c.throttled_ns - prev.throttled_ns) as f64 / relay_ns as f64).min(1.0)
+            let thr = if worked > 0 {
+                (waited as f64 / worked as f64).min(1.0)
             } else {
                 0.0
             };
@@ -111,7 +112,8 @@ impl Accountant {
                 bytes_down: c.down - p.down,
                 connections: c.opened - p.opened,
                 throttled_ms: c.throttled_ns / 1_000_000 - p.throttled_ns / 1_000_000,
-                active_ms: c.active_ns / 1_000_000 - p.active_ns / 1_000_000,
+                active_ms: (c.throttled_ns + c.busy_ns) / 1_000_000
+                    - (p.throttled_ns + p.busy_ns) / 1_000_000,
                 period_start: start,
                 open_now: a.open_connections() as u64,
                 rate_now: rate,

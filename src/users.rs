@@ -133,7 +133,7 @@ pub struct UsageDelta {
     pub connections: u64,
     /// Milliseconds relays waited for tokens since the last flush.
     pub throttled_ms: u64,
-    /// Relay-milliseconds (two relays per open connection) since the last flush.
+    /// Milliseconds relays worked (waited for tokens or moved bytes) since the last flush.
     pub active_ms: u64,
     /// Start of the user's current quota period (unix seconds).
     pub period_start: u64,
@@ -158,7 +158,7 @@ pub struct Usage {
     pub connections: u64,
     /// Milliseconds relays waited for tokens.
     pub throttled_ms: u64,
-    /// Relay-milliseconds of open connections.
+    /// Milliseconds relays worked (waited for tokens or moved bytes).
     pub active_ms: u64,
     /// Last time a connection was open (unix seconds), if ever.
     pub last_seen: Option<u64>,

@@ -3,7 +3,9 @@
 
 mod support;
 
+mod accounting;
 mod cli;
 mod limits;
 mod local;
 mod server;
+mod tls;

@@ -2,8 +2,8 @@
 //! count (1, 4, 16, 64) and direction (download, upload, both), the bytes a user moved over the
 //! window divided by bandwidth × window.
 //!
-//! Each cell is its own user, so the twelve cells of one direction run at once against one
-//! server (three windows per run instead of thirty-six). Bytes are counted where they have really
+//! Each cell is its own user, so many cells run at once against one server (two windows per
+//! run instead of thirty-six, see `GROUPS`). Bytes are counted where they have really
 //! been forwarded: for download at the client, for upload at the origin sink, for both the sum.
 //! The window opens when the cell's first tunnel is established.
 
@@ -50,41 +50,52 @@ pub fn users() -> Vec<User> {
     v
 }
 
-/// Runs every direction `runs` times and adds one row per bandwidth × direction.
+/// Directions whose cells run at the same time: download and upload together (24 users), then
+/// both (12 users), so a run takes two windows. Each user has its own bucket, and isolation
+/// between users is a target in its own right (scenario 9).
+const GROUPS: [&[usize]; 2] = [&[0, 1], &[2]];
+
+/// One cell: direction, rate and connection-count indexes.
+type Cell = (usize, usize, usize);
+
+/// Runs every group `runs` times and adds one row per bandwidth × direction.
 pub fn run(ctx: &mut Ctx) -> Result<(), String> {
     let window = ctx.cfg.accuracy;
     // samples[direction][rate][conns]
     let mut samples = vec![vec![vec![Samples::default(); CONNS.len()]; RATES.len()]; DIRS.len()];
-    // CPU, % of one core, of the server and of this process while a direction runs: a limiter
+    // CPU, % of one core, of the server and of this process while a group runs: a limiter
     // that misses its figures because the machine is saturated shows here.
     let mut cpu = vec![(Samples::default(), Samples::default()); DIRS.len()];
     let server = ctx.server()?;
     for _ in 0..ctx.cfg.runs {
-        for (d, (dir, label)) in DIRS.iter().enumerate() {
-            let routes: Vec<Vec<Route>> = (0..RATES.len())
-                .map(|r| {
-                    CONNS
-                        .iter()
-                        .map(|&c| server.route(&user(label, r, c)))
-                        .collect()
-                })
+        for group in GROUPS {
+            let cells: Vec<(Cell, Route)> = group
+                .iter()
+                .flat_map(|&d| (0..RATES.len()).map(move |r| (d, r)))
+                .flat_map(|(d, r)| (0..CONNS.len()).map(move |c| (d, r, c)))
+                .map(|(d, r, c)| ((d, r, c), server.route(&user(DIRS[d].1, r, CONNS[c]))))
                 .collect();
             let (s0, b0, t0) = (server.proc.cpu_secs(), own_cpu_secs(), Instant::now());
-            let got = run_direction(&routes, *dir, window)?;
+            let got = run_cells(&cells, window)?;
             let took = t0.elapsed().as_secs_f64();
             let (s1, b1) = (server.proc.cpu_secs(), own_cpu_secs());
             if let (Some(s0), Some(s1), Some(b0), Some(b1)) = (s0, s1, b0, b1) {
-                cpu[d].0.push((s1 - s0) / took * 100.0);
-                cpu[d].1.push((b1 - b0) / took * 100.0);
-            }
-            for (r, row) in got.into_iter().enumerate() {
-                for (c, x) in row.into_iter().enumerate() {
-                    samples[d][r][c].push(x);
+                for &d in group {
+                    cpu[d].0.push((s1 - s0) / took * 100.0);
+                    cpu[d].1.push((b1 - b0) / took * 100.0);
                 }
+            }
+            for (((d, r, c), _), x) in cells.iter().zip(got) {
+                samples[*d][*r][*c].push(x);
             }
         }
     }
     for (d, (_, dlabel)) in DIRS.iter().enumerate() {
+        let together = GROUPS
+            .iter()
+            .find(|g| g.contains(&d))
+            .map_or(0, |g| g.len())
+            * 12;
         for (r, (_, rlabel)) in RATES.iter().enumerate() {
             let cells = &samples[d][r];
             let ok = cells
@@ -96,7 +107,7 @@ pub fn run(ctx: &mut Ctx) -> Result<(), String> {
                 "achieved / bw at 1 · 4 · 16 · 64 conns",
                 value.join(" · "),
                 format!(
-                    "each {}–{} over {window:?} · CPU while the 12 cells ran: server {}, bench {}",
+                    "each {}–{} over {window:?} · CPU while its {together} cells ran: server {}, bench {}",
                     RANGE.0,
                     RANGE.1,
                     cpu[d].0.show(Unit::Percent),
@@ -109,41 +120,18 @@ pub fn run(ctx: &mut Ctx) -> Result<(), String> {
     Ok(())
 }
 
-/// All twelve cells of one direction at once; returns achieved / bandwidth as [rate][conns].
-fn run_direction(
-    routes: &[Vec<Route>],
-    dir: Dir,
-    window: Duration,
-) -> Result<Vec<Vec<f64>>, String> {
+/// Runs the cells at once, one thread each; returns achieved / bandwidth in the same order.
+fn run_cells(cells: &[(Cell, Route)], window: Duration) -> Result<Vec<f64>, String> {
     thread::scope(|s| {
-        let handles: Vec<Vec<_>> = routes
+        let handles: Vec<_> = cells
             .iter()
-            .enumerate()
-            .map(|(r, row)| {
-                row.iter()
-                    .zip(CONNS)
-                    .map(|(route, conns)| {
-                        let bw = RATES[r].0;
-                        let only = std::env::var("ONLY").ok();
-                        let skip = only.is_some_and(|o| o != format!("{r}-{conns}"));
-                        s.spawn(move || {
-                            if skip {
-                                Ok(0.0)
-                            } else {
-                                cell(route, dir, bw, conns, window)
-                            }
-                        })
-                    })
-                    .collect()
+            .map(|&((d, r, c), ref route)| {
+                s.spawn(move || cell(route, DIRS[d].0, RATES[r].0, CONNS[c], window))
             })
             .collect();
         handles
             .into_iter()
-            .map(|row| {
-                row.into_iter()
-                    .map(|h| h.join().map_err(|_| "a cell panicked".to_string())?)
-                    .collect()
-            })
+            .map(|h| h.join().map_err(|_| "a cell panicked".to_string())?)
             .collect()
     })
 }
@@ -173,12 +161,6 @@ fn cell(route: &Route, dir: Dir, bw: u64, conns: usize, window: Duration) -> Res
     let (t0, b0) = start.ok_or("no connection")?;
     thread::sleep((t0 + window).saturating_duration_since(Instant::now()));
     let (b1, took) = (moved(), t0.elapsed());
-    eprintln!(
-        "DEBUG {dir:?} {conns} {bw} down {} up {} origin-write-blocked {} ms",
-        meter.bytes(),
-        ep.meter.bytes(),
-        crate::origin::WBLOCK.swap(0, std::sync::atomic::Ordering::Relaxed) / 1000
-    );
     load.stop();
     Ok(b1.saturating_sub(b0) as f64 / (bw as f64 * took.as_secs_f64()))
 }

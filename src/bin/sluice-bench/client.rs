@@ -122,7 +122,6 @@ impl Route {
         };
         let s = TcpStream::connect_timeout(&to, CONNECT_TIMEOUT)?;
         s.set_nodelay(true)?;
-        big_buffers(&s);
         s.set_read_timeout(Some(IO_TIMEOUT))?;
         s.set_write_timeout(Some(IO_TIMEOUT))?;
         match self {
@@ -131,31 +130,6 @@ impl Route {
             Route::Connect { auth, .. } => http_connect(&s, auth, target)?,
         }
         Ok(s)
-    }
-}
-
-/// Socket buffer size on the benchmark's side of every tunnel (client and origin). A limiter
-/// that cannot bank tokens for long (Sluice's bucket holds a few ticks) loses bandwidth whenever
-/// the far end stalls: with 2 cores shared by hundreds of threads, a client or origin thread can
-/// be off the CPU for tens of milliseconds, which at 64 MiB/s is megabytes. Large buffers keep
-/// the proxy supplied (and drained) through such stalls, so the figures are the proxy's.
-pub const SOCKET_BUF: libc::c_int = 4 << 20;
-
-/// Sets SO_SNDBUF and SO_RCVBUF to [`SOCKET_BUF`] (best effort: the kernel caps them at
-/// net.core.wmem_max / rmem_max).
-pub fn big_buffers(s: &impl std::os::fd::AsRawFd) {
-    let v: libc::c_int = SOCKET_BUF;
-    for opt in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
-        // SAFETY: setsockopt reads an int from a valid pointer for the given length.
-        unsafe {
-            libc::setsockopt(
-                s.as_raw_fd(),
-                libc::SOL_SOCKET,
-                opt,
-                (&v as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            );
-        }
     }
 }
 

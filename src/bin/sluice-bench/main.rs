@@ -274,7 +274,7 @@ const NOTES: [&str; 5] = [
      CPU-s/GB divides by the bytes that arrived (at the client for download, at the origin for \
      upload).",
     "Limiter scenarios (5–11) use Sluice alone. Accuracy (5): each cell is its own user; the \
-     twelve cells of one direction run at once; the window opens when the cell's first tunnel \
+     24 download and upload cells run at once, then the 12 \"both\" cells; the window opens when the cell's first tunnel \
      is established; bytes are counted at the client (download), at the origin sink (upload), \
      or both summed.",
     "Set-up (4): each tunnel is opened (SOCKS5 username/password, HTTP CONNECT with Basic for \

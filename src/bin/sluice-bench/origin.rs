@@ -7,7 +7,7 @@
 //! origin well above any proxy (checked by the direct path in every run). Opening the tunnels is
 //! `client.rs`; scenarios choose the endpoints.
 
-use crate::client::{Meter, big_buffers};
+use crate::client::Meter;
 use crate::procs::bind_low;
 use parking_lot::Mutex;
 use std::io::{self, Read, Write};
@@ -137,7 +137,6 @@ fn accept_loop(
             return;
         }
         let _ = s.set_nodelay(true);
-        big_buffers(&s);
         match kind {
             Kind::Hold => held.lock().push(s),
             Kind::Echo => echo(&s, meter),
@@ -174,15 +173,9 @@ fn serve(s: TcpStream, kind: Kind, meter: &Arc<Meter>, stop: &Arc<AtomicBool>) {
 }
 
 /// Writes the payload until the peer goes away or the origin stops.
-pub static WBLOCK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 fn send(mut s: &TcpStream, meter: Option<&Arc<Meter>>, stop: &AtomicBool) {
     while !stop.load(Ordering::Relaxed) {
-        let t = std::time::Instant::now();
-        let r = s.write(&PAYLOAD);
-        if meter.is_some() {
-            WBLOCK.fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
-        }
-        match r {
+        match s.write(&PAYLOAD) {
             Ok(0) => return,
             Ok(n) => {
                 if let Some(m) = meter {
