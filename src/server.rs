@@ -284,6 +284,15 @@ pub fn start(config: &ServerConfig) -> Result<ServerHandle> {
             ""
         }
     );
+    if config.tls.is_some() {
+        info!("the port speaks TLS only (SOCKS5 and HTTP inside the TLS session)");
+    }
+    info!(
+        "at most {} connections at once (from the open-files limit and vm.max_map_count {}; --max-connections sets it); idle relays closed after {} s",
+        shared.max_connections,
+        max_map_count().map_or("unknown".to_string(), |m| m.to_string()),
+        config.idle_timeout.as_secs()
+    );
     Ok(ServerHandle {
         local_addr,
         metrics_addr,
@@ -296,10 +305,30 @@ pub fn start(config: &ServerConfig) -> Result<ServerHandle> {
 /// Files kept free for the database, logs and the listener when deriving the connection cap.
 const RESERVED_FILES: u64 = 64;
 
-/// The default global connection cap: what the open-files limit allows at two sockets each.
+/// Memory maps a connection costs: two threads, each with a stack and its guard page and an
+/// alternate signal stack with its guard page (std's stack-overflow handler).
+const MAPS_PER_CONNECTION: u64 = 8;
+/// Maps kept free for the rest of the process (libraries, heap, the database).
+const RESERVED_MAPS: u64 = 2048;
+
+/// The default global connection cap: what both the open-files limit (two sockets each) and the
+/// kernel's `vm.max_map_count` (a thread that cannot map its stacks aborts the process) allow.
 pub fn default_max_connections() -> usize {
     let files = current_nofile_limit().unwrap_or(1024);
-    (files.saturating_sub(RESERVED_FILES) / 2).max(1) as usize
+    let by_files = files.saturating_sub(RESERVED_FILES) / 2;
+    let by_maps = max_map_count().map_or(u64::MAX, |m| {
+        m.saturating_sub(RESERVED_MAPS) / MAPS_PER_CONNECTION
+    });
+    by_files.min(by_maps).max(1) as usize
+}
+
+/// The kernel's limit on memory maps per process, if it can be read.
+pub fn max_map_count() -> Option<u64> {
+    std::fs::read_to_string("/proc/sys/vm/max_map_count")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// What an accept loop serves: the server, or the local proxy. The loop only accepts and spawns,
