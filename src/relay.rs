@@ -4,9 +4,11 @@
 //! Half-close is carried through: EOF from one side shuts down writing toward the other while the
 //! other direction keeps flowing; an error in either direction shuts both sockets, which ends the
 //! other thread too. Either side may be TLS (`stream.rs`). A limited relay first waits until its
-//! source is readable (a one-byte peek, or plaintext in the TLS session), then asks the limiter for up to a buffer's worth, reads at most what it was granted and gives
-//! back the rest, so it never holds tokens while blocked and never reads past its grant. Buffers
-//! are allocated only once data arrives, so an idle tunnel costs two sleeping threads and no buffer.
+//! source is readable (a one-byte peek, or plaintext in the TLS session), then asks the limiter
+//! for up to a buffer's worth, reads at most what it was granted and gives back the rest, so it
+//! never holds tokens while blocked and never reads past its grant. Between two plain sockets the
+//! bytes move through a pipe with `splice(2)`, never through user space. Pipes and buffers are
+//! made only once data arrives, so an idle tunnel costs two sleeping threads and nothing else.
 
 use crate::account::{Account, Reserve};
 use crate::limiter::{Closed, Limiter, Waiter};
@@ -295,7 +297,11 @@ fn copy(
                     if let Some(b) = budget {
                         b.settle(grant, 0);
                     }
-                    return Err(End::Error(e));
+                    return Err(if is_timeout(&e) {
+                        End::Idle
+                    } else {
+                        End::Error(e)
+                    });
                 }
             }
         };
