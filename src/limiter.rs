@@ -32,9 +32,13 @@ pub const DEFAULT_TICK: Duration = Duration::from_millis(10);
 pub const CAPACITY_TICKS: u64 = 4;
 const NANOS: u128 = 1_000_000_000;
 
-/// One relay thread's place to sleep. Reused for every grant the thread waits for.
+/// One relay thread's place to sleep: its own small mutex and Condvar, so a relay woken with a
+/// grant returns without touching the limiter's global lock (a tick that serves a hundred
+/// waiters would otherwise queue them all on that lock, and a busy user's fast path behind them).
+/// Reused for every grant the thread waits for.
 #[derive(Default)]
 pub struct Waiter {
+    lock: Mutex<()>,
     cv: Condvar,
     /// Bytes handed to this waiter while it slept (written under the limiter's lock).
     granted: AtomicU64,
@@ -46,6 +50,32 @@ impl Waiter {
     /// A fresh waiter for one relay thread.
     pub fn new() -> Arc<Waiter> {
         Arc::new(Waiter::default())
+    }
+
+    /// Wakes the relay sleeping here. Taking its lock first means the wake-up cannot fall between
+    /// the relay's check of `granted` and its wait.
+    fn notify(&self) {
+        let _g = self.lock.lock();
+        self.cv.notify_one();
+    }
+
+    /// Sleeps until a grant or a close arrives (checked under this waiter's own lock).
+    fn wait(&self, stopping: &AtomicBool) -> Result<u64, Closed> {
+        let mut g = self.lock.lock();
+        loop {
+            let n = self.granted.load(Ordering::Acquire);
+            if n > 0 {
+                return Ok(n);
+            }
+            if self.closed.load(Ordering::Acquire) {
+                return Err(if stopping.load(Ordering::Relaxed) {
+                    Closed::Stopping
+                } else {
+                    Closed::Revoked
+                });
+            }
+            self.cv.wait(&mut g);
+        }
     }
 }
 
@@ -154,7 +184,7 @@ impl Bucket {
         self.tokens = self.tokens.min(self.capacity);
         if rate == 0 {
             served.extend(self.queue.drain(..).map(|q| {
-                q.waiter.granted.store(q.want, Ordering::Relaxed);
+                q.waiter.granted.store(q.want, Ordering::Release);
                 q.waiter
             }));
         }
@@ -178,7 +208,7 @@ impl Bucket {
             };
             let n = q.want.min(self.tokens);
             self.tokens -= n;
-            q.waiter.granted.store(n, Ordering::Relaxed);
+            q.waiter.granted.store(n, Ordering::Release);
             served.push(q.waiter);
         }
         served
@@ -188,7 +218,7 @@ impl Bucket {
         self.queue
             .drain(..)
             .map(|q| {
-                q.waiter.closed.store(true, Ordering::Relaxed);
+                q.waiter.closed.store(true, Ordering::Release);
                 q.waiter
             })
             .collect()
@@ -249,6 +279,7 @@ impl Limiter {
                 Vec::new()
             }
         };
+        drop(map);
         self.wake(served);
     }
 
@@ -264,10 +295,10 @@ impl Limiter {
 
     /// Forgets a user: its waiting relays wake with [`Closed::Revoked`].
     pub fn remove(&self, user: &str) {
-        let mut map = self.buckets.lock();
-        if let Some(mut b) = map.remove(user) {
+        let removed = self.buckets.lock().remove(user);
+        if let Some(mut b) = removed {
             for w in b.close_all() {
-                w.cv.notify_one();
+                w.notify();
             }
         }
     }
@@ -297,27 +328,16 @@ impl Limiter {
         };
         let n = b.try_take(want);
         if n > 0 {
+            drop(map);
             self.wake(served);
             return Ok(n);
         }
-        waiter.granted.store(0, Ordering::Relaxed);
-        waiter.closed.store(false, Ordering::Relaxed);
+        waiter.granted.store(0, Ordering::Release);
+        waiter.closed.store(false, Ordering::Release);
         b.enqueue(waiter.clone(), want);
+        drop(map);
         self.wake(served);
-        loop {
-            waiter.cv.wait(&mut map);
-            let g = waiter.granted.load(Ordering::Relaxed);
-            if g > 0 {
-                return Ok(g);
-            }
-            if waiter.closed.load(Ordering::Relaxed) {
-                return Err(if self.stopping.load(Ordering::Relaxed) {
-                    Closed::Stopping
-                } else {
-                    Closed::Revoked
-                });
-            }
-        }
+        waiter.wait(&self.stopping)
     }
 
     /// Gives back tokens a short read did not use.
@@ -325,22 +345,26 @@ impl Limiter {
         if n == 0 {
             return;
         }
-        let mut map = self.buckets.lock();
-        if let Some(b) = map.get_mut(user) {
-            let served = b.give_back(n);
-            self.wake(served);
-        }
+        let served = match self.buckets.lock().get_mut(user) {
+            Some(b) => b.give_back(n),
+            None => return,
+        };
+        self.wake(served);
     }
 
     /// One refill pass over every bucket, waking the waiters served. Called by the refill thread.
     pub fn refill_all(&self, now: Instant) {
-        let mut map = self.buckets.lock();
-        for b in map.values_mut() {
-            if b.rate > 0 {
-                let served = b.refill(now);
-                self.wake(served);
+        let mut served = Vec::new();
+        {
+            let mut map = self.buckets.lock();
+            for b in map.values_mut() {
+                if b.rate > 0 {
+                    served.extend(b.refill(now));
+                }
             }
         }
+        // Woken outside the global lock: each relay returns on its own waiter's lock.
+        self.wake(served);
     }
 
     /// Starts the refill thread; it stops when [`Limiter::shutdown`] is called.
@@ -374,11 +398,14 @@ impl Limiter {
     /// Stops the refill thread and wakes every waiter with [`Closed::Stopping`].
     pub fn shutdown(&self) {
         self.stopping.store(true, Ordering::Relaxed);
-        let mut map = self.buckets.lock();
-        for b in map.values_mut() {
-            for w in b.close_all() {
-                w.cv.notify_one();
-            }
+        let closed: Vec<Arc<Waiter>> = self
+            .buckets
+            .lock()
+            .values_mut()
+            .flat_map(Bucket::close_all)
+            .collect();
+        for w in closed {
+            w.notify();
         }
     }
 
@@ -389,7 +416,7 @@ impl Limiter {
         self.wakeups
             .fetch_add(served.len() as u64, Ordering::Relaxed);
         for w in served {
-            w.cv.notify_one();
+            w.notify();
         }
     }
 }

@@ -3,6 +3,7 @@
 //! scenarios and targets; `make bench` runs it after a release build.
 //!
 //! usage: sluice-bench [--quick] [--runs N] [--only 1,5,12] [--no-peers]
+//! (SLUICE_BENCH_KEEP=1 keeps the scratch directory with the proxies' logs and configs.)
 //!
 //! Everything runs on loopback: an origin inside this process (`origin.rs`), the proxies as child
 //! processes (`proxies.rs`, `peers.rs`), clients in this process (`client.rs`). Each scenario file
@@ -120,6 +121,13 @@ impl Ctx {
     }
 }
 
+const USAGE: &str = "usage: sluice-bench [--quick] [--runs N] [--only 1,5,12] [--no-peers]
+  --quick      every scenario once, with short windows (a smoke test)
+  --runs N     runs per figure (default 3; the median is reported)
+  --only LIST  scenario numbers to run (1-12)
+  --no-peers   skip the reference proxies
+  SLUICE_BENCH_KEEP=1 keeps the scratch directory (logs, configs)";
+
 struct Args {
     quick: bool,
     runs: Option<usize>,
@@ -149,9 +157,8 @@ fn parse_args() -> Result<Args, String> {
                 a.only = Some(nums.map_err(|_| format!("bad --only {v:?}"))?);
             }
             "-h" | "--help" => {
-                return Err(
-                    "usage: sluice-bench [--quick] [--runs N] [--only 1,5,12] [--no-peers]".into(),
-                );
+                println!("{USAGE}");
+                std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other:?} (try --help)")),
         }

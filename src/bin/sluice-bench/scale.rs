@@ -117,6 +117,14 @@ pub fn idle_tunnels(ctx: &mut Ctx) -> Result<(), String> {
                 }
                 (Ok(x), Ok(())) => x,
             };
+            // A tunnel counts as held only if it reached the origin.
+            if ep.held() < socks.len() {
+                short[i].get_or_insert(format!(
+                    "{} tunnels open at the client but {} at the origin",
+                    socks.len(),
+                    ep.held()
+                ));
+            }
             per[i].push(rss.saturating_sub(rss0) as f64 / socks.len().max(1) as f64);
             threads[i].push(thr as f64);
             if let Some(m) = server.proc.map_count() {
