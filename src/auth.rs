@@ -375,9 +375,13 @@ struct Watcher {
     accountant: Accountant,
     last_flush: std::time::Instant,
     flush_failing: bool,
-    store: UserStore,
+    /// `None` while the file is gone: holding a connection to a deleted file would keep its
+    /// `-wal`/`-shm` files alive at the path, where a re-created database would pick them up.
+    store: Option<UserStore>,
     path: PathBuf,
     identity: Option<(u64, u64)>,
+    /// A file seen at the path that could not be opened (logged once).
+    unreadable: Option<(u64, u64)>,
     version: Option<i64>,
     missing_logged: bool,
 }
@@ -396,7 +400,8 @@ impl Watcher {
             flush_failing: false,
             identity: file_identity(&path),
             version,
-            store,
+            store: Some(store),
+            unreadable: None,
             path,
             missing_logged: false,
         }
@@ -420,7 +425,9 @@ impl Watcher {
         let accounts = dir.accounts();
         self.accountant.sample(&accounts, now);
         let (deltas, marks) = self.accountant.deltas(&accounts, usage::unix_now());
-        match self.store.flush_usage(&deltas, usage::unix_now()) {
+        // No file: the counts wait in memory (deltas are taken against the last commit).
+        let Some(store) = &self.store else { return };
+        match store.flush_usage(&deltas, usage::unix_now()) {
             Ok(()) => {
                 self.accountant.commit(marks);
                 if self.flush_failing {
@@ -441,23 +448,31 @@ impl Watcher {
         if now_id.is_none() {
             if !self.missing_logged {
                 warn!(
-                    "database {} is gone; keeping the last snapshot of {} users",
+                    "database {} is gone; keeping the last snapshot of {} users and counting usage in memory",
                     self.path.display(),
                     dir.len()
                 );
                 self.missing_logged = true;
             }
+            // Let go of the deleted file at once (see `store`).
+            self.store = None;
+            self.identity = None;
             return;
         }
         self.missing_logged = false;
-        if now_id != self.identity {
+        if now_id == self.unreadable {
+            return; // said so once; wait for the file to change again
+        }
+        if now_id != self.identity || self.store.is_none() {
+            // Drop the old connection before opening the new file, for the same reason.
+            self.store = None;
             match UserStore::open(&self.path) {
                 Ok(s) => {
                     info!(
                         "database {} was replaced; reloading it",
                         self.path.display()
                     );
-                    self.store = s;
+                    self.store = Some(s);
                     self.identity = now_id;
                     self.version = None;
                 }
@@ -466,12 +481,13 @@ impl Watcher {
                         "database {} was replaced by something unreadable ({e}); keeping the last snapshot",
                         self.path.display()
                     );
-                    self.identity = now_id;
+                    self.unreadable = now_id;
                     return;
                 }
             }
         }
-        let v = match self.store.data_version() {
+        let Some(store) = &self.store else { return };
+        let v = match store.data_version() {
             Ok(v) => v,
             Err(e) => {
                 warn!("cannot read database: {e}; keeping the last snapshot");
@@ -481,7 +497,7 @@ impl Watcher {
         if Some(v) == self.version {
             return;
         }
-        match reload(&self.store, dir) {
+        match reload(store, dir) {
             Ok(c) => {
                 self.version = Some(v);
                 if c != Changes::default() {

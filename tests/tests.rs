@@ -3,6 +3,7 @@
 
 mod support;
 
+mod abuse;
 mod accounting;
 mod cli;
 mod limits;
