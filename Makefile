@@ -15,8 +15,8 @@ run: build $(DEMO_DB)
 	@echo
 	@echo "sluice server on 127.0.0.1:8889 and sluice local on 127.0.0.1:1080, user demo / password demo at 1M."
 	@echo "Try (Ctrl-C stops both):"
-	@echo "  curl -x socks5h://demo:demo@127.0.0.1:8889 https://example.com/ -o /dev/null -w '%{speed_download} B/s\n'"
-	@echo "  curl --socks5-hostname 127.0.0.1:1080 https://example.com/ -o /dev/null -w '%{speed_download} B/s\n'"
+	@echo "  curl -x socks5h://demo:demo@127.0.0.1:8889 https://example.com/ -o /dev/null -w '%{speed_download} B/s'"
+	@echo "  curl --socks5-hostname 127.0.0.1:1080 https://example.com/ -o /dev/null -w '%{speed_download} B/s'"
 	@echo "  curl -x http://demo:demo@127.0.0.1:8889 http://example.com/"
 	@echo
 	SLUICE_PASSWORD=demo $(BIN) local --server 127.0.0.1:8889 --user demo --listen 127.0.0.1:1080 & \

@@ -274,7 +274,7 @@ pub fn start(config: &ServerConfig) -> Result<ServerHandle> {
         .map_err(spawn_err)?;
     threads.push(accept);
     info!(
-        "sluice server listening on {local_addr} with {} users (db {}, tick {} ms{})",
+        "sluice server listening on {local_addr} (users: {}, db {}, tick {} ms{})",
         directory.len(),
         config.db.display(),
         limiter.tick().as_millis(),
