@@ -20,6 +20,7 @@ mod scale;
 mod shares;
 mod table;
 mod throughput;
+mod tls;
 
 use client::Route;
 use origin::{Endpoint, Kind};
@@ -185,7 +186,7 @@ fn main() -> ExitCode {
 
 /// Scenarios in the order they run; the number is the one `--only` takes.
 type Scenario = fn(&mut Ctx) -> Result<(), String>;
-const SCENARIOS: [(u32, &str, Scenario); 11] = [
+const SCENARIOS: [(u32, &str, Scenario); 12] = [
     (1, "1 · unlimited, 1 conn", throughput::single),
     (2, "2 · unlimited, 8 conns", throughput::eight),
     (3, "3 · via sluice local", throughput::local),
@@ -197,6 +198,7 @@ const SCENARIOS: [(u32, &str, Scenario); 11] = [
     (9, "9 · isolation", control::isolation),
     (10, "10 · live change", control::live_change),
     (11, "11 · limiter cost", scale::cost),
+    (13, "13 · TLS between local and server", tls::run),
 ];
 
 fn run(args: &Args) -> Result<(), String> {
@@ -298,6 +300,7 @@ fn all_users(cfg: &Config) -> Vec<User> {
     users.extend(shares::users(cfg.runs));
     users.extend(control::users(cfg.runs));
     users.extend(scale::users());
+    users.extend(tls::users());
     users
 }
 

@@ -69,6 +69,20 @@ impl Server {
     /// # Errors
     /// It did not start listening; the message quotes its log.
     pub fn start(bin: &Path, db: &Path, dir: &TempDir, tag: &str) -> Result<Server, String> {
+        Self::start_with(bin, db, dir, tag, &[])
+    }
+
+    /// As [`Server::start`], with extra arguments (e.g. `--tls-cert`, `--tls-key`).
+    ///
+    /// # Errors
+    /// As [`Server::start`].
+    pub fn start_with(
+        bin: &Path,
+        db: &Path,
+        dir: &TempDir,
+        tag: &str,
+        extra: &[String],
+    ) -> Result<Server, String> {
         let addr = free_addr()?;
         let mut cmd = Command::new(bin);
         cmd.arg("server")
@@ -76,7 +90,8 @@ impl Server {
             .arg(db)
             .arg("--listen")
             .arg(addr.to_string())
-            .arg("--allow-private");
+            .arg("--allow-private")
+            .args(extra);
         let mut proc = Proc::spawn(cmd, "sluice server", &dir.path(&format!("{tag}.log")))?;
         proc.wait_listening(addr, START_LIMIT)?;
         Ok(Server {
@@ -111,6 +126,21 @@ impl Local {
         user: &str,
         dir: &TempDir,
     ) -> Result<Local, String> {
+        Self::start_with(bin, server, user, dir, "local", &[])
+    }
+
+    /// As [`Local::start`], logging to `TAG.log`, with extra arguments (e.g. `--tls`).
+    ///
+    /// # Errors
+    /// As [`Local::start`].
+    pub fn start_with(
+        bin: &Path,
+        server: SocketAddr,
+        user: &str,
+        dir: &TempDir,
+        tag: &str,
+        extra: &[String],
+    ) -> Result<Local, String> {
         let addr = free_addr()?;
         let mut cmd = Command::new(bin);
         cmd.arg("local")
@@ -120,8 +150,9 @@ impl Local {
             .arg(user)
             .arg("--listen")
             .arg(addr.to_string())
+            .args(extra)
             .env("SLUICE_PASSWORD", PASSWORD);
-        let mut proc = Proc::spawn(cmd, "sluice local", &dir.path("local.log"))?;
+        let mut proc = Proc::spawn(cmd, "sluice local", &dir.path(&format!("{tag}.log")))?;
         proc.wait_listening(addr, START_LIMIT)?;
         Ok(Local { proc, addr })
     }

@@ -60,7 +60,7 @@ fn contenders(ctx: &Ctx) -> Result<Vec<Contender<'_>>, String> {
 }
 
 /// Bytes per second over the window, and the proxy's CPU-seconds per GB if it has a process.
-fn measure(
+pub fn measure(
     cfg: &Config,
     route: &Route,
     dir: Dir,
@@ -244,7 +244,7 @@ pub fn local(ctx: &mut Ctx) -> Result<(), String> {
 
 /// Tunnels per second and failures: `SETUP_THREADS` clients open a tunnel to the echo origin,
 /// echo one byte and close, until the time is up.
-fn setup_rate(route: &Route, echo: SocketAddr, length: Duration) -> (f64, u64) {
+pub fn setup_rate(route: &Route, echo: SocketAddr, length: Duration) -> (f64, u64) {
     let (done, failed) = (AtomicU64::new(0), AtomicU64::new(0));
     let start = Instant::now();
     let deadline = start + length;
