@@ -275,22 +275,5 @@ impl Drop for TempDir {
 
 /// Raises this process's soft open-files limit to the hard one; returns the new soft limit.
 pub fn raise_nofile_limit() -> Option<u64> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return None;
-        }
-        let want = libc::rlimit {
-            rlim_cur: lim.rlim_max,
-            rlim_max: lim.rlim_max,
-        };
-        if lim.rlim_cur < lim.rlim_max && libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
-            lim = want;
-        }
-    }
-    Some(lim.rlim_cur)
+    sluice::server::raise_nofile_limit()
 }
