@@ -66,7 +66,7 @@ impl Config {
             runs: 3,
             warmup: Duration::from_millis(200),
             tput: Duration::from_secs(1),
-            setup: Duration::from_secs(2),
+            setup: Duration::from_millis(1500),
             accuracy: Duration::from_secs(10),
             fairness: Duration::from_secs(5),
             isolation: Duration::from_millis(1500),
@@ -283,7 +283,8 @@ const NOTES: [&str; 5] = [
      CPU-s/GB divides by the bytes that arrived (at the client for download, at the origin for \
      upload).",
     "Limiter scenarios (5–11) use Sluice alone. Accuracy (5): each cell is its own user; the \
-     24 download and upload cells run at once, then the 12 \"both\" cells; the window opens when the cell's first tunnel \
+     cells run in three groups of all directions: the 16 KiB/s and 1 MiB/s cells, then the 64 MiB/s cells \
+     with 16 and 64 connections, then those with 1 and 4; the window opens when the cell's first tunnel \
      is established; bytes are counted at the client (download), at the origin sink (upload), \
      or both summed.",
     "Set-up (4): each tunnel is opened (SOCKS5 username/password, HTTP CONNECT with Basic for \
