@@ -323,7 +323,12 @@ fn socks5_handshake(
         Ok(dest) => {
             let bound = dest.local_addr().ok();
             let dest = Stream::plain(dest);
-            send(client, &socks5::encode_reply(Reply::Succeeded, bound)).then_some(Session {
+            if !send(client, &socks5::encode_reply(Reply::Succeeded, bound)) {
+                // Admitted but gone: give the connection slot back.
+                account.unregister(id);
+                return None;
+            }
+            Some(Session {
                 account,
                 proto: "socks5",
                 target: req.target,
@@ -493,6 +498,8 @@ fn http_handshake(
     let prefix = match prefix_head {
         None => {
             if !send(client, &http::encode_response(Status::Ok, "")) {
+                // Admitted but gone: give the connection slot back.
+                account.unregister(id);
                 return None;
             }
             rest
