@@ -189,3 +189,21 @@ fn the_global_cap_sheds_without_a_thread_and_logs_at_most_once_a_second() {
     wait_until(SETTLE, || ids().len() >= 3);
     assert_eq!(ids(), [1, 2, 3], "connection ids:\n{}", srv.log_text());
 }
+
+/// Regression: a client that resets right after its CONNECT request can be gone when the server
+/// writes the success reply; that failed write used to leave the admitted connection on the
+/// account, and with `max_connections = 1` the user was then refused for good.
+#[test]
+fn a_client_gone_before_the_reply_gives_its_slot_back() {
+    let origin = Origin::start();
+    let srv = TestServer::start_with(&[("one", "pw", 0)], |c| cap(&c.db, "one", 1));
+    for _ in 0..20 {
+        let mut s = connect(srv.addr);
+        assert_eq!(socks5_auth_status(&mut s, "one", "pw").unwrap(), 0);
+        s.write_all(&socks5_request(origin.addr)).unwrap();
+        reset(s);
+    }
+    assert_settles(&srv, "after 20 clients reset before the reply");
+    let mut s = start_echo(socks5(srv.addr, "one", "pw", "127.0.0.1", origin.addr.port()).unwrap());
+    assert_echoes(&mut s, b"still admitted");
+}
