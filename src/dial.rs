@@ -45,11 +45,18 @@ impl DialError {
 
     /// The HTTP status for this failure: 403 policy, 504 timeout, else 502.
     pub fn status(&self) -> Status {
-        match self.reply() {
-            Reply::NotAllowed => Status::Forbidden,
-            Reply::TtlExpired => Status::GatewayTimeout,
-            _ => Status::BadGateway,
-        }
+        status_for(self.reply())
+    }
+}
+
+/// The HTTP status that tells an HTTP client what a SOCKS5 reply tells a SOCKS client: 403 for a
+/// destination not allowed, 504 for a timeout, 502 for any other failure. Shared by the server's
+/// own dial failures and the local proxy's translation of the server's replies.
+pub fn status_for(reply: Reply) -> Status {
+    match reply {
+        Reply::NotAllowed => Status::Forbidden,
+        Reply::TtlExpired => Status::GatewayTimeout,
+        _ => Status::BadGateway,
     }
 }
 

@@ -52,11 +52,7 @@ impl UpstreamError {
     /// The HTTP status for the app: 403 for a destination the server does not allow, 504 for
     /// a timeout, 502 for everything else (as the server answers its own HTTP clients).
     pub fn status(&self) -> Status {
-        match self.reply() {
-            Reply::NotAllowed => Status::Forbidden,
-            Reply::TtlExpired => Status::GatewayTimeout,
-            _ => Status::BadGateway,
-        }
+        dial::status_for(self.reply())
     }
 }
 
