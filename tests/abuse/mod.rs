@@ -133,19 +133,7 @@ pub fn userpass(user: &[u8], pass: &[u8]) -> Vec<u8> {
 
 /// A SOCKS5 CONNECT request to an IP address.
 pub fn socks5_request(dst: SocketAddr) -> Vec<u8> {
-    let mut r = vec![5, 1, 0];
-    match dst.ip() {
-        std::net::IpAddr::V4(v4) => {
-            r.push(1);
-            r.extend_from_slice(&v4.octets());
-        }
-        std::net::IpAddr::V6(v6) => {
-            r.push(4);
-            r.extend_from_slice(&v6.octets());
-        }
-    }
-    r.extend_from_slice(&dst.port().to_be_bytes());
-    r
+    socks5_connect_bytes(&dst.ip().to_string(), dst.port())
 }
 
 /// Greets and logs in on `s` (one write); returns the RFC 1929 status byte (0 = success).

@@ -13,11 +13,9 @@
 use crate::support::*;
 use sluice::users::{QuotaPeriod, Usage, UserChange, UserStore};
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -225,114 +223,6 @@ fn set_limits(db: &Path, user: &str, quota: Option<(u64, QuotaPeriod)>, max_conn
 
 // ---------------------------------------------------------------------------------------------
 // A `sluice` child process.
-
-/// A long-running `sluice server` or `sluice local` child started with `--listen 127.0.0.1:0`:
-/// its address (from its "listening on" line) and its log lines as they come. Killed on drop.
-pub(crate) struct Daemon {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    /// Every log line read so far.
-    pub log: Vec<String>,
-    /// Where it listens.
-    pub addr: SocketAddr,
-}
-
-impl Daemon {
-    /// Spawns `cmd` with logging at info and waits (up to 10 s) for its "listening on" line.
-    pub fn spawn(mut cmd: Command) -> Daemon {
-        cmd.env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-        let err = child.stderr.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        thread::spawn(move || {
-            for l in BufReader::new(err).lines().map_while(Result::ok) {
-                if tx.send(l).is_err() {
-                    return;
-                }
-            }
-        });
-        let mut d = Daemon {
-            child,
-            lines,
-            log: Vec::new(),
-            addr: ([127, 0, 0, 1], 0).into(),
-        };
-        let line = d
-            .wait_for_line("listening on", Duration::from_secs(10))
-            .unwrap_or_else(|| panic!("no start-up line from {cmd:?}: {:?}", d.log));
-        d.addr = line
-            .split("listening on ")
-            .nth(1)
-            .and_then(|r| r.split_whitespace().next())
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("no address in {line:?}"));
-        d
-    }
-
-    /// The first line containing `word` within `timeout` (`None` if the child exits first).
-    pub fn wait_for_line(&mut self, word: &str, timeout: Duration) -> Option<String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let l = self.lines.recv_timeout(left).ok()?;
-            self.log.push(l.clone());
-            if l.contains(word) {
-                return Some(l);
-            }
-        }
-    }
-
-    /// Sends `sig` to this child (by its pid).
-    pub fn signal(&self, sig: libc::c_int) {
-        let pid = libc::pid_t::try_from(self.child.id()).unwrap();
-        // SAFETY: kill() only sends a signal to the process we spawned.
-        assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "kill({pid}, {sig})");
-    }
-
-    /// Waits up to `timeout` for the child to exit.
-    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let mut status = None;
-        wait_until(timeout, || {
-            status = self.child.try_wait().unwrap();
-            status.is_some()
-        });
-        status
-    }
-
-    /// Log lines that came after those already read, for a failure message (waits briefly).
-    pub fn rest_of_log(&mut self) -> Vec<String> {
-        while let Ok(l) = self.lines.recv_timeout(Duration::from_millis(200)) {
-            self.log.push(l);
-        }
-        self.log.clone()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// `sluice server` on 127.0.0.1:0 over `db`, with loopback destinations allowed.
-fn server_process(db: &Path) -> Daemon {
-    let mut c = sluice_command();
-    c.args([
-        "server",
-        "--listen",
-        "127.0.0.1:0",
-        "--allow-private",
-        "--db",
-    ])
-    .arg(db);
-    Daemon::spawn(c)
-}
 
 // ---------------------------------------------------------------------------------------------
 // Counters and the flush.

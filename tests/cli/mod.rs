@@ -2,10 +2,9 @@
 //! database, and the error paths with their messages and exit codes (2 usage, 1 otherwise).
 
 use crate::support::*;
-use std::io::{BufRead, BufReader, Write};
-use std::net::SocketAddr;
-use std::process::{Child, Output, Stdio};
-use std::sync::mpsc;
+use std::io::Write;
+use std::path::Path;
+use std::process::Output;
 use std::time::Duration;
 
 fn stdout(o: &Output) -> String {
@@ -375,76 +374,6 @@ fn a_new_password_holds_for_new_logins() {
     );
 }
 
-/// A `sluice server` child process and the lines of its stderr as they come.
-struct ServerProcess {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    log: Vec<String>,
-}
-
-impl ServerProcess {
-    fn start(db: &str) -> (ServerProcess, SocketAddr) {
-        let mut c = sluice_command();
-        c.args([
-            "server",
-            "--listen",
-            "127.0.0.1:0",
-            "--allow-private",
-            "--db",
-            db,
-        ])
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-        let mut child = c.spawn().unwrap();
-        let err = child.stderr.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for l in BufReader::new(err).lines().map_while(Result::ok) {
-                if tx.send(l).is_err() {
-                    return;
-                }
-            }
-        });
-        let mut p = ServerProcess {
-            child,
-            lines,
-            log: Vec::new(),
-        };
-        let line = p
-            .wait_for_line("listening on", Duration::from_secs(10))
-            .expect("no start-up line");
-        let addr = line
-            .split("listening on ")
-            .nth(1)
-            .and_then(|r| r.split_whitespace().next())
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("no address in {line:?}"));
-        (p, addr)
-    }
-
-    /// The first line containing `word` within `timeout`.
-    fn wait_for_line(&mut self, word: &str, timeout: Duration) -> Option<String> {
-        let deadline = std::time::Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            let l = self.lines.recv_timeout(left).ok()?;
-            self.log.push(l.clone());
-            if l.contains(word) {
-                return Some(l);
-            }
-        }
-    }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn the_server_binary_serves_and_never_logs_a_password() {
     let (_dir, db) = temp_db();
@@ -465,7 +394,8 @@ fn the_server_binary_serves_and_never_logs_a_password() {
             .status
             .success()
     );
-    let (mut srv, addr) = ServerProcess::start(&db);
+    let mut srv = server_process(Path::new(&db));
+    let addr = srv.addr;
     let origin = Origin::start();
 
     let mut s = socks5(addr, "carl", pass, "127.0.0.1", origin.addr.port()).unwrap();
@@ -494,12 +424,12 @@ fn the_server_binary_serves_and_never_logs_a_password() {
         "{:?}",
         srv.log
     );
-    let _ = srv.child.kill();
-    let _ = srv.child.wait();
-    while let Ok(l) = srv.lines.recv_timeout(Duration::from_secs(2)) {
-        srv.log.push(l);
-    }
-    let log = srv.log.join("\n");
+    srv.signal(libc::SIGKILL);
+    assert!(
+        srv.wait_exit(Duration::from_secs(5)).is_some(),
+        "the server did not exit"
+    );
+    let log = srv.rest_of_log().join("\n");
     assert!(log.contains("carl"), "{log}");
     for secret in [
         pass.to_string(),

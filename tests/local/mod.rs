@@ -67,28 +67,6 @@ impl Chain {
     }
 }
 
-/// SOCKS5 CONNECT request bytes: ATYP 1 or 4 for literals, 3 for a name.
-fn socks5_request(host: &str, port: u16) -> Vec<u8> {
-    let mut req = vec![5, 1, 0];
-    match host.parse::<std::net::IpAddr>() {
-        Ok(std::net::IpAddr::V4(v4)) => {
-            req.push(1);
-            req.extend_from_slice(&v4.octets());
-        }
-        Ok(std::net::IpAddr::V6(v6)) => {
-            req.push(4);
-            req.extend_from_slice(&v6.octets());
-        }
-        Err(_) => {
-            req.push(3);
-            req.push(host.len() as u8);
-            req.extend_from_slice(host.as_bytes());
-        }
-    }
-    req.extend_from_slice(&port.to_be_bytes());
-    req
-}
-
 /// Opens a SOCKS5 tunnel offering only "no authentication", as browsers do. `Err` carries REP.
 fn socks5_open(proxy: SocketAddr, host: &str, port: u16) -> Result<TcpStream, u8> {
     let mut s = connect(proxy);
@@ -96,7 +74,7 @@ fn socks5_open(proxy: SocketAddr, host: &str, port: u16) -> Result<TcpStream, u8
     let mut m = [0u8; 2];
     s.read_exact(&mut m).unwrap();
     assert_eq!(m, [5, 0], "method choice");
-    s.write_all(&socks5_request(host, port)).unwrap();
+    s.write_all(&socks5_connect_bytes(host, port)).unwrap();
     match socks5_reply(&mut s).unwrap() {
         0 => Ok(s),
         code => Err(code),
@@ -230,7 +208,7 @@ fn socks5_payload_sent_with_the_request_is_not_lost() {
     let c = Chain::start(0);
     let mut s = connect(c.addr());
     let mut all = vec![5, 1, 0];
-    all.extend(socks5_request("127.0.0.1", c.port()));
+    all.extend(socks5_connect_bytes("127.0.0.1", c.port()));
     all.extend_from_slice(b"ECHO\npipelined bytes");
     s.write_all(&all).unwrap();
     let mut m = [0u8; 2];

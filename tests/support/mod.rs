@@ -8,9 +8,9 @@ use sluice::users::UserStore;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::sync::Arc;
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -269,23 +269,7 @@ pub fn socks5(
     if m[1] != 0 {
         return Err(0xFF);
     }
-    let mut req = vec![5, 1, 0];
-    match host.parse::<std::net::IpAddr>() {
-        Ok(std::net::IpAddr::V4(v4)) => {
-            req.push(1);
-            req.extend_from_slice(&v4.octets());
-        }
-        Ok(std::net::IpAddr::V6(v6)) => {
-            req.push(4);
-            req.extend_from_slice(&v6.octets());
-        }
-        Err(_) => {
-            req.push(3);
-            req.push(host.len() as u8);
-            req.extend_from_slice(host.as_bytes());
-        }
-    }
-    req.extend_from_slice(&port.to_be_bytes());
+    let req = socks5_connect_bytes(host, port);
     s.write_all(&req).unwrap();
     let mut head = [0u8; 4];
     s.read_exact(&mut head).map_err(|_| 0xFE)?;
@@ -305,6 +289,16 @@ pub fn socks5(
         return Err(head[1]);
     }
     Ok(s)
+}
+
+/// The bytes of a SOCKS5 CONNECT request to `host` (an IP literal or a name) and `port`, from the
+/// crate's own encoder.
+pub fn socks5_connect_bytes(host: &str, port: u16) -> Vec<u8> {
+    let target = sluice::target::Target {
+        host: sluice::target::host_from_str(host).unwrap(),
+        port,
+    };
+    sluice::socks5::encode_request(sluice::socks5::Command::Connect, &target).unwrap()
 }
 
 /// Sends a raw request head and returns the whole response head (status line and headers).
@@ -566,4 +560,112 @@ pub fn curl(args: &[&str]) -> Output {
     }
     c.args(["-q", "-sS", "--max-time", "20"]).args(args);
     run_command(c, None)
+}
+
+/// A long-running `sluice server` or `sluice local` child started with `--listen 127.0.0.1:0`:
+/// its address (from its "listening on" line) and its log lines as they come. Killed on drop.
+pub struct Daemon {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    /// Every log line read so far.
+    pub log: Vec<String>,
+    /// Where it listens.
+    pub addr: SocketAddr,
+}
+
+impl Daemon {
+    /// Spawns `cmd` with logging at info and waits (up to 10 s) for its "listening on" line.
+    pub fn spawn(mut cmd: Command) -> Daemon {
+        cmd.env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+        let err = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        thread::spawn(move || {
+            for l in BufReader::new(err).lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut d = Daemon {
+            child,
+            lines,
+            log: Vec::new(),
+            addr: ([127, 0, 0, 1], 0).into(),
+        };
+        let line = d
+            .wait_for_line("listening on", Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("no start-up line from {cmd:?}: {:?}", d.log));
+        d.addr = line
+            .split("listening on ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no address in {line:?}"));
+        d
+    }
+
+    /// The first line containing `word` within `timeout` (`None` if the child exits first).
+    pub fn wait_for_line(&mut self, word: &str, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let l = self.lines.recv_timeout(left).ok()?;
+            self.log.push(l.clone());
+            if l.contains(word) {
+                return Some(l);
+            }
+        }
+    }
+
+    /// Sends `sig` to this child (by its pid).
+    pub fn signal(&self, sig: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.child.id()).unwrap();
+        // SAFETY: kill() only sends a signal to the process we spawned.
+        assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "kill({pid}, {sig})");
+    }
+
+    /// Waits up to `timeout` for the child to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let mut status = None;
+        wait_until(timeout, || {
+            status = self.child.try_wait().unwrap();
+            status.is_some()
+        });
+        status
+    }
+
+    /// Log lines that came after those already read, for a failure message (waits briefly).
+    pub fn rest_of_log(&mut self) -> Vec<String> {
+        while let Ok(l) = self.lines.recv_timeout(Duration::from_millis(200)) {
+            self.log.push(l);
+        }
+        self.log.clone()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `sluice server` on 127.0.0.1:0 over `db`, with loopback destinations allowed.
+pub fn server_process(db: &Path) -> Daemon {
+    let mut c = sluice_command();
+    c.args([
+        "server",
+        "--listen",
+        "127.0.0.1:0",
+        "--allow-private",
+        "--db",
+    ])
+    .arg(db);
+    Daemon::spawn(c)
 }

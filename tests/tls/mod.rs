@@ -9,7 +9,7 @@
 //! configs built here where the test needs a particular protocol version, and curl where an
 //! independent client matters.
 
-use crate::accounting::{Daemon, http_get};
+use crate::accounting::http_get;
 use crate::support::*;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
