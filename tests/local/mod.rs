@@ -144,23 +144,6 @@ fn upload_exact(mut s: TcpStream, n: u64) {
     assert_eq!(got, n.to_string());
 }
 
-/// Sends `n` bytes through the origin's echo (writing and reading at once, then half-closing)
-/// and checks they come back exactly.
-fn echo_exact(mut s: TcpStream, n: u64) {
-    let data: Vec<u8> = (0..n).map(pattern).collect();
-    let mut w = s.try_clone().unwrap();
-    let sent = data.clone();
-    let writer = thread::spawn(move || {
-        w.write_all(b"ECHO\n").unwrap();
-        w.write_all(&sent).unwrap();
-        w.shutdown(Shutdown::Write).unwrap();
-    });
-    let got = read_all(&mut s);
-    writer.join().unwrap();
-    assert_eq!(got.len() as u64, n);
-    assert!(got == data, "echo corrupted");
-}
-
 #[test]
 fn socks5_without_auth_carries_exact_bytes_both_ways() {
     let c = Chain::start(0);

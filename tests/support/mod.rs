@@ -669,3 +669,21 @@ pub fn server_process(db: &Path) -> Daemon {
     .arg(db);
     Daemon::spawn(c)
 }
+
+/// Sends `n` bytes through the origin's echo (writing and reading at once, then half-closing)
+/// and checks they come back exactly. The writes run on another thread so the echo flowing back
+/// never stalls them.
+pub fn echo_exact(mut s: TcpStream, n: u64) {
+    let data: Vec<u8> = (0..n).map(pattern).collect();
+    let mut w = s.try_clone().unwrap();
+    let sent = data.clone();
+    let writer = thread::spawn(move || {
+        w.write_all(b"ECHO\n").unwrap();
+        w.write_all(&sent).unwrap();
+        w.shutdown(Shutdown::Write).unwrap();
+    });
+    let got = read_all(&mut s);
+    writer.join().unwrap();
+    assert_eq!(got.len() as u64, n);
+    assert!(got == data, "echo corrupted");
+}
