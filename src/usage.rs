@@ -89,8 +89,12 @@ impl Accountant {
             drop(h);
             self.sampled.insert(a.name.clone(), (c, now));
         }
-        self.sampled
-            .retain(|k, _| accounts.iter().any(|a| a.name == *k));
+        // Forget users gone from the snapshot: one pass with a set, not a scan per entry (a
+        // scan would be users² string comparisons every second).
+        if self.sampled.len() > accounts.len() {
+            let live: std::collections::HashSet<&str> = accounts.iter().map(|a| &*a.name).collect();
+            self.sampled.retain(|k, _| live.contains(&**k));
+        }
     }
 
     /// Rolls quota periods over and returns the deltas since the last committed flush, with the
@@ -133,8 +137,9 @@ impl Accountant {
 /// Applies usage rows read from the database to the accounts: at start (or for a new user) the
 /// quota count resumes from the row; after `user reset-usage` (a new epoch) it starts over.
 pub fn apply_usage(accounts: &[Arc<Account>], rows: &[Usage], now_unix: u64) {
+    let by_name: HashMap<&str, &Usage> = rows.iter().map(|u| (u.username.as_str(), u)).collect();
     for a in accounts {
-        let row = rows.iter().find(|u| *u.username == *a.name);
+        let row = by_name.get(&*a.name).copied();
         let epoch = row.map_or(0, |u| u.reset_epoch);
         let seen = a.reset_epoch.swap(epoch, Ordering::Relaxed);
         if seen == epoch {
