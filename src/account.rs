@@ -235,11 +235,6 @@ impl Account {
         }
     }
 
-    /// Admits and attaches in one step.
-    pub fn register(&self, id: u64, sockets: Vec<Stream>) -> bool {
-        self.admit(id).is_ok() && self.attach(id, sockets)
-    }
-
     /// Forgets a connection that ended.
     pub fn unregister(&self, id: u64) {
         self.conns.lock().remove(&id);

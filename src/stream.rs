@@ -42,11 +42,6 @@ impl Stream {
         }
     }
 
-    /// True for TLS.
-    pub fn is_tls(&self) -> bool {
-        matches!(self, Stream::Tls(_))
-    }
-
     /// Blocks until there is something to read (true) or the peer closed (false).
     ///
     /// # Errors
