@@ -23,8 +23,21 @@ run: build $(DEMO_DB)
 	LOCAL=$$!; trap 'kill $$LOCAL 2>/dev/null' EXIT INT TERM; \
 	$(BIN) server --db $(DEMO_DB) --listen 127.0.0.1:8889
 
-test:
+# System packages the integration tests drive as real clients; installed with apt-get when missing
+# (as root), so `make test` passes on a fresh machine without `.ci/run`.
+TEST_PACKAGES := curl:curl wget:wget python3:python3
+
+test: test-packages
 	$(CARGO) test --release
+
+.PHONY: test-packages
+test-packages:
+	@missing=""; for p in $(TEST_PACKAGES); do cmd=$${p%%:*}; pkg=$${p#*:}; \
+		command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing test packages:$$missing"; \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+		else echo "make test needs:$$missing (run as root, or: sudo apt-get install$$missing)"; exit 1; fi; fi
 
 lint:
 	$(CARGO) fmt --check
@@ -42,7 +55,7 @@ soak:
 bench: build
 	@if [ "$$(id -u)" = 0 ] && [ "$$(cat /proc/sys/vm/max_map_count 2>/dev/null || echo 0)" -lt 262144 ]; then \
 		echo 262144 > /proc/sys/vm/max_map_count 2>/dev/null && echo "raised vm.max_map_count to 262144"; fi; true
-	target/release/sluice-bench $(BENCH_ARGS)
+	$(CARGO) bench --bench sluice-bench -- $(BENCH_ARGS)
 
 # Installs the reference proxies `make bench` compares against (Debian packages; run as root).
 # Failures are tolerated: the benchmark runs with whichever peers are present.

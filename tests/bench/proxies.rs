@@ -20,13 +20,13 @@ const START_LIMIT: Duration = Duration::from_secs(10);
 /// A user to create: name and bandwidth in bytes per second (0 = unlimited).
 pub type User = (String, u64);
 
-/// The `sluice` binary beside this one (both come from `cargo build --release`).
+/// The `sluice` binary Cargo built for this benchmark (`CARGO_BIN_EXE_sluice`, set when a bench
+/// target is compiled).
 ///
 /// # Errors
-/// The benchmark's own path is unknown or `sluice` is not beside it.
+/// The binary is not there (deleted since the build).
 pub fn sluice_bin() -> Result<PathBuf, String> {
-    let me = std::env::current_exe().map_err(|e| format!("own path: {e}"))?;
-    let bin = me.with_file_name("sluice");
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_sluice"));
     if bin.exists() {
         Ok(bin)
     } else {
