@@ -24,6 +24,7 @@ pub mod relay;
 pub mod server;
 pub mod socks5;
 pub mod stats;
+pub mod stop;
 pub mod stream;
 pub mod target;
 pub mod tls;

@@ -15,6 +15,8 @@
 //! The lock is never held across I/O: callers do their reads and writes between `acquire` and
 //! `give_back`. Unlimited users never reach this file (see `Budget` in `relay.rs`).
 
+use crate::stop::Stop;
+use crossbeam_channel::{select, tick};
 use parking_lot::{Condvar, Mutex};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -243,6 +245,8 @@ pub struct Limiter {
     buckets: Mutex<HashMap<Arc<str>, Bucket>>,
     tick: Duration,
     stopping: AtomicBool,
+    /// Ends the refill thread.
+    stop: Stop,
     /// Waiters woken with a grant, since start.
     wakeups: AtomicU64,
 }
@@ -254,6 +258,7 @@ impl Limiter {
             buckets: Mutex::new(HashMap::new()),
             tick: tick.max(Duration::from_millis(1)),
             stopping: AtomicBool::new(false),
+            stop: Stop::new(),
             wakeups: AtomicU64::new(0),
         })
     }
@@ -377,19 +382,13 @@ impl Limiter {
             .name("limiter refill".into())
             .stack_size(64 * 1024)
             .spawn(move || {
-                // Ticks are scheduled on a fixed grid, so a late wake-up does not shift later ones;
-                // the refill itself uses real elapsed time, so lateness loses no tokens.
-                let mut next = Instant::now() + me.tick;
-                while !me.stopping.load(Ordering::Relaxed) {
-                    let now = Instant::now();
-                    if next > now {
-                        thread::sleep(next - now);
-                    }
-                    me.refill_all(Instant::now());
-                    next += me.tick;
-                    let now = Instant::now();
-                    if next < now {
-                        next = now + me.tick;
+                // The refill uses real elapsed time, so a late tick loses no tokens.
+                let ticks = tick(me.tick);
+                let stop = me.stop.receiver();
+                loop {
+                    select! {
+                        recv(ticks) -> _ => me.refill_all(Instant::now()),
+                        recv(stop) -> _ => return,
                     }
                 }
             })
@@ -398,6 +397,7 @@ impl Limiter {
     /// Stops the refill thread and wakes every waiter with [`Closed::Stopping`].
     pub fn shutdown(&self) {
         self.stopping.store(true, Ordering::Relaxed);
+        self.stop.stop();
         let closed: Vec<Arc<Waiter>> = self
             .buckets
             .lock()

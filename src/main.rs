@@ -256,8 +256,13 @@ fn cmd_server(mut args: Arguments) -> Result<()> {
     // error stays the only line).
     let files = server::raise_nofile_limit();
     server::tune_allocator();
-    signals::block_stop_signals();
+    let masked = signals::block_stop_signals();
     let handle = server::start(&cfg)?;
+    if let Err(e) = masked {
+        log::warn!(
+            "cannot block SIGINT/SIGTERM ({e}); a signal will stop the server without a last flush"
+        );
+    }
     match files {
         Some(n) => log::info!("open-files limit: {n}"),
         None => log::warn!("cannot read the open-files limit"),

@@ -16,11 +16,17 @@ fn stop_set() -> libc::sigset_t {
 
 /// Blocks SIGINT and SIGTERM in this thread and every thread it spawns afterwards. Call before
 /// starting the server.
-pub fn block_stop_signals() {
+///
+/// # Errors
+/// The mask could not be set (then a signal would kill the process without a last flush).
+pub fn block_stop_signals() -> std::io::Result<()> {
     let set = stop_set();
     // SAFETY: pthread_sigmask reads a valid set; a null old-set pointer is allowed.
-    unsafe {
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    // pthread_sigmask returns the error number instead of setting errno.
+    match rc {
+        0 => Ok(()),
+        e => Err(std::io::Error::from_raw_os_error(e)),
     }
 }
 

@@ -203,7 +203,8 @@ impl TlsStream {
                 return Ok(true);
             }
         }
-        let mut raw = [0u8; TLS_READ_CHUNK];
+        // On the heap: relay threads have small stacks (see relay.rs) and hold no buffers there.
+        let mut raw = vec![0u8; TLS_READ_CHUNK];
         let n = (&self.sock).read(&mut raw)?;
         if n == 0 {
             return Ok(false);
