@@ -2,6 +2,9 @@
 //! SOCKS5 / HTTP clients. Every client socket has a read timeout so a hang fails the test.
 #![allow(dead_code)]
 
+pub mod json;
+pub mod prometheus;
+
 use sluice::auth::hash_password;
 use sluice::server::{self, ServerConfig, ServerHandle};
 use sluice::users::UserStore;
