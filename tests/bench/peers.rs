@@ -3,6 +3,12 @@
 //! basic_ncsa_auth) and dante (SOCKS5, method "none": its username method
 //! checks system accounts, and adding one to this machine for a benchmark is too invasive).
 //! Each runs as a child process with a config written to the scratch directory.
+//!
+//! Two more are built from source outside the repository and found through the environment:
+//! 3proxy 1.0.0 (`THREEPROXY_BIN`: its `bin/3proxy`, SOCKS5 with `auth strong`) and the floor,
+//! `../shared/bench/splicerelay.c` (`SPLICE_BIN`): a bare relay of the card's shape, a measuring
+//! stick and not a contender, so it never counts as the best peer. A peer the bench cannot find is
+//! listed as missing, never silently dropped.
 
 use crate::client::{Auth, Route};
 use crate::procs::{Proc, TempDir, free_addr};
@@ -24,6 +30,8 @@ pub struct Peer {
     pub proc: Proc,
     /// How clients go through it.
     pub route: Route,
+    /// The bare relay (`SPLICE_BIN`): shown beside the proxies, never the best peer.
+    pub floor: bool,
 }
 
 /// Starts every installed peer. Returns the peers that run and one line per peer for the header
@@ -54,7 +62,75 @@ pub fn start_all(dir: &TempDir) -> (Vec<Peer>, Vec<String>) {
             Err(e) => lines.push(format!("{name}: failed to start ({e})")),
         }
     }
+    for (name, var, start) in [
+        (
+            "3proxy",
+            "THREEPROXY_BIN",
+            threeproxy as fn(&TempDir, &Path) -> Result<Peer, String>,
+        ),
+        ("splicerelay (floor)", "SPLICE_BIN", splicerelay),
+    ] {
+        let Some(bin) = std::env::var_os(var).filter(|v| !v.is_empty()) else {
+            lines.push(format!("{name}: missing (set {var})"));
+            continue;
+        };
+        match start(dir, Path::new(&bin)) {
+            Ok(p) => {
+                lines.push(format!("{} ({var}={})", p.name, Path::new(&bin).display()));
+                peers.push(p);
+            }
+            Err(e) => lines.push(format!("{name}: failed to start ({e})")),
+        }
+    }
     (peers, lines)
+}
+
+/// 3proxy's SOCKS5 server with one user checked in clear text (`auth strong`), no log, and
+/// room for the scale of the set-up scenario.
+fn threeproxy(dir: &TempDir, bin: &Path) -> Result<Peer, String> {
+    let addr = free_addr()?;
+    let conf = dir.path("3proxy.cfg");
+    let text = format!(
+        "maxconn 20000\nusers {UNLIMITED}:CL:{PASSWORD}\nauth strong\nallow {UNLIMITED}\nsocks -p{port} -i127.0.0.1\n",
+        port = addr.port()
+    );
+    fs::write(&conf, text).map_err(|e| format!("{}: {e}", conf.display()))?;
+    let mut cmd = Command::new(bin);
+    cmd.arg(&conf);
+    let mut proc = Proc::spawn(cmd, "3proxy", &dir.path("3proxy.log"))?;
+    proc.wait_listening(addr, START_LIMIT)?;
+    Ok(Peer {
+        name: "3proxy 1.0.0 (socks5, user/pass)".into(),
+        proc,
+        route: Route::Socks5 {
+            proxy: addr,
+            auth: Some(auth()),
+        },
+        floor: false,
+    })
+}
+
+/// The floor: SOCKS5 login (its fixed user u1/p1), a thread per direction, `splice` through a
+/// 1 MiB pipe, nothing else.
+fn splicerelay(dir: &TempDir, bin: &Path) -> Result<Peer, String> {
+    const PIPE_BYTES: &str = "1048576";
+    let addr = free_addr()?;
+    let mut cmd = Command::new(bin);
+    cmd.args([&addr.port().to_string(), PIPE_BYTES]);
+    let mut proc = Proc::spawn(cmd, "splicerelay", &dir.path("splicerelay.log"))?;
+    proc.wait_listening(addr, START_LIMIT)?;
+    Ok(Peer {
+        name: "splicerelay floor (socks5, 1 MiB pipes)".into(),
+        proc,
+        route: Route::Socks5 {
+            proxy: addr,
+            auth: Some(Auth {
+                user: "u1".into(),
+                pass: "p1".into(),
+            }),
+        },
+        floor: true,
+    })
 }
 
 /// The Debian package version, or "" when dpkg cannot tell.
@@ -89,6 +165,7 @@ fn microsocks(dir: &TempDir) -> Result<Peer, String> {
             proxy: addr,
             auth: Some(auth()),
         },
+        floor: false,
     })
 }
 
@@ -153,6 +230,7 @@ fn squid(dir: &TempDir) -> Result<Peer, String> {
             proxy: addr,
             auth: auth(),
         },
+        floor: false,
     })
 }
 
@@ -188,5 +266,6 @@ socks pass {{ from: 127.0.0.0/8 to: 0.0.0.0/0 command: connect }}
             proxy: addr,
             auth: None,
         },
+        floor: false,
     })
 }

@@ -32,6 +32,8 @@ struct Contender<'a> {
     route: Route,
     proc: Option<&'a Proc>,
     is_sluice: bool,
+    /// The bare relay: a measuring stick, never the best peer.
+    is_floor: bool,
 }
 
 fn contenders(ctx: &Ctx) -> Result<Vec<Contender<'_>>, String> {
@@ -42,12 +44,14 @@ fn contenders(ctx: &Ctx) -> Result<Vec<Contender<'_>>, String> {
             route: Route::Direct,
             proc: None,
             is_sluice: false,
+            is_floor: false,
         },
         Contender {
             name: "sluice".into(),
             route: server.route(UNLIMITED),
             proc: Some(&server.proc),
             is_sluice: true,
+            is_floor: false,
         },
     ];
     v.extend(ctx.peers.iter().map(|p| Contender {
@@ -55,6 +59,7 @@ fn contenders(ctx: &Ctx) -> Result<Vec<Contender<'_>>, String> {
         route: p.route.clone(),
         proc: Some(&p.proc),
         is_sluice: false,
+        is_floor: p.floor,
     }));
     Ok(v)
 }
@@ -147,7 +152,7 @@ fn compare(
     let best_peer = cs
         .iter()
         .zip(&rate)
-        .filter(|(c, _)| c.proc.is_some() && !c.is_sluice)
+        .filter(|(c, _)| c.proc.is_some() && !c.is_sluice && !c.is_floor)
         .map(|(c, s)| (c.name.clone(), s.median()))
         .max_by(|a, b| a.1.total_cmp(&b.1));
     let unit = if rate[0].median() >= 1e9 {
