@@ -445,10 +445,8 @@ fn user_add(mut args: Arguments) -> Result<()> {
         usage("a password is required: --password-stdin, SLUICE_PASSWORD, or --password P")
     })?;
     let store = UserStore::open_or_create(&db)?;
-    store.add(&n, &hash_password(&pw)?, bw)?;
-    if lim.quota_bytes.is_some() || lim.quota_period.is_some() || lim.max_connections.is_some() {
-        store.change(&n, &lim)?;
-    }
+    // One statement: a running server never sees the user without its limits.
+    store.add_with(&n, &hash_password(&pw)?, bw, &lim)?;
     println!("added user {n} at {}", format_rate(bw));
     Ok(())
 }
