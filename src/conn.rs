@@ -376,10 +376,11 @@ impl Denied {
         }
     }
 
+    /// What the client is told (the log says more).
     fn detail(&self) -> String {
         match self {
             Denied::Refused(r) => r.to_string(),
-            Denied::Dial(e) => e.to_string(),
+            Denied::Dial(e) => e.client_reason(),
         }
     }
 }

@@ -10,6 +10,7 @@ use crate::dial::DialPolicy;
 use crate::error::{Error, Result};
 use crate::limiter::{self, Limiter};
 use crate::metrics::{self, Counters, Sources};
+use crate::own_addrs::OwnAddrs;
 use crate::relay;
 use crate::tls;
 use crate::users::UserStore;
@@ -234,6 +235,11 @@ pub fn start(config: &ServerConfig) -> Result<ServerHandle> {
         policy: DialPolicy {
             allow_private: config.allow_private,
             connect_timeout: config.connect_timeout,
+            own_addrs: Arc::new(if config.allow_private {
+                OwnAddrs::none()
+            } else {
+                OwnAddrs::system()
+            }),
         },
         handshake_timeout: config.handshake_timeout,
         stop: stop.clone(),
@@ -279,9 +285,12 @@ pub fn start(config: &ServerConfig) -> Result<ServerHandle> {
         config.db.display(),
         limiter.tick().as_millis(),
         if config.allow_private {
-            ", private destinations allowed"
+            ", private destinations allowed".to_string()
         } else {
-            ""
+            format!(
+                ", this host's {} interface addresses refused",
+                shared.policy.own_addrs.len()
+            )
         }
     );
     if config.tls.is_some() {
