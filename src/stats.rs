@@ -60,10 +60,7 @@ impl Report {
             .iter()
             .map(|u| {
                 let z = Usage::default();
-                let g = usage
-                    .iter()
-                    .find(|x| x.account_id == u.id)
-                    .unwrap_or(&z);
+                let g = usage.iter().find(|x| x.account_id == u.id).unwrap_or(&z);
                 let fresh = g.live_at + LIVE_FRESH_SECS >= now && g.live_at > 0;
                 live |= fresh;
                 let in_period = g.period_start == u.quota_period.start_of(now);

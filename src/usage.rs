@@ -77,11 +77,7 @@ impl Accountant {
     /// idle for lack of data does not count, so a throttled download reads ~100%, not 50%.
     pub fn sample(&mut self, accounts: &[Arc<Account>], now: Instant) {
         for a in accounts {
-            let (prev, at) = self
-                .sampled
-                .get(&a.id)
-                .copied()
-                .unwrap_or((counts(a), now));
+            let (prev, at) = self.sampled.get(&a.id).copied().unwrap_or((counts(a), now));
             let dt = now.saturating_duration_since(at);
             let c = counts(a);
             let d = c.since(prev);

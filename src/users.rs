@@ -457,7 +457,9 @@ impl UserStore {
                     c.bandwidth.map(|v| to_sql("bandwidth", v)).transpose()?,
                     c.quota_bytes.map(|v| to_sql("quota", v)).transpose()?,
                     c.quota_period.map(QuotaPeriod::as_str),
-                    c.max_connections.map(|v| to_sql("max-connections", v)).transpose()?,
+                    c.max_connections
+                        .map(|v| to_sql("max-connections", v))
+                        .transpose()?,
                 ],
             )
             .map_err(|e| db_err(&self.path, e))?;
@@ -886,7 +888,10 @@ mod tests {
             ("a", "ha", 5)
         );
         assert_eq!((a.quota_bytes, a.quota_period), (1000, QuotaPeriod::Day));
-        assert_eq!((rows[1].username.as_str(), rows[1].bandwidth), ("b", 1 << 20));
+        assert_eq!(
+            (rows[1].username.as_str(), rows[1].bandwidth),
+            ("b", 1 << 20)
+        );
         assert_ne!(a.id, rows[1].id);
         let usage = s.load_usage().unwrap();
         let names: Vec<_> = usage.iter().map(|u| u.username.as_str()).collect();
@@ -949,7 +954,12 @@ mod tests {
         s.add_with("q", "h", 9, &lim).unwrap();
         let r = &s.load().unwrap().0[0];
         assert_eq!(
-            (r.bandwidth, r.quota_bytes, r.quota_period, r.max_connections),
+            (
+                r.bandwidth,
+                r.quota_bytes,
+                r.quota_period,
+                r.max_connections
+            ),
             (9, 5000, QuotaPeriod::Month, 3)
         );
         let huge = UserChange {

@@ -448,14 +448,34 @@ fn user_add_with_limits_is_one_write_and_a_failed_one_leaves_no_user() {
     let (_dir, db) = temp_db();
     let too_many = (1u64 << 63).to_string();
     let out = sluice(&[
-        "user", "add", "dz", "--password", "pw", "--quota", "100M", "--max-connections",
-        &too_many, "--db", &db,
+        "user",
+        "add",
+        "dz",
+        "--password",
+        "pw",
+        "--quota",
+        "100M",
+        "--max-connections",
+        &too_many,
+        "--db",
+        &db,
     ]);
     assert_fails(&out, 1, &["max-connections", "too large"]);
     assert_eq!(listed(&db, "dz"), None, "a failed add left the user");
     let out = sluice(&[
-        "user", "add", "dz", "--password", "pw", "--quota", "100M", "--quota-period", "day",
-        "--max-connections", "3", "--db", &db,
+        "user",
+        "add",
+        "dz",
+        "--password",
+        "pw",
+        "--quota",
+        "100M",
+        "--quota-period",
+        "day",
+        "--max-connections",
+        "3",
+        "--db",
+        &db,
     ]);
     assert!(out.status.success(), "{out:?}");
     let w = listed(&db, "dz").expect("dz not listed");
