@@ -200,13 +200,17 @@ fn db_path(args: &mut Arguments, help: &str) -> Result<PathBuf> {
     Ok(opt::<PathBuf>(args, "--db", help)?.unwrap_or_else(|| PathBuf::from("sluice.db")))
 }
 
+/// The longest any duration flag may be: a week. Far more than any timeout needs, and far from
+/// where `Instant + Duration` overflows (and panics) in the connection threads.
+const MAX_FLAG_SECS: u64 = 7 * 86_400;
+
+/// A duration flag in whole seconds, 1 to [`MAX_FLAG_SECS`].
 fn secs(args: &mut Arguments, key: &'static str, default: u64) -> Result<Duration> {
-    let s: Option<u64> = opt(args, key, "expected a whole number of seconds, at least 1")?;
+    let form = format!("expected a whole number of seconds, 1 to {MAX_FLAG_SECS}");
+    let s: Option<u64> = opt(args, key, &form)?;
     match s.unwrap_or(default) {
-        0 => Err(usage(format!(
-            "{key}: expected a whole number of seconds, at least 1"
-        ))),
-        n => Ok(Duration::from_secs(n)),
+        n @ 1..=MAX_FLAG_SECS => Ok(Duration::from_secs(n)),
+        _ => Err(usage(format!("{key}: {form}"))),
     }
 }
 

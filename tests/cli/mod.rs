@@ -481,3 +481,57 @@ fn user_add_with_limits_is_one_write_and_a_failed_one_leaves_no_user() {
     let w = listed(&db, "dz").expect("dz not listed");
     assert_eq!(w[2..], ["100M/day", "3"], "{w:?}");
 }
+
+/// Issue 18 §6: every duration flag is bounded (`--handshake-timeout 18446744073709551615` made
+/// every connection thread panic on `Instant` overflow), and a 64-byte `--pin-sha256` of
+/// multi-byte characters is a usage error, not a panic. Each command line would otherwise get
+/// past the flags and fail later (no database, no CA file) with exit 1, or panic.
+#[test]
+fn huge_durations_and_a_multi_byte_pin_are_usage_errors() {
+    let (dir, db) = temp_db();
+    let no_ca = dir.path("no-ca.pem");
+    let no_ca = no_ca.to_str().unwrap();
+    let huge = u64::MAX.to_string();
+    let week = (7 * 86_400 + 1).to_string();
+    for value in [huge.as_str(), week.as_str()] {
+        for flag in ["--handshake-timeout", "--connect-timeout", "--idle-timeout"] {
+            let out = sluice(&["server", "--db", &db, flag, value]);
+            assert_fails(&out, 2, &[flag, "604800"]);
+        }
+        for flag in ["--handshake-timeout", "--connect-timeout"] {
+            let out = sluice(&[
+                "local",
+                "--server",
+                "127.0.0.1:9",
+                "--user",
+                "u",
+                "--password",
+                "p",
+                "--listen",
+                "127.0.0.1:0",
+                "--tls",
+                "--ca",
+                no_ca,
+                flag,
+                value,
+            ]);
+            assert_fails(&out, 2, &[flag, "604800"]);
+        }
+    }
+    let euros = format!("{}a", "€".repeat(21));
+    let out = sluice(&[
+        "local",
+        "--server",
+        "127.0.0.1:9",
+        "--user",
+        "u",
+        "--password",
+        "p",
+        "--listen",
+        "127.0.0.1:0",
+        "--tls",
+        "--pin-sha256",
+        &euros,
+    ]);
+    assert_fails(&out, 2, &["--pin-sha256", "hex"]);
+}
