@@ -298,6 +298,44 @@ fn db_err(path: &Path, e: rusqlite::Error) -> Error {
     Error::Database(format!("{}: {e}", path.display()))
 }
 
+/// Mode bits that let group or others read or write a file.
+const NOT_OWNER: u32 = 0o077;
+
+/// Creates `path` empty with mode 0600 unless something is there already (SQLite takes an empty
+/// file as a new database). Any failure is left for SQLite's open to report in its words; a
+/// `file:` URI or `:memory:` is not a path and is left alone.
+fn create_private(path: &Path) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let s = path.to_string_lossy();
+    if s.starts_with("file:") || s == ":memory:" {
+        return;
+    }
+    let _ = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path);
+}
+
+/// The database file and its `-wal` and `-shm` files that group or others may read, with their
+/// modes, so the server can warn at start: anyone who can read them has the password hashes.
+pub fn readable_by_others(path: &Path) -> Vec<(PathBuf, u32)> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut out = Vec::new();
+    for suffix in ["", "-wal", "-shm"] {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        let p = PathBuf::from(p);
+        if let Ok(m) = std::fs::metadata(&p) {
+            let mode = m.permissions().mode() & 0o7777;
+            if mode & NOT_OWNER != 0 {
+                out.push((p, mode));
+            }
+        }
+    }
+    out
+}
+
 impl UserStore {
     /// Opens an existing database (the server's way: it never creates one).
     ///
@@ -311,11 +349,14 @@ impl UserStore {
         Self::open_with(path, OpenFlags::SQLITE_OPEN_READ_WRITE)
     }
 
-    /// Opens a database, creating the file and schema when missing (the `user add` way).
+    /// Opens a database, creating the file and schema when missing (the `user add` way). A new
+    /// file is created mode 0600, owner only: it holds the password hashes. SQLite gives the
+    /// `-wal` and `-shm` files the database file's mode.
     ///
     /// # Errors
     /// [`Error::Database`] when the file cannot be created or is not a database.
     pub fn open_or_create(path: &Path) -> Result<UserStore> {
+        create_private(path);
         Self::open_with(
             path,
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
@@ -972,6 +1013,22 @@ mod tests {
             s.add_with("q", "h", 0, &lim),
             Err(Error::UserExists(_))
         ));
+    }
+
+    #[test]
+    fn a_new_database_and_its_wal_files_are_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let path = temp_db("mode");
+        let s = UserStore::open_or_create(&path).unwrap();
+        s.add("u", "h", 0).unwrap();
+        for suffix in ["", "-wal", "-shm"] {
+            let p = format!("{}{suffix}", path.display());
+            let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{p} is {mode:o}");
+        }
+        assert!(readable_by_others(&path).is_empty());
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(readable_by_others(&path), [(path.clone(), 0o644)]);
     }
 
     #[test]

@@ -535,3 +535,32 @@ fn huge_durations_and_a_multi_byte_pin_are_usage_errors() {
     ]);
     assert_fails(&out, 2, &["--pin-sha256", "hex"]);
 }
+
+/// Issue 18 §6: the database holds the password hashes. `user add` creates it, and SQLite its
+/// `-wal` and `-shm` files, owner-only (0600); a server started on a database group or others can
+/// read warns, naming the `chmod` that fixes it.
+#[test]
+fn the_database_is_owner_only_and_a_readable_one_is_warned_about() {
+    use std::os::unix::fs::PermissionsExt;
+    let (_dir, db) = temp_db();
+    assert!(add(&db, "alice", "1M").status.success());
+    let mode = |p: &str| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&db), 0o600, "user add created the database");
+    let mut server = server_process(Path::new(&db));
+    for suffix in ["-wal", "-shm"] {
+        let p = format!("{db}{suffix}");
+        assert_eq!(mode(&p), 0o600, "{p}");
+    }
+    assert!(
+        !server.log.iter().any(|l| l.contains("chmod")),
+        "{:?}",
+        server.log
+    );
+    server.signal(libc::SIGTERM);
+    assert!(server.wait_exit(Duration::from_secs(10)).is_some());
+    std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let server = server_process(Path::new(&db));
+    let warned = server.log.iter().find(|l| l.contains("chmod 600"));
+    let line = warned.unwrap_or_else(|| panic!("no warning at start: {:?}", server.log));
+    assert!(line.contains(&db) && line.contains("0644"), "{line}");
+}
