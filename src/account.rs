@@ -58,6 +58,9 @@ pub enum Reserve {
 
 /// One user's runtime state.
 pub struct Account {
+    /// The account's id in the user store, never reused: usage is counted per id, so a user
+    /// deleted and added again under the same name is a different `Account`.
+    pub id: u64,
     /// The login name; also the limiter's key.
     pub name: Arc<str>,
     rate: AtomicU64,
@@ -88,9 +91,10 @@ pub struct Account {
 }
 
 impl Account {
-    /// A new account with a rate in bytes per second (0 = unlimited).
-    pub fn new(name: &str, rate: u64) -> Arc<Account> {
+    /// A new account `id` named `name`, with a rate in bytes per second (0 = unlimited).
+    pub fn new(id: u64, name: &str, rate: u64) -> Arc<Account> {
         Arc::new(Account {
+            id,
             name: Arc::from(name),
             rate: AtomicU64::new(rate),
             revoked: AtomicBool::new(false),
@@ -261,7 +265,7 @@ mod tests {
 
     #[test]
     fn quota_reservations_never_overshoot() {
-        let a = Account::new("q", 0);
+        let a = Account::new(1, "q", 0);
         a.set_limits(100, QuotaPeriod::None, 0);
         assert_eq!(a.reserve_quota(60), Reserve::Granted(60));
         assert_eq!(
@@ -293,7 +297,7 @@ mod tests {
 
     #[test]
     fn admit_enforces_cap_quota_and_revocation() {
-        let a = Account::new("c", 0);
+        let a = Account::new(1, "c", 0);
         a.set_limits(0, QuotaPeriod::None, 2);
         assert_eq!(a.admit(1), Ok(true), "the first connection of an idle user");
         assert_eq!(a.admit(2), Ok(false));

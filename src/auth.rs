@@ -169,7 +169,7 @@ impl Directory {
         let mut fresh: HashMap<String, Entry> = HashMap::with_capacity(rows.len());
         for row in rows {
             let entry = match users.remove(&row.username) {
-                Some(old) => {
+                Some(old) if old.account.id == row.id => {
                     let moved =
                         old.account.rate() != row.bandwidth || old.hash != row.password_hash;
                     changes.changed += usize::from(moved);
@@ -184,9 +184,16 @@ impl Directory {
                         account: old.account,
                     }
                 }
-                None => {
+                replaced => {
+                    // Same name, new id: the user was deleted and added again. The old account
+                    // goes like any deleted one (its bucket, keyed by name, is reused).
+                    if let Some(old) = replaced {
+                        changes.removed += 1;
+                        self.cache.lock().remove(&row.username);
+                        old.account.revoke();
+                    }
                     changes.added += 1;
-                    let account = Account::new(&row.username, row.bandwidth);
+                    let account = Account::new(row.id, &row.username, row.bandwidth);
                     account.set_limits(row.quota_bytes, row.quota_period, row.max_connections);
                     Entry {
                         account,
@@ -518,6 +525,7 @@ mod tests {
 
     fn row(name: &str, hash: &str, bw: u64) -> UserRow {
         UserRow {
+            id: name.bytes().map(u64::from).sum(),
             username: name.into(),
             password_hash: hash.into(),
             bandwidth: bw,
@@ -576,6 +584,24 @@ mod tests {
         );
         assert!(a.is_revoked());
         assert_eq!(dir.accounts()[0].rate(), 5);
+    }
+
+    #[test]
+    fn a_re_added_user_is_a_new_account() {
+        let dir = Directory::new(Limiter::new(Duration::from_millis(10)));
+        let h = hash_password("p").unwrap();
+        dir.apply(vec![row("dz", &h, 0)]);
+        let old = dir.verify(b"dz", b"p").unwrap();
+        let again = UserRow {
+            id: old.id + 1,
+            ..row("dz", &h, 0)
+        };
+        let c = dir.apply(vec![again]);
+        assert_eq!((c.added, c.removed), (1, 1));
+        assert!(old.is_revoked());
+        let new = dir.verify(b"dz", b"p").unwrap();
+        assert!(!Arc::ptr_eq(&old, &new) && !new.is_revoked());
+        assert_eq!(new.id, old.id + 1);
     }
 
     #[test]

@@ -293,23 +293,13 @@ fn socks5_handshake(
     }
     let req = match socks5::read_request(r) {
         Ok(req) => req,
-        Err(SocksError::AddressType(t)) => {
-            send(
-                client,
-                &socks5::encode_reply(Reply::AddressTypeNotSupported, None),
-            );
-            refused(format!("unsupported address type 0x{t:02x}"));
-            return None;
+        Err(e) => {
+            // The same reply `sluice local` gives (RFC 1928 §6), then close.
+            if let Some(reply) = socks5::request_error_reply(&e) {
+                send(client, &socks5::encode_reply(reply, None));
+            }
+            return socks_fail(&refused, e);
         }
-        Err(SocksError::Command(c)) => {
-            send(
-                client,
-                &socks5::encode_reply(Reply::CommandNotSupported, None),
-            );
-            refused(format!("unsupported command 0x{c:02x}"));
-            return None;
-        }
-        Err(e) => return socks_fail(&refused, e),
     };
     if req.command != Command::Connect {
         send(
@@ -376,10 +366,11 @@ impl Denied {
         }
     }
 
+    /// What the client is told (the log says more).
     fn detail(&self) -> String {
         match self {
             Denied::Refused(r) => r.to_string(),
-            Denied::Dial(e) => e.to_string(),
+            Denied::Dial(e) => e.client_reason(),
         }
     }
 }

@@ -3,15 +3,20 @@
 //!
 //! The policy refuses loopback, private, shared (CGNAT), link-local (cloud metadata), unspecified,
 //! multicast, broadcast and reserved addresses, including IPv4 addresses embedded in IPv6
-//! (mapped, compatible, NAT64, 6to4), unless `allow_private` is set. The classifier is pure.
+//! (mapped, compatible, NAT64, 6to4), unless `allow_private` is set; and the host's own interface
+//! addresses (`own_addrs.rs`), so a client cannot reach what listens on `0.0.0.0` here. The
+//! classifier is pure. A refusal tells the client only that the policy refused; the address a name
+//! resolved to goes to the log.
 
 use crate::http::Status;
+use crate::own_addrs::OwnAddrs;
 use crate::socks5::Reply;
 use crate::target::{Host, Target};
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, ToSocketAddrs};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// How the server dials.
 #[derive(Debug, Clone)]
@@ -20,6 +25,26 @@ pub struct DialPolicy {
     pub allow_private: bool,
     /// Time allowed for each connect attempt.
     pub connect_timeout: Duration,
+    /// The host's own addresses, refused unless `allow_private`.
+    pub own_addrs: Arc<OwnAddrs>,
+}
+
+impl DialPolicy {
+    /// True if the policy refuses `ip`: an internal range, or one of the host's own addresses
+    /// (also when embedded in an IPv6 address). May read the interfaces (see `own_addrs.rs`).
+    pub fn refuses(&self, ip: IpAddr) -> bool {
+        if self.allow_private {
+            return false;
+        }
+        let now = Instant::now();
+        let embedded = match ip {
+            IpAddr::V6(v6) => embedded_v4(v6).map(IpAddr::V4),
+            IpAddr::V4(_) => None,
+        };
+        is_forbidden(ip)
+            || self.own_addrs.contains(ip, now)
+            || embedded.is_some_and(|v4| self.own_addrs.contains(v4, now))
+    }
 }
 
 /// Why a destination could not be reached.
@@ -46,6 +71,15 @@ impl DialError {
     /// The HTTP status for this failure: 403 policy, 504 timeout, else 502.
     pub fn status(&self) -> Status {
         status_for(self.reply())
+    }
+
+    /// What the client is told. Unlike `Display` (the log's), a policy refusal does not name the
+    /// address: that would tell an outsider what an internal name resolves to.
+    pub fn client_reason(&self) -> String {
+        match self {
+            DialError::Forbidden(_) => "destination refused by policy".into(),
+            other => other.to_string(),
+        }
     }
 }
 
@@ -95,9 +129,7 @@ pub fn dial(target: &Target, policy: &DialPolicy) -> Result<TcpStream, DialError
             "no addresses",
         )));
     }
-    if !policy.allow_private
-        && let Some(bad) = addrs.iter().find(|a| is_forbidden(a.ip()))
-    {
+    if let Some(bad) = addrs.iter().find(|a| policy.refuses(a.ip())) {
         return Err(DialError::Forbidden(bad.ip()));
     }
     let mut last = None;
@@ -244,6 +276,47 @@ mod tests {
     }
 
     #[test]
+    fn the_hosts_own_addresses_are_refused_unless_private_is_allowed() {
+        let own = vec![
+            "203.0.113.7".parse().unwrap(),
+            "2001:db8:7::1".parse().unwrap(),
+        ];
+        let mut policy = DialPolicy {
+            allow_private: false,
+            connect_timeout: Duration::from_secs(1),
+            own_addrs: Arc::new(OwnAddrs::with_reader(
+                Box::new(move || Ok(own.clone())),
+                Instant::now(),
+            )),
+        };
+        let refused = |p: &DialPolicy, s: &str| p.refuses(s.parse().unwrap());
+        for s in [
+            "203.0.113.7",
+            "::ffff:203.0.113.7",
+            "64:ff9b::cb00:7107",
+            "2002:cb00:7107::1",
+            "2001:db8:7::1",
+            "127.0.0.1",
+        ] {
+            assert!(refused(&policy, s), "{s} should be refused");
+        }
+        for s in ["203.0.113.8", "2001:db8:7::2", "8.8.8.8"] {
+            assert!(!refused(&policy, s), "{s} should be allowed");
+        }
+        let t = Target::parse("203.0.113.7:9", None).unwrap();
+        assert!(matches!(dial(&t, &policy), Err(DialError::Forbidden(_))));
+        policy.allow_private = true;
+        assert!(!refused(&policy, "203.0.113.7"));
+    }
+
+    #[test]
+    fn a_policy_refusal_does_not_tell_the_client_the_address() {
+        let e = DialError::Forbidden("10.1.2.3".parse().unwrap());
+        assert!(e.to_string().contains("10.1.2.3"), "the log keeps it");
+        assert_eq!(e.client_reason(), "destination refused by policy");
+    }
+
+    #[test]
     fn dial_errors_map_to_replies_and_statuses() {
         let forbidden = DialError::Forbidden("127.0.0.1".parse().unwrap());
         assert_eq!(
@@ -269,6 +342,7 @@ mod tests {
         let policy = DialPolicy {
             allow_private: true,
             connect_timeout: Duration::from_secs(1),
+            own_addrs: Arc::new(OwnAddrs::none()),
         };
         for n in ["nothing.invalid", "A.INVALID.", "invalid"] {
             let t = Target::parse(&format!("{n}:80"), None).unwrap();
@@ -284,6 +358,7 @@ mod tests {
         let policy = DialPolicy {
             allow_private: false,
             connect_timeout: Duration::from_secs(1),
+            own_addrs: Arc::new(OwnAddrs::none()),
         };
         let t = Target::parse("127.0.0.1:9", None).unwrap();
         assert!(matches!(dial(&t, &policy), Err(DialError::Forbidden(_))));

@@ -20,6 +20,7 @@ pub mod limiter;
 pub mod local;
 pub mod local_conn;
 pub mod metrics;
+pub mod own_addrs;
 pub mod relay;
 pub mod server;
 pub mod socks5;

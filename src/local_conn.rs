@@ -249,16 +249,6 @@ fn choose_method(offered: &[u8]) -> u8 {
     }
 }
 
-/// The reply for a request that could not be decoded, when the stream still allows one.
-fn request_error_reply(e: &SocksError) -> Option<Reply> {
-    match e {
-        SocksError::AddressType(_) => Some(Reply::AddressTypeNotSupported),
-        SocksError::Command(_) => Some(Reply::CommandNotSupported),
-        SocksError::BadDomain | SocksError::Reserved(_) => Some(Reply::GeneralFailure),
-        _ => None,
-    }
-}
-
 fn socks5_ask(r: &mut DeadlineReader<'_>, peer: SocketAddr, id: u64) -> Option<Ask> {
     let client = r.stream;
     let refused = |what: String| warn!("conn#{id} {peer} socks5 {what}; closed");
@@ -286,7 +276,7 @@ fn socks5_ask(r: &mut DeadlineReader<'_>, peer: SocketAddr, id: u64) -> Option<A
     let req = match socks5::read_request(r) {
         Ok(req) => req,
         Err(e) => {
-            if let Some(reply) = request_error_reply(&e) {
+            if let Some(reply) = socks5::request_error_reply(&e) {
                 send(client, &socks5::encode_reply(reply, None));
             }
             return socks_fail(&refused, e);
@@ -416,17 +406,5 @@ mod tests {
         assert_eq!(granted(Proto::Socks4, None), [0, 0x5A, 0, 0, 0, 0, 0, 0]);
         assert!(granted(Proto::HttpConnect, None).starts_with(b"HTTP/1.1 200 "));
         assert!(granted(Proto::Http, None).is_empty());
-    }
-
-    #[test]
-    fn undecodable_requests_get_the_rfc_reply() {
-        let r = |e| request_error_reply(&e);
-        assert_eq!(
-            r(SocksError::AddressType(9)),
-            Some(Reply::AddressTypeNotSupported)
-        );
-        assert_eq!(r(SocksError::Command(9)), Some(Reply::CommandNotSupported));
-        assert_eq!(r(SocksError::BadDomain), Some(Reply::GeneralFailure));
-        assert_eq!(r(SocksError::Version(4)), None);
     }
 }

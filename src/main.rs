@@ -200,13 +200,17 @@ fn db_path(args: &mut Arguments, help: &str) -> Result<PathBuf> {
     Ok(opt::<PathBuf>(args, "--db", help)?.unwrap_or_else(|| PathBuf::from("sluice.db")))
 }
 
+/// The longest any duration flag may be: a week. Far more than any timeout needs, and far from
+/// where `Instant + Duration` overflows (and panics) in the connection threads.
+const MAX_FLAG_SECS: u64 = 7 * 86_400;
+
+/// A duration flag in whole seconds, 1 to [`MAX_FLAG_SECS`].
 fn secs(args: &mut Arguments, key: &'static str, default: u64) -> Result<Duration> {
-    let s: Option<u64> = opt(args, key, "expected a whole number of seconds, at least 1")?;
+    let form = format!("expected a whole number of seconds, 1 to {MAX_FLAG_SECS}");
+    let s: Option<u64> = opt(args, key, &form)?;
     match s.unwrap_or(default) {
-        0 => Err(usage(format!(
-            "{key}: expected a whole number of seconds, at least 1"
-        ))),
-        n => Ok(Duration::from_secs(n)),
+        n @ 1..=MAX_FLAG_SECS => Ok(Duration::from_secs(n)),
+        _ => Err(usage(format!("{key}: {form}"))),
     }
 }
 
@@ -450,10 +454,8 @@ fn user_add(mut args: Arguments) -> Result<()> {
         usage("a password is required: --password-stdin, SLUICE_PASSWORD, or --password P")
     })?;
     let store = UserStore::open_or_create(&db)?;
-    store.add(&n, &hash_password(&pw)?, bw)?;
-    if lim.quota_bytes.is_some() || lim.quota_period.is_some() || lim.max_connections.is_some() {
-        store.change(&n, &lim)?;
-    }
+    // One statement: a running server never sees the user without its limits.
+    store.add_with(&n, &hash_password(&pw)?, bw, &lim)?;
     println!("added user {n} at {}", format_rate(bw));
     Ok(())
 }

@@ -350,6 +350,7 @@ mod tests {
         let dir = Directory::new(lim.clone());
         let hash = crate::auth::hash_password("p").unwrap();
         dir.apply(vec![crate::users::UserRow {
+            id: 1,
             username: "we\"ird\\user".into(),
             password_hash: hash,
             bandwidth: 1024,

@@ -10,9 +10,10 @@ use crate::dial::DialPolicy;
 use crate::error::{Error, Result};
 use crate::limiter::{self, Limiter};
 use crate::metrics::{self, Counters, Sources};
+use crate::own_addrs::OwnAddrs;
 use crate::relay;
 use crate::tls;
-use crate::users::UserStore;
+use crate::users::{self, UserStore};
 use log::{info, warn};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -217,6 +218,7 @@ pub fn start(config: &ServerConfig) -> Result<ServerHandle> {
         None => None,
     };
     let store = UserStore::open(&config.db)?;
+    warn_if_readable(&config.db);
     // Read before loading, so a commit between the load and the watcher's start is noticed.
     let version = store.data_version().ok();
     let limiter = Limiter::new(config.tick);
@@ -234,6 +236,11 @@ pub fn start(config: &ServerConfig) -> Result<ServerHandle> {
         policy: DialPolicy {
             allow_private: config.allow_private,
             connect_timeout: config.connect_timeout,
+            own_addrs: Arc::new(if config.allow_private {
+                OwnAddrs::none()
+            } else {
+                OwnAddrs::system()
+            }),
         },
         handshake_timeout: config.handshake_timeout,
         stop: stop.clone(),
@@ -279,9 +286,12 @@ pub fn start(config: &ServerConfig) -> Result<ServerHandle> {
         config.db.display(),
         limiter.tick().as_millis(),
         if config.allow_private {
-            ", private destinations allowed"
+            ", private destinations allowed".to_string()
         } else {
-            ""
+            format!(
+                ", this host's {} interface addresses refused",
+                shared.policy.own_addrs.len()
+            )
         }
     );
     if config.tls.is_some() {
@@ -300,6 +310,38 @@ pub fn start(config: &ServerConfig) -> Result<ServerHandle> {
         db_stop,
         threads,
     })
+}
+
+/// Warns when group or others can read the database or its `-wal`/`-shm` files (they hold the
+/// password hashes), naming the `chmod` that fixes it.
+fn warn_if_readable(db: &std::path::Path) {
+    let loose = users::readable_by_others(db);
+    if loose.is_empty() {
+        return;
+    }
+    let modes: Vec<String> = loose
+        .iter()
+        .map(|(p, m)| format!("{} ({m:04o})", p.display()))
+        .collect();
+    let paths: Vec<String> = loose.iter().map(|(p, _)| shell_word(p)).collect();
+    warn!(
+        "group or others can read {}: anyone on this machine can copy the password hashes; fix with `chmod 600 {}`",
+        modes.join(", "),
+        paths.join(" ")
+    );
+}
+
+/// A path as one shell word: as it is when that is safe, else in single quotes.
+fn shell_word(p: &std::path::Path) -> String {
+    let s = p.display().to_string();
+    if !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-+:,@%".contains(&b))
+    {
+        s
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
 }
 
 /// Files kept free for the database, logs and the listener when deriving the connection cap.
@@ -473,4 +515,20 @@ pub fn raise_nofile_limit() -> Option<u64> {
         }
     }
     Some(lim.rlim_cur)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn a_chmod_hint_quotes_paths_the_shell_would_split() {
+        assert_eq!(
+            shell_word(Path::new("/var/lib/sluice.db")),
+            "/var/lib/sluice.db"
+        );
+        assert_eq!(shell_word(Path::new("my db")), "'my db'");
+        assert_eq!(shell_word(Path::new("it's")), r"'it'\''s'");
+    }
 }

@@ -412,6 +412,25 @@ pub fn read_request<R: Read>(r: &mut R) -> Result<Request, SocksError> {
     Ok(Request { command, target })
 }
 
+/// The reply for a request [`read_request`] could not decode (RFC 1928 §6), sent before closing;
+/// `None` when no reply fits (the stream failed, or the bytes are not a SOCKS5 request). The
+/// server and the local proxy both answer by this one mapping. Pure.
+pub fn request_error_reply(e: &SocksError) -> Option<Reply> {
+    match e {
+        SocksError::AddressType(_) => Some(Reply::AddressTypeNotSupported),
+        SocksError::Command(_) => Some(Reply::CommandNotSupported),
+        // A well-framed request with a value no server accepts: the stream sits at its end.
+        SocksError::BadDomain | SocksError::Reserved(_) | SocksError::FieldTooLong => {
+            Some(Reply::GeneralFailure)
+        }
+        SocksError::Io(_)
+        | SocksError::Version(_)
+        | SocksError::UserPassVersion(_)
+        | SocksError::NoMethods
+        | SocksError::BadReply(_) => None,
+    }
+}
+
 /// Encodes a SOCKS5 request, client side. A domain is sent as given, even an IP literal.
 ///
 /// # Errors
@@ -1299,6 +1318,28 @@ mod tests {
         let e = read_request(&mut Broken).unwrap_err();
         assert!(matches!(&e, SocksError::Io(io) if io.kind() == io::ErrorKind::ConnectionReset));
         assert!(e.to_string().starts_with("socks: i/o error: "));
+    }
+
+    #[test]
+    fn undecodable_requests_get_the_rfc_reply() {
+        let r = |bytes: &[u8]| request_error_reply(&read_request(&mut &bytes[..]).unwrap_err());
+        let spaced = [5, 1, 0, 3, 3, b'a', b' ', b'b', 0, 80];
+        assert_eq!(r(&spaced), Some(Reply::GeneralFailure));
+        assert_eq!(
+            r(&[5, 1, 1, 1, 127, 0, 0, 1, 0, 80]),
+            Some(Reply::GeneralFailure)
+        );
+        assert_eq!(
+            r(&[5, 9, 0, 1, 127, 0, 0, 1, 0, 80]),
+            Some(Reply::CommandNotSupported)
+        );
+        assert_eq!(r(&[5, 1, 0, 9]), Some(Reply::AddressTypeNotSupported));
+        assert_eq!(r(&[4, 1, 0, 1, 127, 0, 0, 1, 0, 80]), None);
+        assert_eq!(
+            r(&[5, 1, 0, 1, 127]),
+            None,
+            "a truncated request gets no reply"
+        );
     }
 
     #[test]

@@ -60,10 +60,7 @@ impl Report {
             .iter()
             .map(|u| {
                 let z = Usage::default();
-                let g = usage
-                    .iter()
-                    .find(|x| x.username == u.username)
-                    .unwrap_or(&z);
+                let g = usage.iter().find(|x| x.account_id == u.id).unwrap_or(&z);
                 let fresh = g.live_at + LIVE_FRESH_SECS >= now && g.live_at > 0;
                 live |= fresh;
                 let in_period = g.period_start == u.quota_period.start_of(now);
@@ -173,6 +170,7 @@ mod tests {
 
     fn user(name: &str, quota: u64) -> UserRow {
         UserRow {
+            id: 1,
             username: name.into(),
             password_hash: "h".into(),
             bandwidth: 1 << 20,
@@ -186,6 +184,7 @@ mod tests {
     fn live_figures_only_while_fresh() {
         let now = 1_795_780_800;
         let u = Usage {
+            account_id: 1,
             username: "a".into(),
             bytes_up: 10,
             bytes_down: 20,

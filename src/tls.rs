@@ -85,7 +85,8 @@ pub fn parse_pin(s: &str) -> std::result::Result<[u8; 32], String> {
     let hex: String = s.chars().filter(|c| *c != ':').collect();
     let bad =
         || format!("bad --pin-sha256 {s:?}: expected 64 hex digits as printed by `sluice cert`");
-    if hex.len() != 64 {
+    // All ASCII hex first: slicing pairs below must never cut a multi-byte character.
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(bad());
     }
     let mut out = [0u8; 32];
@@ -237,6 +238,11 @@ mod tests {
         assert_eq!(parse_pin(&colons), Ok([0xab; 32]));
         assert!(parse_pin("abc").is_err());
         assert!(parse_pin(&"zz".repeat(32)).is_err());
+        // 64 bytes, but not 64 ASCII characters: refused, never sliced inside a character.
+        let euros = format!("{}a", "€".repeat(21));
+        assert_eq!(euros.len(), 64);
+        assert!(parse_pin(&euros).is_err());
+        assert!(parse_pin(&"é".repeat(32)).is_err());
     }
 
     #[test]

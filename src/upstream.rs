@@ -118,6 +118,7 @@ pub(crate) fn open(
         // The user chose this server; any address it has is fine.
         allow_private: true,
         connect_timeout: login.connect_timeout.min(left),
+        own_addrs: std::sync::Arc::new(crate::own_addrs::OwnAddrs::none()),
     };
     let sock = dial::dial(login.server, &policy).map_err(UpstreamError::Unreachable)?;
     let _ = sock.set_nodelay(true);

@@ -3,7 +3,9 @@
 //! periods over. The relay path only adds to atomics; nothing here runs per chunk.
 //!
 //! Deltas are measured against the last *committed* flush, so a flush that fails (database locked)
-//! loses nothing: the next one carries the difference. SQL stays in `users.rs`.
+//! loses nothing: the next one carries the difference. Everything is kept per account id, never
+//! per name: a user deleted and added again is a new account whose counts start from zero, and
+//! the old account's marks never apply to it. SQL stays in `users.rs`.
 
 use crate::account::{Account, HISTORY_SECS};
 use crate::users::{Usage, UsageDelta};
@@ -40,14 +42,28 @@ fn counts(a: &Account) -> Counts {
     }
 }
 
-/// Counters per user as of a flush, to commit once the database took it.
-pub type Marks = Vec<(Arc<str>, Counts)>;
+impl Counts {
+    /// What was counted since `before`; never negative (a mark from another account would make
+    /// it so — they are keyed by id so it cannot happen — and a wrapped u64 would be 16 EB).
+    fn since(self, before: Counts) -> Counts {
+        Counts {
+            up: self.up.saturating_sub(before.up),
+            down: self.down.saturating_sub(before.down),
+            opened: self.opened.saturating_sub(before.opened),
+            throttled_ns: self.throttled_ns.saturating_sub(before.throttled_ns),
+            busy_ns: self.busy_ns.saturating_sub(before.busy_ns),
+        }
+    }
+}
 
-/// Remembers what was flushed and what was last sampled, per user.
+/// Counters per account id as of a flush, to commit once the database took it.
+pub type Marks = Vec<(u64, Counts)>;
+
+/// Remembers what was flushed and what was last sampled, per account id.
 #[derive(Default)]
 pub struct Accountant {
-    flushed: HashMap<Arc<str>, Counts>,
-    sampled: HashMap<Arc<str>, (Counts, Instant)>,
+    flushed: HashMap<u64, Counts>,
+    sampled: HashMap<u64, (Counts, Instant)>,
 }
 
 impl Accountant {
@@ -61,18 +77,15 @@ impl Accountant {
     /// idle for lack of data does not count, so a throttled download reads ~100%, not 50%.
     pub fn sample(&mut self, accounts: &[Arc<Account>], now: Instant) {
         for a in accounts {
-            let (prev, at) = self
-                .sampled
-                .get(&a.name)
-                .copied()
-                .unwrap_or((counts(a), now));
+            let (prev, at) = self.sampled.get(&a.id).copied().unwrap_or((counts(a), now));
             let dt = now.saturating_duration_since(at);
             let c = counts(a);
-            let waited = c.throttled_ns - prev.throttled_ns;
-            let worked = waited + (c.busy_ns - prev.busy_ns);
+            let d = c.since(prev);
+            let waited = d.throttled_ns;
+            let worked = waited + d.busy_ns;
             let secs = dt.as_secs_f64();
             let rate = if secs > 0.0 {
-                ((c.up + c.down - prev.up - prev.down) as f64 / secs) as u64
+                ((d.up + d.down) as f64 / secs) as u64
             } else {
                 0
             };
@@ -87,13 +100,13 @@ impl Accountant {
             }
             h.push_back((rate, thr));
             drop(h);
-            self.sampled.insert(a.name.clone(), (c, now));
+            self.sampled.insert(a.id, (c, now));
         }
-        // Forget users gone from the snapshot: one pass with a set, not a scan per entry (a
-        // scan would be users² string comparisons every second).
+        // Forget accounts gone from the snapshot: one pass with a set, not a scan per entry (a
+        // scan would be users² comparisons every second).
         if self.sampled.len() > accounts.len() {
-            let live: std::collections::HashSet<&str> = accounts.iter().map(|a| &*a.name).collect();
-            self.sampled.retain(|k, _| live.contains(&**k));
+            let live: std::collections::HashSet<u64> = accounts.iter().map(|a| a.id).collect();
+            self.sampled.retain(|k, _| live.contains(k));
         }
     }
 
@@ -108,22 +121,25 @@ impl Accountant {
                 a.restart_quota(0);
             }
             let c = counts(a);
-            let p = self.flushed.get(&a.name).copied().unwrap_or_default();
+            let p = self.flushed.get(&a.id).copied().unwrap_or_default();
+            let d = c.since(p);
+            let ms = |ns: u64| ns / 1_000_000;
             let (rate, thr) = a.history.lock().back().copied().unwrap_or((0, 0.0));
             out.push(UsageDelta {
-                username: a.name.to_string(),
-                bytes_up: c.up - p.up,
-                bytes_down: c.down - p.down,
-                connections: c.opened - p.opened,
-                throttled_ms: c.throttled_ns / 1_000_000 - p.throttled_ns / 1_000_000,
-                active_ms: (c.throttled_ns + c.busy_ns) / 1_000_000
-                    - (p.throttled_ns + p.busy_ns) / 1_000_000,
+                account_id: a.id,
+                bytes_up: d.up,
+                bytes_down: d.down,
+                connections: d.opened,
+                // Milliseconds of the totals, so rounding never loses a millisecond over flushes.
+                throttled_ms: ms(c.throttled_ns).saturating_sub(ms(p.throttled_ns)),
+                active_ms: ms(c.throttled_ns + c.busy_ns)
+                    .saturating_sub(ms(p.throttled_ns + p.busy_ns)),
                 period_start: start,
                 open_now: a.open_connections() as u64,
                 rate_now: rate,
                 throttled_now: thr,
             });
-            marks.push((a.name.clone(), c));
+            marks.push((a.id, c));
         }
         (out, marks)
     }
@@ -134,12 +150,13 @@ impl Accountant {
     }
 }
 
-/// Applies usage rows read from the database to the accounts: at start (or for a new user) the
-/// quota count resumes from the row; after `user reset-usage` (a new epoch) it starts over.
+/// Applies usage rows read from the database to the accounts (matched by id): at start (or for a
+/// new account) the quota count resumes from the row; after `user reset-usage` (a new epoch) it
+/// starts over.
 pub fn apply_usage(accounts: &[Arc<Account>], rows: &[Usage], now_unix: u64) {
-    let by_name: HashMap<&str, &Usage> = rows.iter().map(|u| (u.username.as_str(), u)).collect();
+    let by_id: HashMap<u64, &Usage> = rows.iter().map(|u| (u.account_id, u)).collect();
     for a in accounts {
-        let row = by_name.get(&*a.name).copied();
+        let row = by_id.get(&a.id).copied();
         let epoch = row.map_or(0, |u| u.reset_epoch);
         let seen = a.reset_epoch.swap(epoch, Ordering::Relaxed);
         if seen == epoch {
@@ -164,7 +181,7 @@ mod tests {
 
     #[test]
     fn deltas_carry_over_until_committed() {
-        let a = Account::new("u", 0);
+        let a = Account::new(1, "u", 0);
         let accts = vec![a.clone()];
         let mut acc = Accountant::new();
         a.bytes_up.fetch_add(100, Ordering::Relaxed);
@@ -181,7 +198,7 @@ mod tests {
 
     #[test]
     fn samples_give_rate_and_history() {
-        let a = Account::new("u", 0);
+        let a = Account::new(1, "u", 0);
         let accts = vec![a.clone()];
         let mut acc = Accountant::new();
         let t0 = Instant::now();
@@ -193,11 +210,12 @@ mod tests {
 
     #[test]
     fn a_new_period_restarts_the_quota_and_a_reset_epoch_too() {
-        let a = Account::new("u", 0);
+        let a = Account::new(1, "u", 0);
         a.set_limits(1000, QuotaPeriod::Day, 0);
         let accts = vec![a.clone()];
         let day = 86_400;
         let row = Usage {
+            account_id: 1,
             username: "u".into(),
             period_start: 10 * day,
             period_bytes: 700,
@@ -215,5 +233,22 @@ mod tests {
         };
         apply_usage(&accts, &[reset], 11 * day + 2);
         assert_eq!(a.quota_used(), 0, "reset-usage starts over");
+    }
+
+    #[test]
+    fn a_new_account_under_an_old_name_starts_from_zero() {
+        let old = Account::new(1, "dz", 0);
+        let mut acc = Accountant::new();
+        old.bytes_down.fetch_add(100_000, Ordering::Relaxed);
+        let (d, marks) = acc.deltas(std::slice::from_ref(&old), 1000);
+        assert_eq!(d[0].bytes_down, 100_000);
+        acc.commit(marks);
+        // `user del dz; user add dz` before the next flush: a new account under the same name.
+        let new = Account::new(2, "dz", 0);
+        new.bytes_down.fetch_add(10, Ordering::Relaxed);
+        let (d, _) = acc.deltas(std::slice::from_ref(&new), 1001);
+        assert_eq!((d[0].account_id, d[0].bytes_down), (2, 10));
+        acc.sample(std::slice::from_ref(&new), Instant::now());
+        assert_eq!(new.history.lock().back().map(|h| h.0), Some(0));
     }
 }

@@ -4,6 +4,10 @@
 //! WAL mode with a busy timeout so `sluice user …`, the sqlite3 shell and a running server share it.
 //! Rows edited by hand are read defensively: a row this code cannot make sense of is reported, not
 //! fatal. Password hashing and the in-memory snapshot live in `auth.rs`.
+//!
+//! Each account has an id that is never reused (`AUTOINCREMENT`): usage rows belong to an id, not
+//! to a name, so a user deleted and added again under the same name starts from zero and nothing
+//! counted for the old account reaches the new one.
 
 use crate::error::{Error, Result};
 use rusqlite::types::Value;
@@ -12,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 /// How long a statement waits for another writer before giving up.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -46,6 +50,54 @@ CREATE TABLE IF NOT EXISTS usage (
     throttled_now    REAL NOT NULL DEFAULT 0,
     live_at          INTEGER NOT NULL DEFAULT 0
 );";
+
+/// Version 3: accounts get an id that is never reused, and usage rows belong to that id. SQLite
+/// cannot add a primary key in place, so both tables are rebuilt; ids are the old rowids, usage
+/// rows of names without a user are dropped, and counters a bug left negative are clamped to 0.
+const SCHEMA_V3: &str = "
+CREATE TABLE users_v3 (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    username        TEXT NOT NULL UNIQUE,
+    password_hash   TEXT NOT NULL,
+    bandwidth       INTEGER NOT NULL DEFAULT 0 CHECK (bandwidth >= 0),
+    created_at      INTEGER NOT NULL DEFAULT (strftime('%s','now')),
+    updated_at      INTEGER NOT NULL DEFAULT (strftime('%s','now')),
+    quota_bytes     INTEGER NOT NULL DEFAULT 0 CHECK (quota_bytes >= 0),
+    quota_period    TEXT NOT NULL DEFAULT 'none',
+    max_connections INTEGER NOT NULL DEFAULT 0 CHECK (max_connections >= 0)
+);
+INSERT INTO users_v3 (id, username, password_hash, bandwidth, created_at, updated_at,
+                      quota_bytes, quota_period, max_connections)
+    SELECT rowid, username, password_hash, bandwidth, created_at, updated_at,
+           quota_bytes, quota_period, max_connections FROM users;
+CREATE TABLE usage_v3 (
+    account_id       INTEGER PRIMARY KEY,
+    bytes_up         INTEGER NOT NULL DEFAULT 0,
+    bytes_down       INTEGER NOT NULL DEFAULT 0,
+    connections      INTEGER NOT NULL DEFAULT 0,
+    throttled_ms     INTEGER NOT NULL DEFAULT 0,
+    active_ms        INTEGER NOT NULL DEFAULT 0,
+    last_seen        INTEGER,
+    period_start     INTEGER NOT NULL DEFAULT 0,
+    period_bytes     INTEGER NOT NULL DEFAULT 0,
+    reset_epoch      INTEGER NOT NULL DEFAULT 0,
+    open_now         INTEGER NOT NULL DEFAULT 0,
+    rate_now         INTEGER NOT NULL DEFAULT 0,
+    throttled_now    REAL NOT NULL DEFAULT 0,
+    live_at          INTEGER NOT NULL DEFAULT 0
+);
+INSERT INTO usage_v3 (account_id, bytes_up, bytes_down, connections, throttled_ms, active_ms,
+                      last_seen, period_start, period_bytes, reset_epoch, open_now, rate_now,
+                      throttled_now, live_at)
+    SELECT u.id, max(g.bytes_up, 0), max(g.bytes_down, 0), max(g.connections, 0),
+           max(g.throttled_ms, 0), max(g.active_ms, 0), g.last_seen, g.period_start,
+           max(g.period_bytes, 0), g.reset_epoch, max(g.open_now, 0), max(g.rate_now, 0),
+           g.throttled_now, g.live_at
+    FROM usage g JOIN users_v3 u ON u.username = g.username;
+DROP TABLE usage;
+DROP TABLE users;
+ALTER TABLE users_v3 RENAME TO users;
+ALTER TABLE usage_v3 RENAME TO usage;";
 
 /// When a quota starts over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,8 +175,8 @@ fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
 /// What the server adds to a user's usage row at a flush (deltas), plus its live figures.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct UsageDelta {
-    /// The user.
-    pub username: String,
+    /// The account the counts belong to ([`UserRow::id`]).
+    pub account_id: u64,
     /// Bytes client → destination since the last flush.
     pub bytes_up: u64,
     /// Bytes destination → client since the last flush.
@@ -148,7 +200,9 @@ pub struct UsageDelta {
 /// A user's usage row.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Usage {
-    /// The user.
+    /// The account ([`UserRow::id`]).
+    pub account_id: u64,
+    /// The account's user name.
     pub username: String,
     /// Total bytes client → destination.
     pub bytes_up: u64,
@@ -181,6 +235,8 @@ pub struct Usage {
 /// One user as stored.
 #[derive(Clone, PartialEq, Eq)]
 pub struct UserRow {
+    /// The account's id: never reused, so a user deleted and added again is a new account.
+    pub id: u64,
     /// The login name (1..=255 bytes, no control characters).
     pub username: String,
     /// The argon2id PHC string.
@@ -198,6 +254,7 @@ pub struct UserRow {
 impl std::fmt::Debug for UserRow {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UserRow")
+            .field("id", &self.id)
             .field("username", &self.username)
             .field("bandwidth", &self.bandwidth)
             .field("quota_bytes", &self.quota_bytes)
@@ -241,6 +298,44 @@ fn db_err(path: &Path, e: rusqlite::Error) -> Error {
     Error::Database(format!("{}: {e}", path.display()))
 }
 
+/// Mode bits that let group or others read or write a file.
+const NOT_OWNER: u32 = 0o077;
+
+/// Creates `path` empty with mode 0600 unless something is there already (SQLite takes an empty
+/// file as a new database). Any failure is left for SQLite's open to report in its words; a
+/// `file:` URI or `:memory:` is not a path and is left alone.
+fn create_private(path: &Path) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let s = path.to_string_lossy();
+    if s.starts_with("file:") || s == ":memory:" {
+        return;
+    }
+    let _ = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path);
+}
+
+/// The database file and its `-wal` and `-shm` files that group or others may read, with their
+/// modes, so the server can warn at start: anyone who can read them has the password hashes.
+pub fn readable_by_others(path: &Path) -> Vec<(PathBuf, u32)> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut out = Vec::new();
+    for suffix in ["", "-wal", "-shm"] {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        let p = PathBuf::from(p);
+        if let Ok(m) = std::fs::metadata(&p) {
+            let mode = m.permissions().mode() & 0o7777;
+            if mode & NOT_OWNER != 0 {
+                out.push((p, mode));
+            }
+        }
+    }
+    out
+}
+
 impl UserStore {
     /// Opens an existing database (the server's way: it never creates one).
     ///
@@ -254,11 +349,14 @@ impl UserStore {
         Self::open_with(path, OpenFlags::SQLITE_OPEN_READ_WRITE)
     }
 
-    /// Opens a database, creating the file and schema when missing (the `user add` way).
+    /// Opens a database, creating the file and schema when missing (the `user add` way). A new
+    /// file is created mode 0600, owner only: it holds the password hashes. SQLite gives the
+    /// `-wal` and `-shm` files the database file's mode.
     ///
     /// # Errors
     /// [`Error::Database`] when the file cannot be created or is not a database.
     pub fn open_or_create(path: &Path) -> Result<UserStore> {
+        create_private(path);
         Self::open_with(
             path,
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
@@ -306,6 +404,10 @@ impl UserStore {
             let sql = format!("BEGIN; {SCHEMA_V2} PRAGMA user_version = 2; COMMIT;");
             self.conn.execute_batch(&sql).map_err(e)?;
         }
+        if version < 3 {
+            let sql = format!("BEGIN; {SCHEMA_V3} PRAGMA user_version = 3; COMMIT;");
+            self.conn.execute_batch(&sql).map_err(e)?;
+        }
         Ok(())
     }
 
@@ -314,20 +416,45 @@ impl UserStore {
         &self.path
     }
 
-    /// Adds a user.
+    /// Adds a user without quota or connection cap.
     ///
     /// # Errors
     /// [`Error::UserExists`] if the name is taken; [`Error::Database`] otherwise.
     pub fn add(&self, username: &str, password_hash: &str, bandwidth: u64) -> Result<()> {
-        let bw = to_sql_rate(bandwidth)?;
+        self.add_with(username, password_hash, bandwidth, &UserChange::default())
+    }
+
+    /// Adds a user with the quota, period and connection cap of `limits` (its other fields are
+    /// ignored) in one statement, so a running server never sees the user without its limits.
+    ///
+    /// # Errors
+    /// [`Error::UserExists`] if the name is taken; [`Error::Invalid`] for a number SQLite cannot
+    /// hold; [`Error::Database`] otherwise.
+    pub fn add_with(
+        &self,
+        username: &str,
+        password_hash: &str,
+        bandwidth: u64,
+        limits: &UserChange,
+    ) -> Result<()> {
         let r = self.conn.execute(
-            "INSERT INTO users (username, password_hash, bandwidth) VALUES (?1, ?2, ?3)",
-            params![username, password_hash, bw],
+            "INSERT INTO users (username, password_hash, bandwidth, quota_bytes, quota_period,
+                                max_connections)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                username,
+                password_hash,
+                to_sql("bandwidth", bandwidth)?,
+                to_sql("quota", limits.quota_bytes.unwrap_or(0))?,
+                limits.quota_period.unwrap_or(QuotaPeriod::None).as_str(),
+                to_sql("max-connections", limits.max_connections.unwrap_or(0))?,
+            ],
         );
         match r {
             Ok(_) => Ok(()),
             Err(rusqlite::Error::SqliteFailure(f, _))
-                if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY =>
+                if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+                    || f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY =>
             {
                 Err(Error::UserExists(username.to_string()))
             }
@@ -368,10 +495,12 @@ impl UserStore {
                 params![
                     username,
                     c.password_hash,
-                    c.bandwidth.map(to_sql_rate).transpose()?,
-                    c.quota_bytes.map(to_sql_rate).transpose()?,
+                    c.bandwidth.map(|v| to_sql("bandwidth", v)).transpose()?,
+                    c.quota_bytes.map(|v| to_sql("quota", v)).transpose()?,
                     c.quota_period.map(QuotaPeriod::as_str),
-                    c.max_connections.map(to_sql_rate).transpose()?,
+                    c.max_connections
+                        .map(|v| to_sql("max-connections", v))
+                        .transpose()?,
                 ],
             )
             .map_err(|e| db_err(&self.path, e))?;
@@ -381,21 +510,25 @@ impl UserStore {
         Ok(())
     }
 
-    /// Deletes a user.
+    /// Deletes a user and its usage row. Its id is never given out again, so a user added later
+    /// under the same name is a new account starting from zero.
     ///
     /// # Errors
     /// [`Error::NoSuchUser`] if there is no such user; [`Error::Database`] otherwise.
     pub fn delete(&self, username: &str) -> Result<()> {
         let e = |e| db_err(&self.path, e);
         let tx = self.conn.unchecked_transaction().map_err(e)?;
+        tx.execute(
+            "DELETE FROM usage WHERE account_id IN (SELECT id FROM users WHERE username = ?1)",
+            params![username],
+        )
+        .map_err(e)?;
         let n = tx
             .execute("DELETE FROM users WHERE username = ?1", params![username])
             .map_err(e)?;
         if n == 0 {
             return Err(Error::NoSuchUser(username.to_string()));
         }
-        tx.execute("DELETE FROM usage WHERE username = ?1", params![username])
-            .map_err(e)?;
         tx.commit().map_err(e)
     }
 
@@ -405,31 +538,26 @@ impl UserStore {
     /// # Errors
     /// [`Error::NoSuchUser`] if there is no such user; [`Error::Database`] otherwise.
     pub fn reset_usage(&self, username: &str) -> Result<()> {
-        let e = |e| db_err(&self.path, e);
-        let exists: bool = self
+        let n = self
             .conn
-            .query_row(
-                "SELECT count(*) FROM users WHERE username = ?1",
-                params![username],
-                |r| r.get::<_, i64>(0).map(|n| n > 0),
-            )
-            .map_err(e)?;
-        if !exists {
-            return Err(Error::NoSuchUser(username.to_string()));
-        }
-        self.conn
             .execute(
-                "INSERT INTO usage (username, reset_epoch) VALUES (?1, 1)
-                 ON CONFLICT(username) DO UPDATE SET bytes_up = 0, bytes_down = 0, connections = 0,
-                    throttled_ms = 0, active_ms = 0, period_bytes = 0,
+                "INSERT INTO usage (account_id, reset_epoch)
+                    SELECT id, 1 FROM users WHERE username = ?1
+                 ON CONFLICT(account_id) DO UPDATE SET bytes_up = 0, bytes_down = 0,
+                    connections = 0, throttled_ms = 0, active_ms = 0, period_bytes = 0,
                     reset_epoch = reset_epoch + 1",
                 params![username],
             )
-            .map_err(e)?;
+            .map_err(|e| db_err(&self.path, e))?;
+        if n == 0 {
+            return Err(Error::NoSuchUser(username.to_string()));
+        }
         Ok(())
     }
 
     /// Adds the server's counters to the usage table in one transaction. `now` is unix seconds.
+    /// Deltas of an account deleted meanwhile are dropped: they never reach another account,
+    /// not even one added since under the same name.
     ///
     /// # Errors
     /// [`Error::Database`], e.g. when another writer holds the file past the busy timeout; the
@@ -440,11 +568,12 @@ impl UserStore {
         {
             let mut st = tx
                 .prepare_cached(
-                    "INSERT INTO usage (username, bytes_up, bytes_down, connections, throttled_ms,
+                    "INSERT INTO usage (account_id, bytes_up, bytes_down, connections, throttled_ms,
                         active_ms, last_seen, period_start, period_bytes, open_now, rate_now,
                         throttled_now, live_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?2 + ?3, ?9, ?10, ?11, ?12)
-                     ON CONFLICT(username) DO UPDATE SET
+                     SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?2 + ?3, ?9, ?10, ?11, ?12
+                        WHERE EXISTS (SELECT 1 FROM users WHERE id = ?1)
+                     ON CONFLICT(account_id) DO UPDATE SET
                         bytes_up = bytes_up + excluded.bytes_up,
                         bytes_down = bytes_down + excluded.bytes_down,
                         connections = connections + excluded.connections,
@@ -462,17 +591,20 @@ impl UserStore {
                 .map_err(e)?;
             for d in deltas {
                 let seen = (d.open_now > 0 || d.bytes_up + d.bytes_down > 0).then_some(now as i64);
+                // A count past i64::MAX (never in practice) is held at the maximum, not wrapped
+                // to a negative number.
+                let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
                 st.execute(params![
-                    d.username,
-                    d.bytes_up as i64,
-                    d.bytes_down as i64,
-                    d.connections as i64,
-                    d.throttled_ms as i64,
-                    d.active_ms as i64,
+                    n(d.account_id),
+                    n(d.bytes_up),
+                    n(d.bytes_down),
+                    n(d.connections),
+                    n(d.throttled_ms),
+                    n(d.active_ms),
                     seen,
-                    d.period_start as i64,
-                    d.open_now as i64,
-                    d.rate_now as i64,
+                    n(d.period_start),
+                    n(d.open_now),
+                    n(d.rate_now),
                     d.throttled_now,
                     now as i64,
                 ])
@@ -482,7 +614,7 @@ impl UserStore {
         tx.commit().map_err(e)
     }
 
-    /// Every user's usage row (users never seen have none).
+    /// Every account's usage row, with its user's name (users never seen have none).
     ///
     /// # Errors
     /// [`Error::Database`] when the table cannot be read.
@@ -491,10 +623,10 @@ impl UserStore {
         let mut st = self
             .conn
             .prepare(
-                "SELECT username, bytes_up, bytes_down, connections, throttled_ms, active_ms,
-                        last_seen, period_start, period_bytes, reset_epoch, open_now, rate_now,
-                        throttled_now, live_at
-                 FROM usage ORDER BY username",
+                "SELECT u.username, g.bytes_up, g.bytes_down, g.connections, g.throttled_ms,
+                        g.active_ms, g.last_seen, g.period_start, g.period_bytes, g.reset_epoch,
+                        g.open_now, g.rate_now, g.throttled_now, g.live_at, g.account_id
+                 FROM usage g JOIN users u ON u.id = g.account_id ORDER BY u.username",
             )
             .map_err(e)?;
         let rows = st
@@ -504,6 +636,7 @@ impl UserStore {
                         .map(|v| v.unwrap_or(0).max(0) as u64)
                 };
                 Ok(Usage {
+                    account_id: n(14)?,
                     username: r.get(0)?,
                     bytes_up: n(1)?,
                     bytes_down: n(2)?,
@@ -533,14 +666,15 @@ impl UserStore {
         let mut stmt = self
             .conn
             .prepare(
-                "SELECT username, password_hash, bandwidth, quota_bytes, quota_period, max_connections
+                "SELECT username, password_hash, bandwidth, quota_bytes, quota_period,
+                        max_connections, id
                  FROM users ORDER BY username",
             )
             .map_err(e)?;
         let mut rows = stmt.query([]).map_err(e)?;
         let (mut good, mut bad) = (Vec::new(), Vec::new());
         while let Some(row) = rows.next().map_err(e)? {
-            let mut v: [Value; 6] = std::array::from_fn(|_| Value::Null);
+            let mut v: [Value; 7] = std::array::from_fn(|_| Value::Null);
             for (i, slot) in v.iter_mut().enumerate() {
                 *slot = row.get(i).map_err(e)?;
             }
@@ -564,13 +698,14 @@ impl UserStore {
     }
 }
 
-fn to_sql_rate(bandwidth: u64) -> Result<i64> {
-    i64::try_from(bandwidth).map_err(|_| Error::Invalid(format!("bandwidth {bandwidth} too large")))
+/// A number as SQLite's signed 64-bit integer.
+fn to_sql(what: &str, v: u64) -> Result<i64> {
+    i64::try_from(v).map_err(|_| Error::Invalid(format!("{what} {v} too large")))
 }
 
 /// Makes sense of a row whatever types a hand edit left in it (SQLite columns are loosely typed).
-fn row_from_values(v: [Value; 6]) -> std::result::Result<UserRow, BadRow> {
-    let [name, hash, bw, quota, period, maxc] = v;
+fn row_from_values(v: [Value; 7]) -> std::result::Result<UserRow, BadRow> {
+    let [name, hash, bw, quota, period, maxc, id] = v;
     let username = match name {
         Value::Text(s) => s,
         Value::Integer(i) => i.to_string(),
@@ -589,6 +724,11 @@ fn row_from_values(v: [Value; 6]) -> std::result::Result<UserRow, BadRow> {
         Value::Text(s) => s,
         _ => return Err(bad("password_hash is not text".into())),
     };
+    // The id is an INTEGER PRIMARY KEY: SQLite itself keeps it an integer.
+    let id = match id {
+        Value::Integer(i) if i >= 0 => i as u64,
+        other => return Err(bad(format!("id {other:?} is not a number"))),
+    };
     let bandwidth = number("bandwidth", bw).map_err(bad)?;
     let quota_bytes = number("quota_bytes", quota).map_err(bad)?;
     let max_connections = number("max_connections", maxc).map_err(bad)?;
@@ -598,6 +738,7 @@ fn row_from_values(v: [Value; 6]) -> std::result::Result<UserRow, BadRow> {
         other => return Err(bad(format!("quota_period {other:?} is not text"))),
     };
     Ok(UserRow {
+        id,
         username,
         password_hash,
         bandwidth,
@@ -727,8 +868,9 @@ mod tests {
         let path = temp_db("usage");
         let s = UserStore::open_or_create(&path).unwrap();
         s.add("u", "h", 0).unwrap();
+        let id = s.load().unwrap().0[0].id;
         let d = |up, start| UsageDelta {
-            username: "u".into(),
+            account_id: id,
             bytes_up: up,
             bytes_down: 1,
             connections: 1,
@@ -752,6 +894,141 @@ mod tests {
         assert!(matches!(s.reset_usage("nobody"), Err(Error::NoSuchUser(_))));
         s.delete("u").unwrap();
         assert!(s.load_usage().unwrap().is_empty());
+    }
+
+    /// A version-2 file: the users and usage tables keyed by name, with a usage row the
+    /// by-name bug drove negative and one left by a user deleted meanwhile.
+    fn version_2_file(path: &Path) {
+        let raw = Connection::open(path).unwrap();
+        raw.execute_batch(&format!(
+            "{SCHEMA_V1} {SCHEMA_V2} PRAGMA user_version = 2;
+             INSERT INTO users (username, password_hash, bandwidth, quota_bytes, quota_period)
+                VALUES ('a', 'ha', 5, 1000, 'day'), ('b', 'hb', '1M', 0, 'none');
+             INSERT INTO usage (username, bytes_up, bytes_down, period_start, period_bytes)
+                VALUES ('a', 10, 20, 86400, 30), ('b', 7, -104857600, 0, -104857593),
+                       ('gone', 1, 1, 0, 2);"
+        ))
+        .unwrap();
+    }
+
+    #[test]
+    fn a_version_2_database_is_upgraded_in_place() {
+        let path = temp_db("v2");
+        version_2_file(&path);
+        let s = UserStore::open(&path).unwrap();
+        let v: i64 = s
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
+        let (rows, bad) = s.load().unwrap();
+        assert!(bad.is_empty(), "{bad:?}");
+        let a = &rows[0];
+        assert_eq!(
+            (a.username.as_str(), a.password_hash.as_str(), a.bandwidth),
+            ("a", "ha", 5)
+        );
+        assert_eq!((a.quota_bytes, a.quota_period), (1000, QuotaPeriod::Day));
+        assert_eq!(
+            (rows[1].username.as_str(), rows[1].bandwidth),
+            ("b", 1 << 20)
+        );
+        assert_ne!(a.id, rows[1].id);
+        let usage = s.load_usage().unwrap();
+        let names: Vec<_> = usage.iter().map(|u| u.username.as_str()).collect();
+        assert_eq!(names, ["a", "b"], "the orphan row is dropped");
+        assert_eq!(usage[0].account_id, a.id);
+        assert_eq!((usage[0].bytes_up, usage[0].period_bytes), (10, 30));
+        let neg: (i64, i64) = s
+            .conn
+            .query_row(
+                "SELECT bytes_down, period_bytes FROM usage WHERE account_id = ?1",
+                params![rows[1].id as i64],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!(neg, (0, 0), "negative counters are clamped");
+        // The upgraded file behaves like a new one: new ids are never reused ones.
+        s.delete("b").unwrap();
+        s.add("b", "hb2", 0).unwrap();
+        let (rows, _) = s.load().unwrap();
+        assert!(rows[1].id > a.id.max(rows[0].id));
+    }
+
+    #[test]
+    fn a_deleted_and_re_added_user_is_a_new_account_with_no_usage() {
+        let path = temp_db("readd");
+        let s = UserStore::open_or_create(&path).unwrap();
+        s.add("keep", "h", 0).unwrap();
+        s.add("dz", "h", 0).unwrap();
+        let old = s.load().unwrap().0[0].id;
+        let delta = |id| UsageDelta {
+            account_id: id,
+            bytes_down: 100,
+            ..UsageDelta::default()
+        };
+        s.flush_usage(&[delta(old)], 10).unwrap();
+        s.delete("dz").unwrap();
+        s.add("dz", "h", 0).unwrap();
+        let new = s.load().unwrap().0[0].id;
+        assert!(new > old, "id {old} given out again");
+        assert!(s.load_usage().unwrap().iter().all(|u| u.username != "dz"));
+        // A flush counted before the delete lands after it: it reaches nobody.
+        s.flush_usage(&[delta(old)], 11).unwrap();
+        assert!(s.load_usage().unwrap().iter().all(|u| u.username != "dz"));
+        s.flush_usage(&[delta(new)], 12).unwrap();
+        let u = s.load_usage().unwrap();
+        let dz = u.iter().find(|u| u.username == "dz").unwrap();
+        assert_eq!((dz.account_id, dz.bytes_down), (new, 100));
+    }
+
+    #[test]
+    fn add_with_limits_is_one_write_or_none() {
+        let path = temp_db("addwith");
+        let s = UserStore::open_or_create(&path).unwrap();
+        let lim = UserChange {
+            quota_bytes: Some(5000),
+            quota_period: Some(QuotaPeriod::Month),
+            max_connections: Some(3),
+            ..UserChange::default()
+        };
+        s.add_with("q", "h", 9, &lim).unwrap();
+        let r = &s.load().unwrap().0[0];
+        assert_eq!(
+            (
+                r.bandwidth,
+                r.quota_bytes,
+                r.quota_period,
+                r.max_connections
+            ),
+            (9, 5000, QuotaPeriod::Month, 3)
+        );
+        let huge = UserChange {
+            max_connections: Some(u64::MAX),
+            ..UserChange::default()
+        };
+        assert!(s.add_with("r", "h", 0, &huge).is_err());
+        assert_eq!(s.load().unwrap().0.len(), 1, "a failed add left a user");
+        assert!(matches!(
+            s.add_with("q", "h", 0, &lim),
+            Err(Error::UserExists(_))
+        ));
+    }
+
+    #[test]
+    fn a_new_database_and_its_wal_files_are_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let path = temp_db("mode");
+        let s = UserStore::open_or_create(&path).unwrap();
+        s.add("u", "h", 0).unwrap();
+        for suffix in ["", "-wal", "-shm"] {
+            let p = format!("{}{suffix}", path.display());
+            let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{p} is {mode:o}");
+        }
+        assert!(readable_by_others(&path).is_empty());
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(readable_by_others(&path), [(path.clone(), 0o644)]);
     }
 
     #[test]

@@ -350,6 +350,67 @@ fn the_quota_count_survives_a_restart() {
     h.shutdown();
 }
 
+/// Issue 18 §4: `user del` then `user add` under the same name is a new account. The old
+/// account's connections close, the new one starts at zero usage (none of the old account's
+/// counts reach it, no counter goes negative), and its own quota count survives a restart.
+#[test]
+fn a_deleted_and_re_added_user_is_a_new_account_with_its_own_usage() {
+    const QUOTA: u64 = 100_000;
+    let origin = Origin::start();
+    let mut srv = TestServer::start_with(&[("dz", PASS, 0)], |cfg| {
+        set_limits(&cfg.db, "dz", Some((QUOTA, QuotaPeriod::None)), None);
+    });
+    let mut idle = tunnel(srv.addr, "dz", &origin);
+    let old = echo_open(&mut idle, 10) + download(tunnel(srv.addr, "dz", &origin), 60_000);
+    let row = wait_usage(&srv.db, "dz", |u| moved_in(u) == old);
+    assert_eq!(moved_in(&row), old, "old account not flushed: {row:?}");
+
+    let hash = sluice::auth::hash_password(PASS).unwrap();
+    let store = srv.store();
+    store.delete("dz").unwrap();
+    store.add("dz", &hash, 0).unwrap();
+    set_limits(&srv.db, "dz", Some((QUOTA, QuotaPeriod::None)), None);
+    idle.set_read_timeout(Some(SHORT_TIMEOUT)).unwrap();
+    assert!(
+        read_to_close(&mut idle).is_empty(),
+        "the deleted account's tunnel got data"
+    );
+    // The new account's 90 kB fit its own 100 kB quota, whatever the old one used.
+    let port = origin.addr.port();
+    let mut s = None;
+    wait_until(Duration::from_secs(3), || {
+        s = socks5(srv.addr, "dz", PASS, "127.0.0.1", port).ok();
+        s.is_some()
+    });
+    let new = download(s.expect("re-added user refused"), 90_000);
+    let row = wait_usage(&srv.db, "dz", |u| moved_in(u) == new);
+    assert_eq!(moved_in(&row), new, "the new account's usage: {row:?}");
+    assert_eq!(row.period_bytes, new.up + new.down, "{row:?}");
+    wait_idle(&srv);
+
+    srv.handle.take().unwrap().shutdown();
+    let row = usage_of(&srv.db, "dz").unwrap();
+    assert_eq!(moved_in(&row), new, "after shutdown: {row:?}");
+    let cfg = sluice::ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        db: srv.db.clone(),
+        allow_private: true,
+        ..sluice::ServerConfig::default()
+    };
+    let h = sluice::server::start(&cfg).unwrap();
+    let mut s = tunnel(h.local_addr(), "dz", &origin);
+    s.set_read_timeout(Some(SHORT_TIMEOUT)).unwrap();
+    s.write_all(b"SEND 90000\n").unwrap();
+    let got = read_to_close(&mut s);
+    let left = QUOTA - new.up - new.down - 11;
+    assert!(
+        got.len() as u64 <= left + GRANT,
+        "after a restart the new account got {} bytes with {left} of its quota left",
+        got.len()
+    );
+    h.shutdown();
+}
+
 #[test]
 fn sigterm_flushes_usage_and_exits_0() {
     let dir = TempDir::new("sigterm");

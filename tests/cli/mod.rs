@@ -440,3 +440,127 @@ fn the_server_binary_serves_and_never_logs_a_password() {
         assert!(!log.contains(&secret), "the log shows {secret:?}:\n{log}");
     }
 }
+
+/// Issue 18 §6: `user add` with limits is one write, so a running server never sees the user
+/// without them, and a failed add leaves no user behind.
+#[test]
+fn user_add_with_limits_is_one_write_and_a_failed_one_leaves_no_user() {
+    let (_dir, db) = temp_db();
+    let too_many = (1u64 << 63).to_string();
+    let out = sluice(&[
+        "user",
+        "add",
+        "dz",
+        "--password",
+        "pw",
+        "--quota",
+        "100M",
+        "--max-connections",
+        &too_many,
+        "--db",
+        &db,
+    ]);
+    assert_fails(&out, 1, &["max-connections", "too large"]);
+    assert_eq!(listed(&db, "dz"), None, "a failed add left the user");
+    let out = sluice(&[
+        "user",
+        "add",
+        "dz",
+        "--password",
+        "pw",
+        "--quota",
+        "100M",
+        "--quota-period",
+        "day",
+        "--max-connections",
+        "3",
+        "--db",
+        &db,
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let w = listed(&db, "dz").expect("dz not listed");
+    assert_eq!(w[2..], ["100M/day", "3"], "{w:?}");
+}
+
+/// Issue 18 §6: every duration flag is bounded (`--handshake-timeout 18446744073709551615` made
+/// every connection thread panic on `Instant` overflow), and a 64-byte `--pin-sha256` of
+/// multi-byte characters is a usage error, not a panic. Each command line would otherwise get
+/// past the flags and fail later (no database, no CA file) with exit 1, or panic.
+#[test]
+fn huge_durations_and_a_multi_byte_pin_are_usage_errors() {
+    let (dir, db) = temp_db();
+    let no_ca = dir.path("no-ca.pem");
+    let no_ca = no_ca.to_str().unwrap();
+    let huge = u64::MAX.to_string();
+    let week = (7 * 86_400 + 1).to_string();
+    for value in [huge.as_str(), week.as_str()] {
+        for flag in ["--handshake-timeout", "--connect-timeout", "--idle-timeout"] {
+            let out = sluice(&["server", "--db", &db, flag, value]);
+            assert_fails(&out, 2, &[flag, "604800"]);
+        }
+        for flag in ["--handshake-timeout", "--connect-timeout"] {
+            let out = sluice(&[
+                "local",
+                "--server",
+                "127.0.0.1:9",
+                "--user",
+                "u",
+                "--password",
+                "p",
+                "--listen",
+                "127.0.0.1:0",
+                "--tls",
+                "--ca",
+                no_ca,
+                flag,
+                value,
+            ]);
+            assert_fails(&out, 2, &[flag, "604800"]);
+        }
+    }
+    let euros = format!("{}a", "€".repeat(21));
+    let out = sluice(&[
+        "local",
+        "--server",
+        "127.0.0.1:9",
+        "--user",
+        "u",
+        "--password",
+        "p",
+        "--listen",
+        "127.0.0.1:0",
+        "--tls",
+        "--pin-sha256",
+        &euros,
+    ]);
+    assert_fails(&out, 2, &["--pin-sha256", "hex"]);
+}
+
+/// Issue 18 §6: the database holds the password hashes. `user add` creates it, and SQLite its
+/// `-wal` and `-shm` files, owner-only (0600); a server started on a database group or others can
+/// read warns, naming the `chmod` that fixes it.
+#[test]
+fn the_database_is_owner_only_and_a_readable_one_is_warned_about() {
+    use std::os::unix::fs::PermissionsExt;
+    let (_dir, db) = temp_db();
+    assert!(add(&db, "alice", "1M").status.success());
+    let mode = |p: &str| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&db), 0o600, "user add created the database");
+    let mut server = server_process(Path::new(&db));
+    for suffix in ["-wal", "-shm"] {
+        let p = format!("{db}{suffix}");
+        assert_eq!(mode(&p), 0o600, "{p}");
+    }
+    assert!(
+        !server.log.iter().any(|l| l.contains("chmod")),
+        "{:?}",
+        server.log
+    );
+    server.signal(libc::SIGTERM);
+    assert!(server.wait_exit(Duration::from_secs(10)).is_some());
+    std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let server = server_process(Path::new(&db));
+    let warned = server.log.iter().find(|l| l.contains("chmod 600"));
+    let line = warned.unwrap_or_else(|| panic!("no warning at start: {:?}", server.log));
+    assert!(line.contains(&db) && line.contains("0644"), "{line}");
+}

@@ -381,6 +381,47 @@ fn invalid_name_fails_at_the_server_and_the_app_hears_why() {
     assert_eq!(status_code(&head), 502);
 }
 
+/// Issue 18 §6: a SOCKS5 request that cannot be decoded after login (a domain with a space, a
+/// reserved byte not 0) gets the same reply from the server and from `sluice local` (RFC 1928
+/// §6: 0x01 general failure), then the connection closes.
+#[test]
+fn a_bad_socks5_request_gets_the_same_reply_from_the_server_and_from_local() {
+    let c = Chain::start(0);
+    let port = c.port().to_be_bytes();
+    let mut spaced = vec![5, 1, 0, 3, 3];
+    spaced.extend_from_slice(b"a b");
+    spaced.extend_from_slice(&port);
+    let reserved = vec![5, 1, 1, 1, 127, 0, 0, 1, port[0], port[1]];
+    for (what, req) in [("a domain with a space", &spaced), ("RSV 0x01", &reserved)] {
+        let mut answers = Vec::new();
+        for through_local in [false, true] {
+            let mut s = if through_local {
+                let mut s = connect(c.addr());
+                s.write_all(&[5, 1, 0]).unwrap();
+                let mut m = [0u8; 2];
+                s.read_exact(&mut m).unwrap();
+                s
+            } else {
+                socks5_login(c._srv.addr, USER, PASS)
+            };
+            s.write_all(req).unwrap();
+            s.set_read_timeout(Some(SHORT_TIMEOUT)).unwrap();
+            let code = socks5_reply(&mut s).map_err(|e| e.to_string());
+            assert!(
+                read_to_close(&mut s).is_empty(),
+                "{what}: data after the reply"
+            );
+            answers.push(code);
+        }
+        assert_eq!(
+            answers,
+            [Ok(0x01), Ok(0x01)],
+            "{what}: [server, local] replies"
+        );
+    }
+    assert_eq!(c.origin.connections(), 0);
+}
+
 /// A username and password as the fake server received them.
 type Creds = (Vec<u8>, Vec<u8>);
 

@@ -360,6 +360,123 @@ fn private_destinations_are_refused_without_allow_private() {
     assert_eq!(origin.connections(), 0);
 }
 
+/// Issue 18 §6: a policy refusal tells the client only that policy refused it; what the name
+/// resolved to goes to the log, not to the client.
+#[test]
+fn a_policy_refusal_does_not_tell_the_client_what_a_name_resolved_to() {
+    let dir = TempDir::new("policy-msg");
+    let db = dir.path("users.db");
+    make_db(&db, &[("u1", "p1", 0)]);
+    let mut c = sluice_command();
+    c.args(["server", "--listen", "127.0.0.1:0", "--db"])
+        .arg(&db);
+    let mut server = Daemon::spawn(c);
+    let port = free_port();
+    let (mut s, head) = http_exchange(
+        server.addr,
+        &connect_head(&format!("localhost:{port}"), Some(("u1", "p1"))),
+    );
+    let body = String::from_utf8_lossy(&read_to_close(&mut s)).to_string();
+    assert_eq!(status_code(&head), 403, "{head:?}");
+    let answer = format!("{head}{body}");
+    assert!(answer.contains("refused by policy"), "{answer:?}");
+    for leak in ["127.0.0.1", "::1"] {
+        assert!(
+            !answer.contains(leak),
+            "the client learns {leak}: {answer:?}"
+        );
+    }
+    let line = server
+        .wait_for_line("refused by policy", Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("no log line: {:?}", server.rest_of_log()));
+    assert!(
+        line.contains("127.0.0.1") || line.contains("::1"),
+        "the log should keep the address: {line}"
+    );
+}
+
+/// The address the namespace test gives its interface: TEST-NET-3, which the policy otherwise
+/// allows (it is not a private, reserved or special range in `dial.rs`).
+const OWN_ADDR: &str = "203.0.113.7";
+/// Set in the re-executed test binary that runs inside the private network namespace.
+const IN_NETNS: &str = "SLUICE_TEST_IN_NETNS";
+
+/// Issue 18 §6: the policy refuses the host's own interface addresses unless `--allow-private`.
+/// The test re-runs itself under `unshare -n` (a private network namespace with loopback and one
+/// interface with no ports: nothing can leave it, and it vanishes with the process), gives the
+/// interface an address the policy otherwise allows, binds the origin there, and shows the
+/// server refuses it while a server with private destinations allowed reaches it.
+#[test]
+fn the_hosts_own_interface_addresses_are_refused_without_allow_private() {
+    if std::env::var_os(IN_NETNS).is_some() {
+        return own_addresses_inside_the_namespace();
+    }
+    let exe = std::env::current_exe().unwrap();
+    let mut c = std::process::Command::new("unshare");
+    c.arg("-n")
+        .arg(exe)
+        .args([
+            "--exact",
+            "server::the_hosts_own_interface_addresses_are_refused_without_allow_private",
+            "--nocapture",
+        ])
+        .env(IN_NETNS, "1");
+    let out = run_command(c, None);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && text.contains("1 passed"),
+        "inside `unshare -n` (needs root, util-linux and iproute2: apt-get install util-linux iproute2):\n{text}"
+    );
+}
+
+/// Runs `ip ARGS` inside the namespace; panics with its output if it fails.
+fn ip_cmd(args: &[&str]) -> std::process::Output {
+    let mut c = std::process::Command::new("ip");
+    c.args(args);
+    run_command(c, None)
+}
+
+fn own_addresses_inside_the_namespace() {
+    let up = ip_cmd(&["link", "set", "lo", "up"]);
+    assert!(up.status.success(), "ip link set lo up: {up:?}");
+    // A dummy interface where the kernel has the module, else a bridge with no ports.
+    let added = ["dummy", "bridge"].iter().any(|kind| {
+        ip_cmd(&["link", "add", "d0", "type", kind])
+            .status
+            .success()
+    });
+    assert!(added, "cannot add an interface in the namespace");
+    for args in [
+        &["addr", "add", &format!("{OWN_ADDR}/24"), "dev", "d0"][..],
+        &["link", "set", "d0", "up"],
+    ] {
+        let o = ip_cmd(args);
+        assert!(o.status.success(), "ip {args:?}: {o:?}");
+    }
+    let origin = Origin::start_on(&format!("{OWN_ADDR}:0"));
+    let port = origin.addr.port();
+    let target = format!("{OWN_ADDR}:{port}");
+    let srv = TestServer::start_with(&[("u1", "p1", 0)], |c| c.allow_private = false);
+    for host in [OWN_ADDR, "::ffff:203.0.113.7"] {
+        assert_eq!(
+            socks5(srv.addr, "u1", "p1", host, port).err(),
+            Some(0x02),
+            "socks5 to {host}"
+        );
+    }
+    let (_s, head) = http_exchange(srv.addr, &connect_head(&target, Some(("u1", "p1"))));
+    assert_eq!(status_code(&head), 403, "CONNECT {target}: {head:?}");
+    assert_eq!(origin.connections(), 0, "the origin was reached");
+    // The address itself is reachable: with private destinations allowed, it is served.
+    let open = TestServer::start(&[("u1", "p1", 0)]);
+    let got = download(http_connect(open.addr, "u1", "p1", &target), 1000);
+    assert_download(&got, 1000);
+}
+
 #[test]
 fn bind_udp_associate_and_unknown_commands_answer_0x07() {
     let origin = Origin::start();
