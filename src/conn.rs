@@ -8,7 +8,7 @@
 use crate::account::{Account, Refusal};
 use crate::auth;
 use crate::dial::{self, DialError};
-use crate::http::{self, HttpError, ProxyAuth, Status};
+use crate::http::{self, HttpError, ProxyAuth, Status, credential_text};
 use crate::relay::{self, Budget, Direction, End};
 use crate::server::Shared;
 use crate::socks5::{self, Command, Reply, SocksError};
@@ -448,7 +448,9 @@ fn http_handshake(
         }
     };
     let account = match req.proxy_auth() {
-        ProxyAuth::Missing => {
+        // Another scheme (NTLM, Negotiate) gets the Basic challenge so the client can fall back
+        // (RFC 9110 §11.7.1).
+        ProxyAuth::Missing | ProxyAuth::OtherScheme => {
             // Browsers send credentials only after a 407; this is not worth a warning.
             send(
                 client,
@@ -460,7 +462,8 @@ fn http_handshake(
             return refuse(Status::BadRequest, "malformed Proxy-Authorization".into());
         }
         ProxyAuth::Basic { username, password } => {
-            match login(sh, peer, id, "http", &username, &password) {
+            let (user, pass) = (credential_text(&username), credential_text(&password));
+            match login(sh, peer, id, "http", &user, &pass) {
                 Some(a) => a,
                 None => {
                     let why = "login refused";
@@ -481,7 +484,7 @@ fn http_handshake(
     } else {
         match req.absolute_target() {
             Ok((t, path)) => {
-                let head = req.encode_for_origin(&path, &t);
+                let head = crate::http_framing::origin_head(&req, &path, &t, false);
                 ("http", t, Some(head))
             }
             Err(e) => return refuse(e.status(), e.to_string()),

@@ -16,6 +16,7 @@ pub mod conn;
 pub mod dial;
 pub mod error;
 pub mod http;
+pub mod http_framing;
 pub mod limiter;
 pub mod local;
 pub mod local_conn;

@@ -365,7 +365,7 @@ fn http_ask(r: &mut DeadlineReader<'_>, peer: SocketAddr, id: u64) -> Option<Ask
     match req.absolute_target() {
         Ok((target, path)) => {
             // As the server does: origin-form, hop-by-hop headers (Proxy-*) gone, one request.
-            let mut prefix = req.encode_for_origin(&path, &target);
+            let mut prefix = crate::http_framing::origin_head(&req, &path, &target, false);
             prefix.extend_from_slice(&rest);
             Some(Ask {
                 proto: Proto::Http,
