@@ -322,6 +322,29 @@ pub fn read_head(s: &mut TcpStream) -> String {
     String::from_utf8_lossy(&h).into_owned()
 }
 
+/// The value of header `name` in a response head (case-insensitive), if present.
+pub fn header_value(head: &str, name: &str) -> Option<String> {
+    head.lines().find_map(|l| {
+        let (n, v) = l.split_once(':')?;
+        n.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| v.trim().to_string())
+    })
+}
+
+/// Reads the body that follows `head`: `Content-Length` bytes, or, without one, until the peer
+/// closes. A kept-alive connection is left open for the next response.
+pub fn read_body(s: &mut TcpStream, head: &str) -> Vec<u8> {
+    match header_value(head, "content-length").and_then(|v| v.parse::<usize>().ok()) {
+        Some(n) => {
+            let mut v = vec![0u8; n];
+            s.read_exact(&mut v).unwrap();
+            v
+        }
+        None => read_all(s),
+    }
+}
+
 /// The `Proxy-Authorization` value for Basic credentials.
 pub fn basic(user: &str, pass: &str) -> String {
     format!(
