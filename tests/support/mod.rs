@@ -747,6 +747,7 @@ pub enum OriginMode {
 /// - `/204`, `/304` (with a `Content-Length: 50` that frames nothing): no body;
 /// - `/upgrade`: `101` with `Upgrade: echo`, then echoes bytes until EOF;
 /// - anything else: `{name} {METHOD} {path} body={body}` with `Content-Length`.
+///
 /// `HEAD` gets the headers alone. `Expect: 100-continue` gets a 100 before the body is read.
 pub struct HttpOrigin {
     pub addr: SocketAddr,
