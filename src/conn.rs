@@ -457,6 +457,7 @@ fn http_handshake(
             peer,
             handshake_timeout: sh.handshake_timeout,
             idle_timeout: sh.idle_timeout,
+            handshake_deadline: r.deadline,
         };
         let mut gate = ServerGate::new(sh, peer, id);
         match forward::serve(client, req, rest, &mut gate, &settings) {

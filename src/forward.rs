@@ -76,6 +76,11 @@ pub(crate) trait Gate {
     /// True when the proxy is stopping: no further request is taken.
     fn stopping(&self) -> bool;
 
+    /// True once a request on this connection was authorised. Until then the connection lives
+    /// under its first handshake deadline: a client refused with 407 may try again on the same
+    /// connection, but gets no more time than a handshake.
+    fn authenticated(&self) -> bool;
+
     /// Gives back what the connection holds (its connection slot). Called once at the end.
     fn release(&mut self);
 }
@@ -90,6 +95,9 @@ pub(crate) struct Settings {
     pub handshake_timeout: Duration,
     /// Longest wait for a read or write while a request is under way.
     pub idle_timeout: Duration,
+    /// The connection's handshake deadline (from accept): the limit for every request head until
+    /// one request is authorised.
+    pub handshake_deadline: Instant,
 }
 
 /// How forwarding ended.
@@ -136,7 +144,7 @@ pub(crate) fn serve(
         if !matches!(after, After::Next) || gate.stopping() {
             break Exit::Done;
         }
-        next = conn.next_head();
+        next = conn.next_head(gate.authenticated());
     };
     if let Some(o) = conn.origin.take() {
         o.stream.shutdown_both();
@@ -223,18 +231,32 @@ enum NoResponse {
 
 impl Conn<'_> {
     /// Reads the next request head: waits up to the keep-alive idle time for its first byte, then
-    /// gives the whole head the handshake timeout. `None` when the client closed or idled out, or
-    /// after answering a bad head (logged).
-    fn next_head(&mut self) -> Option<Request> {
-        let idle = KEEPALIVE_IDLE.min(self.s.idle_timeout);
+    /// gives the whole head the handshake timeout. Before any request was authorised, the
+    /// connection's first handshake deadline bounds both. `None` when the client closed or idled
+    /// out, or after answering a bad head (logged).
+    fn next_head(&mut self, authenticated: bool) -> Option<Request> {
         if self.inbuf.is_empty() {
+            let idle = if authenticated {
+                KEEPALIVE_IDLE.min(self.s.idle_timeout)
+            } else {
+                self.s
+                    .handshake_deadline
+                    .saturating_duration_since(Instant::now())
+            };
+            if idle.is_zero() {
+                return None;
+            }
             self.client.socket().set_read_timeout(Some(idle)).ok()?;
             match self.client.wait_readable() {
                 Ok(true) => {}
                 _ => return None,
             }
         }
-        let deadline = Instant::now() + self.s.handshake_timeout;
+        let deadline = if authenticated {
+            Instant::now() + self.s.handshake_timeout
+        } else {
+            self.s.handshake_deadline
+        };
         let mut chunk = vec![0u8; READ_CHUNK];
         loop {
             match http::try_parse_request(&self.inbuf) {
@@ -294,15 +316,16 @@ impl Conn<'_> {
         // Only a request without a body can be refused and the connection kept: a body not read
         // would be taken for the next request.
         let keep = client_keep && body == Body::None;
+        // Credentials first: a client without them learns nothing about its request.
+        let budget = match gate.authorize(req) {
+            Ok(b) => b,
+            Err(r) => return self.refuse(t, r.status, &r.detail, keep),
+        };
         let (target, path) = match req.absolute_target() {
             Ok(x) => x,
             Err(e) => return self.refuse(t, e.status(), &e.to_string(), keep),
         };
         t.dest = Some(target.clone());
-        let budget = match gate.authorize(req) {
-            Ok(b) => b,
-            Err(r) => return self.refuse(t, r.status, &r.detail, keep),
-        };
         let upgrading = framing::wants_upgrade(req);
         let head = origin_head(req, &path, &target, upgrading);
         let retryable = framing::is_idempotent(&req.method) && body == Body::None;

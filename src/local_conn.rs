@@ -378,6 +378,7 @@ fn http_ask(
             peer,
             handshake_timeout: sh.handshake_timeout,
             idle_timeout: relay::DEFAULT_IDLE_TIMEOUT,
+            handshake_deadline: r.deadline,
         };
         let mut gate = LocalGate { sh, peer, id };
         match forward::serve(client, req, rest, &mut gate, &settings) {
@@ -455,6 +456,11 @@ impl forward::Gate for LocalGate<'_> {
 
     fn stopping(&self) -> bool {
         self.sh.stopping()
+    }
+
+    fn authenticated(&self) -> bool {
+        // Whoever reaches local's port uses its account (see `local.rs`).
+        true
     }
 
     fn release(&mut self) {}

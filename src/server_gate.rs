@@ -177,6 +177,10 @@ impl Gate for ServerGate<'_> {
         self.sh.stop.load(Ordering::SeqCst)
     }
 
+    fn authenticated(&self) -> bool {
+        self.holder.is_some()
+    }
+
     fn release(&mut self) {
         if let Some(a) = self.holder.take() {
             a.unregister(self.id);

@@ -511,3 +511,68 @@ fn python_requests_logs_in_with_a_latin1_password() {
         "{err}"
     );
 }
+
+both!(a_connect_after_plain_requests_opens_a_tunnel);
+
+fn a_connect_after_plain_requests_opens_a_tunnel(p: &Proxy) {
+    let a = HttpOrigin::start("A");
+    let b = HttpOrigin::start("B");
+    let mut s = p.connect();
+    let r = ask(&mut s, p, "GET", &url(&b, "/plain"), "");
+    assert_eq!(r.text(), "B GET /plain body=");
+    let connect = format!(
+        "CONNECT {0} HTTP/1.1\r\nHost: {0}\r\nProxy-Authorization: {1}\r\n\r\n",
+        a.addr, p.auth
+    );
+    s.write_all(connect.as_bytes()).unwrap();
+    let head = read_head(&mut s);
+    assert_eq!(status_code(&head), 200, "{head}");
+    // Inside the tunnel the client speaks to A directly, in origin-form.
+    s.write_all(b"GET /inside HTTP/1.1\r\nHost: a\r\n\r\n")
+        .unwrap();
+    let r = read_reply(&mut s, "GET");
+    assert_eq!(r.text(), "A GET /inside body=");
+}
+
+/// After a first request, a later head that trickles in is cut at `--handshake-timeout` from its
+/// first byte (no slowloris on a kept-alive connection), while an idle kept connection stays.
+#[test]
+fn a_later_head_must_arrive_within_the_handshake_timeout() {
+    let srv = TestServer::start_with(&[(USER, PASS, 0)], |c| {
+        c.handshake_timeout = Duration::from_secs(1)
+    });
+    let p = Proxy {
+        addr: srv.addr,
+        auth: basic(USER, PASS),
+        url: String::new(),
+        local: None,
+        srv,
+    };
+    let a = HttpOrigin::start("A");
+    let mut s = p.connect();
+    // Idle past the handshake timeout: a kept connection is not cut for that.
+    let r = ask(&mut s, &p, "GET", &url(&a, "/one"), "");
+    assert_eq!(r.text(), "A GET /one body=");
+    std::thread::sleep(Duration::from_millis(1500));
+    let r = ask(&mut s, &p, "GET", &url(&a, "/two"), "");
+    assert_eq!(r.text(), "A GET /two body=");
+    // Now a head a byte at a time, never finished.
+    let t = std::time::Instant::now();
+    s.set_read_timeout(Some(SHORT_TIMEOUT)).unwrap();
+    let mut cut = false;
+    for b in p.head("GET", &url(&a, "/slow"), "").bytes() {
+        if s.write_all(&[b]).is_err() {
+            cut = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        if t.elapsed() > Duration::from_secs(4) {
+            break;
+        }
+    }
+    if !cut {
+        assert!(read_to_close(&mut s).is_empty());
+    }
+    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
+    assert_eq!(a.requests().len(), 2);
+}
