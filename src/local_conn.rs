@@ -383,7 +383,11 @@ fn http_ask(
         let mut gate = LocalGate { sh, peer, id };
         match forward::serve(client, req, rest, &mut gate, &settings) {
             forward::Exit::Done => return None,
-            forward::Exit::Connect(q, b) => (req, rest) = (q, b),
+            forward::Exit::Connect(q, b) => {
+                // The CONNECT's tunnel through the server gets a handshake's time of its own.
+                r.deadline = Instant::now() + sh.handshake_timeout;
+                (req, rest) = (q, b);
+            }
         }
     }
     match req.connect_target() {
