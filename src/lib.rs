@@ -16,6 +16,7 @@ pub mod conn;
 pub mod dial;
 pub mod error;
 pub mod forward;
+pub mod forward_body;
 pub mod http;
 pub mod http_framing;
 pub mod limiter;
