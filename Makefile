@@ -34,6 +34,7 @@ test: test-packages
 test-packages:
 	@missing=""; for p in $(TEST_PACKAGES); do cmd=$${p%%:*}; pkg=$${p#*:}; \
 		command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
+	python3 -c 'import requests' >/dev/null 2>&1 || missing="$$missing python3-requests"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing test packages:$$missing"; \
 		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \

@@ -8,9 +8,11 @@
 use crate::account::{Account, Refusal};
 use crate::auth;
 use crate::dial::{self, DialError};
-use crate::http::{self, HttpError, ProxyAuth, Status};
+use crate::forward;
+use crate::http::{self, HttpError, ProxyAuth, Status, credential_text};
 use crate::relay::{self, Budget, Direction, End};
 use crate::server::Shared;
+use crate::server_gate::ServerGate;
 use crate::socks5::{self, Command, Reply, SocksError};
 use crate::stream::{self, Stream};
 use crate::target::Target;
@@ -201,7 +203,7 @@ fn run_relay(client: Stream, s: Session, peer: SocketAddr, id: u64, sh: &Shared,
 
 /// Checks credentials, unless the client address failed too often lately (then refused without
 /// running the hash). Refusals are logged at warn with the address and counted.
-fn login(
+pub(crate) fn login(
     sh: &Shared,
     peer: SocketAddr,
     id: u64,
@@ -430,7 +432,7 @@ fn http_handshake(
         warn!("conn#{id} {peer} http {why}; answered {}", status.code());
         None
     };
-    let (req, rest) = match read_http_head(r) {
+    let (mut req, mut rest) = match read_http_head(r) {
         Ok(x) => x,
         Err(HeadError::Http(e)) => return refuse(e.status(), e.to_string()),
         Err(HeadError::Io(e)) => {
@@ -438,8 +440,26 @@ fn http_handshake(
             return None;
         }
     };
+    if !req.is_connect() {
+        // Plain HTTP: request by request, each with its own credentials, until the client
+        // closes or asks for a CONNECT on the same connection.
+        let settings = forward::Settings {
+            id,
+            peer,
+            handshake_timeout: sh.handshake_timeout,
+            idle_timeout: sh.idle_timeout,
+            handshake_deadline: r.deadline,
+        };
+        let mut gate = ServerGate::new(sh, peer, id);
+        match forward::serve(client, req, rest, &mut gate, &settings) {
+            forward::Exit::Done => return None,
+            forward::Exit::Connect(q, b) => (req, rest) = (q, b),
+        }
+    }
     let account = match req.proxy_auth() {
-        ProxyAuth::Missing => {
+        // Another scheme (NTLM, Negotiate) gets the Basic challenge so the client can fall back
+        // (RFC 9110 §11.7.1).
+        ProxyAuth::Missing | ProxyAuth::OtherScheme => {
             // Browsers send credentials only after a 407; this is not worth a warning.
             send(
                 client,
@@ -451,7 +471,8 @@ fn http_handshake(
             return refuse(Status::BadRequest, "malformed Proxy-Authorization".into());
         }
         ProxyAuth::Basic { username, password } => {
-            match login(sh, peer, id, "http", &username, &password) {
+            let (user, pass) = (credential_text(&username), credential_text(&password));
+            match login(sh, peer, id, "http", &user, &pass) {
                 Some(a) => a,
                 None => {
                     let why = "login refused";
@@ -464,19 +485,10 @@ fn http_handshake(
             }
         }
     };
-    let (proto, target, prefix_head) = if req.is_connect() {
-        match req.connect_target() {
-            Ok(t) => ("http-connect", t, None),
-            Err(e) => return refuse(e.status(), e.to_string()),
-        }
-    } else {
-        match req.absolute_target() {
-            Ok((t, path)) => {
-                let head = req.encode_for_origin(&path, &t);
-                ("http", t, Some(head))
-            }
-            Err(e) => return refuse(e.status(), e.to_string()),
-        }
+    let proto = "http-connect";
+    let target = match req.connect_target() {
+        Ok(t) => t,
+        Err(e) => return refuse(e.status(), e.to_string()),
     };
     let dest = match admit_and_dial(&target, &account, proto, peer, id, sh) {
         Ok(d) => d,
@@ -486,25 +498,16 @@ fn http_handshake(
         }
     };
     let dest = Stream::plain(dest);
-    let prefix = match prefix_head {
-        None => {
-            if !send(client, &http::encode_response(Status::Ok, "")) {
-                // Admitted but gone: give the connection slot back.
-                account.unregister(id);
-                return None;
-            }
-            rest
-        }
-        Some(mut head) => {
-            head.extend_from_slice(&rest);
-            head
-        }
-    };
+    if !send(client, &http::encode_response(Status::Ok, "")) {
+        // Admitted but gone: give the connection slot back.
+        account.unregister(id);
+        return None;
+    }
     Some(Session {
         account,
         proto,
         target,
         dest,
-        prefix,
+        prefix: rest,
     })
 }

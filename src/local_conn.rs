@@ -9,9 +9,12 @@
 //! connection, since a browser opens dozens of connections at once.
 
 use crate::conn::{self, DeadlineReader, HeadError, io_reason, send, socks_fail};
+use crate::forward::{self, Refused};
 use crate::http::{self, Status};
 use crate::local::{Burst, LocalShared};
+use crate::relay::Budget;
 use crate::relay::{self, Direction, End, Outcome};
+use crate::server::Service;
 use crate::socks5::{self, Command, Reply, SocksError};
 use crate::stream::Stream;
 use crate::target::{Host, Target};
@@ -19,6 +22,7 @@ use crate::upstream::{self, Login, UpstreamError};
 use log::{debug, info, warn};
 use std::fmt;
 use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// The protocol an app spoke, which decides how it is answered.
@@ -57,7 +61,7 @@ pub(crate) fn handle(sock: TcpStream, peer: SocketAddr, id: u64, sh: &LocalShare
     let _ = sock.set_nodelay(true);
     let client = Stream::plain(sock);
     let mut r = DeadlineReader::new(&client, started + sh.handshake_timeout);
-    let Some(ask) = read_ask(&mut r, peer, id) else {
+    let Some(ask) = read_ask(&mut r, peer, id, sh) else {
         return;
     };
     let login = Login {
@@ -92,7 +96,12 @@ pub(crate) fn handle(sock: TcpStream, peer: SocketAddr, id: u64, sh: &LocalShare
 
 /// Tells the protocol by the first byte and reads the app's request; `None` if there is nothing
 /// to open (the app was answered, if it could be, and the reason logged).
-fn read_ask(r: &mut DeadlineReader<'_>, peer: SocketAddr, id: u64) -> Option<Ask> {
+fn read_ask(
+    r: &mut DeadlineReader<'_>,
+    peer: SocketAddr,
+    id: u64,
+    sh: &LocalShared,
+) -> Option<Ask> {
     let first = match r.peek_byte() {
         Ok(Some(b)) => b,
         Ok(None) => return None,
@@ -107,7 +116,7 @@ fn read_ask(r: &mut DeadlineReader<'_>, peer: SocketAddr, id: u64) -> Option<Ask
     match first {
         socks5::VERSION => socks5_ask(r, peer, id),
         socks5::SOCKS4_VERSION => socks4_ask(r, peer, id),
-        b'A'..=b'Z' | b'a'..=b'z' => http_ask(r, peer, id),
+        b'A'..=b'Z' | b'a'..=b'z' => http_ask(r, peer, id, sh),
         other => {
             warn!("conn#{id} {peer} unknown protocol (first byte 0x{other:02x}); closed");
             None
@@ -178,12 +187,16 @@ fn refusal(proto: Proto, e: &UpstreamError, user: &str) -> Vec<u8> {
         Proto::Socks5 => socks5::encode_reply(e.reply(), None),
         Proto::Socks4 | Proto::Socks4a => socks5::encode_socks4_reply(false).to_vec(),
         Proto::HttpConnect | Proto::Http => {
-            let detail = match e {
-                UpstreamError::Rejected => format!("the sluice server rejected user {user}"),
-                other => other.to_string(),
-            };
-            http::encode_response(e.status(), &detail)
+            http::encode_response(e.status(), &http_detail(e, user))
         }
+    }
+}
+
+/// What an HTTP app is told about the server's failure.
+fn http_detail(e: &UpstreamError, user: &str) -> String {
+    match e {
+        UpstreamError::Rejected => format!("the sluice server rejected user {user}"),
+        other => other.to_string(),
     }
 }
 
@@ -327,14 +340,19 @@ fn socks4_ask(r: &mut DeadlineReader<'_>, peer: SocketAddr, id: u64) -> Option<A
     })
 }
 
-fn http_ask(r: &mut DeadlineReader<'_>, peer: SocketAddr, id: u64) -> Option<Ask> {
+fn http_ask(
+    r: &mut DeadlineReader<'_>,
+    peer: SocketAddr,
+    id: u64,
+    sh: &LocalShared,
+) -> Option<Ask> {
     let client = r.stream;
     let refuse = |status: Status, why: String| -> Option<Ask> {
         send(client, &http::encode_response(status, &why));
         warn!("conn#{id} {peer} http {why}; answered {}", status.code());
         None
     };
-    let (req, rest) = match conn::read_http_head(r) {
+    let (mut req, mut rest) = match conn::read_http_head(r) {
         Ok(x) => x,
         Err(HeadError::Http(e)) => return refuse(e.status(), e.to_string()),
         Err(HeadError::Io(e)) => {
@@ -342,29 +360,104 @@ fn http_ask(r: &mut DeadlineReader<'_>, peer: SocketAddr, id: u64) -> Option<Ask
             return None;
         }
     };
-    if req.is_connect() {
-        return match req.connect_target() {
-            Ok(target) => Some(Ask {
-                proto: Proto::HttpConnect,
-                target,
-                prefix: rest,
-            }),
-            Err(e) => refuse(e.status(), e.to_string()),
+    if !req.is_connect() {
+        // Plain HTTP: request by request, each through its own tunnel to its origin, until the
+        // app closes or asks for a CONNECT on the same connection.
+        let settings = forward::Settings {
+            id,
+            peer,
+            handshake_timeout: sh.handshake_timeout,
+            idle_timeout: relay::DEFAULT_IDLE_TIMEOUT,
+            handshake_deadline: r.deadline,
         };
-    }
-    match req.absolute_target() {
-        Ok((target, path)) => {
-            // As the server does: origin-form, hop-by-hop headers (Proxy-*) gone, one request.
-            let mut prefix = req.encode_for_origin(&path, &target);
-            prefix.extend_from_slice(&rest);
-            Some(Ask {
-                proto: Proto::Http,
-                target,
-                prefix,
-            })
+        let mut gate = LocalGate { sh, peer, id };
+        match forward::serve(client, req, rest, &mut gate, &settings) {
+            forward::Exit::Done => return None,
+            forward::Exit::Connect(q, b) => {
+                // The CONNECT's tunnel through the server gets a handshake's time of its own.
+                r.deadline = Instant::now() + sh.handshake_timeout;
+                (req, rest) = (q, b);
+            }
         }
+    }
+    match req.connect_target() {
+        Ok(target) => Some(Ask {
+            proto: Proto::HttpConnect,
+            target,
+            prefix: rest,
+        }),
         Err(e) => refuse(e.status(), e.to_string()),
     }
+}
+
+/// `sluice local`'s side of plain-HTTP forwarding: every request goes as the configured user
+/// (the app's own credentials are dropped with the other hop-by-hop fields), each origin through
+/// its own tunnel opened by the server; the server limits, so nothing is charged here.
+struct LocalGate<'a> {
+    sh: &'a LocalShared,
+    peer: SocketAddr,
+    id: u64,
+}
+
+impl forward::Gate for LocalGate<'_> {
+    fn authorize(&mut self, _req: &http::Request) -> Result<Option<Arc<Budget>>, Refused> {
+        Ok(None)
+    }
+
+    fn open(&mut self, target: &Target) -> Result<Stream, Refused> {
+        let sh = self.sh;
+        let login = Login {
+            server: &sh.server,
+            user: &sh.user,
+            password: &sh.password,
+            connect_timeout: sh.connect_timeout,
+            tls: sh.tls.as_ref(),
+        };
+        let started = Instant::now();
+        match upstream::open(&login, target, started + sh.handshake_timeout) {
+            Ok((server, _)) => {
+                server_answered(sh);
+                Ok(server)
+            }
+            Err(e) => {
+                let ask = Ask {
+                    proto: Proto::Http,
+                    target: target.clone(),
+                    prefix: Vec::new(),
+                };
+                let log = EndLine {
+                    id: self.id,
+                    peer: self.peer,
+                    ask: &ask,
+                    started,
+                };
+                log_failure(&e, &log, sh);
+                Err(Refused {
+                    status: e.status(),
+                    detail: http_detail(&e, &sh.user),
+                })
+            }
+        }
+    }
+
+    fn attach(&mut self, _client: &Stream, _origin: &Stream) -> bool {
+        true
+    }
+
+    fn user(&self) -> String {
+        self.sh.user.clone()
+    }
+
+    fn stopping(&self) -> bool {
+        self.sh.stopping()
+    }
+
+    fn authenticated(&self) -> bool {
+        // Whoever reaches local's port uses its account (see `local.rs`).
+        true
+    }
+
+    fn release(&mut self) {}
 }
 
 #[cfg(test)]

@@ -237,6 +237,49 @@ pub fn send_prefix(
     Ok(())
 }
 
+/// Reads once from `src` into `buf`, through the budget as [`pump`] does: a limited user first
+/// waits for data, then takes tokens (and quota) for at most `buf.len()`, reads no more than it
+/// was granted and gives the rest back; the bytes read count toward `dir`. Without a budget, a
+/// plain read. Blocking; 0 means the peer closed. A socket timeout is [`End::Idle`].
+///
+/// # Errors
+/// The read failed or timed out, or the limiter refused (user gone, server stopping, quota).
+pub fn metered_read(
+    src: &Stream,
+    buf: &mut [u8],
+    budget: Option<&Budget>,
+    waiter: &Arc<Waiter>,
+    dir: Direction,
+) -> Result<usize, End> {
+    let as_end = |e: io::Error| {
+        if is_timeout(&e) {
+            End::Idle
+        } else {
+            End::Error(e)
+        }
+    };
+    let Some(b) = budget else {
+        return src.read(buf).map_err(as_end);
+    };
+    let limited = b.account.rate() != 0 || b.account.quota() != 0;
+    // Never hold tokens while blocked in a read: wait for data first.
+    if limited && !src.wait_readable().map_err(as_end)? {
+        return Ok(0);
+    }
+    let grant = b.take(waiter, buf.len())?;
+    match src.read(&mut buf[..grant]) {
+        Ok(n) => {
+            b.settle(grant, n);
+            b.count(dir, n);
+            Ok(n)
+        }
+        Err(e) => {
+            b.settle(grant, 0);
+            Err(as_end(e))
+        }
+    }
+}
+
 /// Copies `src` to `dst` until EOF or error, through the budget. Blocking; returns the bytes moved
 /// and how it ended. On EOF it shuts down writing on `dst`; on any other end it shuts both sockets
 /// so the opposite direction ends too.

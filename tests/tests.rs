@@ -6,6 +6,7 @@ mod support;
 mod abuse;
 mod accounting;
 mod cli;
+mod forward;
 mod limits;
 mod local;
 mod server;

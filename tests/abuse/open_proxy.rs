@@ -165,10 +165,12 @@ fn http_probes(dst: SocketAddr) -> Vec<Probe> {
             ),
             Status(400),
         ),
+        // Another scheme gets the Basic challenge, so the client can fall back (RFC 9110
+        // §11.7.1); until issue 18 it got 400.
         probe(
             "http CONNECT bearer scheme",
             http(&connect, &[&host, "Proxy-Authorization: Bearer dTpwdw=="]),
-            Status(400),
+            Status(407),
         ),
         probe(
             "http CONNECT digest scheme",
@@ -179,7 +181,7 @@ fn http_probes(dst: SocketAddr) -> Vec<Probe> {
                     "Proxy-Authorization: Digest username=\"u\", response=\"x\"",
                 ],
             ),
-            Status(400),
+            Status(407),
         ),
         probe(
             "http CONNECT scheme alone",

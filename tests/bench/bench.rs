@@ -16,6 +16,7 @@
 mod accuracy;
 mod client;
 mod control;
+mod http_forward;
 mod origin;
 mod peers;
 mod procs;
@@ -42,7 +43,7 @@ use table::Table;
 const USAGE: &str = "usage: sluice-bench [--quick] [--runs N] [--only 1,5,12] [--no-peers]
   --quick      every scenario once, with short windows (a smoke test)
   --runs N     runs per figure (default 3; the median is reported)
-  --only LIST  scenario numbers to run (1-12)
+  --only LIST  scenario numbers to run (1-14)
   --no-peers   skip the reference proxies
   SLUICE_BENCH_KEEP=1 keeps the scratch directory (logs, configs)";
 
@@ -105,9 +106,11 @@ fn main() -> ExitCode {
 
 /// Scenarios in the order they run; the number is the one `--only` takes.
 type Scenario = fn(&mut Ctx) -> Result<(), String>;
-const SCENARIOS: [(u32, &str, Scenario); 12] = [
+const SCENARIOS: [(u32, &str, Scenario); 13] = [
     (1, "1 · unlimited, 1 conn", throughput::single),
     (2, "2 · unlimited, 8 conns", throughput::eight),
+    // Before 4, after which the peers are stopped.
+    (14, "14 · plain HTTP forwarding", http_forward::run),
     (3, "3 · via sluice local", throughput::local),
     (4, "4 · connection set-up", throughput::setup),
     (5, "5 · limiter accuracy", accuracy::run),
@@ -143,7 +146,7 @@ fn run(args: &Args) -> Result<(), String> {
     let server = Server::start(&bin, &db, &dir, "server")?;
     let echo = Endpoint::start(Kind::Echo)?;
     log_in_everyone(&server, &users, &echo);
-    let (peers, present) = if args.peers && [1, 2, 4].into_iter().any(wanted) {
+    let (peers, present) = if args.peers && [1, 2, 4, 14].into_iter().any(wanted) {
         peers::start_all(&dir)
     } else {
         (Vec::new(), vec!["peers not run".to_string()])

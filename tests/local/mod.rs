@@ -122,7 +122,8 @@ fn http_get(proxy: SocketAddr, host: &str, n: u64) -> (String, Vec<u8>) {
         basic("ignored", "secret")
     );
     let (mut s, head) = http_exchange(proxy, &head);
-    let body = read_all(&mut s);
+    // The connection stays open (keep-alive): read just this response's body.
+    let body = read_body(&mut s, &head);
     (head, body)
 }
 

@@ -325,6 +325,29 @@ pub fn read_head(s: &mut TcpStream) -> String {
     String::from_utf8_lossy(&h).into_owned()
 }
 
+/// The value of header `name` in a response head (case-insensitive), if present.
+pub fn header_value(head: &str, name: &str) -> Option<String> {
+    head.lines().find_map(|l| {
+        let (n, v) = l.split_once(':')?;
+        n.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| v.trim().to_string())
+    })
+}
+
+/// Reads the body that follows `head`: `Content-Length` bytes, or, without one, until the peer
+/// closes. A kept-alive connection is left open for the next response.
+pub fn read_body(s: &mut TcpStream, head: &str) -> Vec<u8> {
+    match header_value(head, "content-length").and_then(|v| v.parse::<usize>().ok()) {
+        Some(n) => {
+            let mut v = vec![0u8; n];
+            s.read_exact(&mut v).unwrap();
+            v
+        }
+        None => read_all(s),
+    }
+}
+
 /// The `Proxy-Authorization` value for Basic credentials.
 pub fn basic(user: &str, pass: &str) -> String {
     format!(
@@ -689,4 +712,281 @@ pub fn echo_exact(mut s: TcpStream, n: u64) {
     writer.join().unwrap();
     assert_eq!(got.len() as u64, n);
     assert!(got == data, "echo corrupted");
+}
+
+/// One request as a [`HttpOrigin`] received it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    /// Which of the origin's connections it came on (1, 2, …).
+    pub conn: usize,
+    /// The request line and header lines, as received (CRLF kept, blank line not).
+    pub head: String,
+    /// The body, de-chunked.
+    pub body: Vec<u8>,
+}
+
+impl Seen {
+    /// The value of header `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<String> {
+        header_value(&self.head, name)
+    }
+}
+
+/// How a [`HttpOrigin`] treats its connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OriginMode {
+    /// Keep-alive: answer every request on a connection.
+    KeepAlive,
+    /// Answer the first request of each connection as keep-alive, then read the second one and
+    /// close without a word: a kept connection gone stale at the worst moment.
+    OneShot,
+}
+
+/// A keep-alive HTTP/1.1 loopback origin that records every request it receives. It answers by
+/// path (the body names the origin, so a response from the wrong one shows):
+/// - `/bytes/N`: N pattern bytes with `Content-Length`;
+/// - `/chunked`: a chunked body `{name} chunked` in two chunks, then a trailer `X-Trailer: t`;
+/// - `/close`: no length, `{name} close` then the origin closes the connection;
+/// - `/204`, `/304` (with a `Content-Length: 50` that frames nothing): no body;
+/// - `/upgrade`: `101` with `Upgrade: echo`, then echoes bytes until EOF;
+/// - anything else: `{name} {METHOD} {path} body={body}` with `Content-Length`.
+///
+/// `HEAD` gets the headers alone. `Expect: 100-continue` gets a 100 before the body is read.
+pub struct HttpOrigin {
+    pub addr: SocketAddr,
+    pub seen: Arc<parking_lot::Mutex<Vec<Seen>>>,
+    pub accepted: Arc<AtomicUsize>,
+}
+
+impl HttpOrigin {
+    /// A keep-alive origin on 127.0.0.1 whose bodies say `name`.
+    pub fn start(name: &str) -> HttpOrigin {
+        Self::start_with(name, OriginMode::KeepAlive)
+    }
+
+    pub fn start_with(name: &str, mode: OriginMode) -> HttpOrigin {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (s2, a2, name) = (seen.clone(), accepted.clone(), name.to_string());
+        thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(s) = s else { continue };
+                let conn = a2.fetch_add(1, Ordering::SeqCst) + 1;
+                let (seen, name) = (s2.clone(), name.clone());
+                thread::spawn(move || {
+                    let _ = serve_http(s, conn, &name, mode, &seen);
+                });
+            }
+        });
+        HttpOrigin {
+            addr,
+            seen,
+            accepted,
+        }
+    }
+
+    /// Every request received so far.
+    pub fn requests(&self) -> Vec<Seen> {
+        self.seen.lock().clone()
+    }
+
+    pub fn connections(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+fn serve_http(
+    s: TcpStream,
+    conn: usize,
+    name: &str,
+    mode: OriginMode,
+    seen: &parking_lot::Mutex<Vec<Seen>>,
+) -> io::Result<()> {
+    s.set_nodelay(true)?;
+    let mut r = BufReader::new(s.try_clone()?);
+    let mut w = &s;
+    for n in 1.. {
+        let mut head = String::new();
+        loop {
+            let mut l = String::new();
+            if r.read_line(&mut l)? == 0 {
+                return Ok(());
+            }
+            if l == "\r\n" || l == "\n" {
+                break;
+            }
+            head.push_str(&l);
+        }
+        let mut rec = Seen {
+            conn,
+            head,
+            body: Vec::new(),
+        };
+        if mode == OriginMode::OneShot && n == 2 {
+            seen.lock().push(rec);
+            return Ok(());
+        }
+        let first: Vec<String> = rec.head.split_whitespace().map(String::from).collect();
+        let (method, path) = (first[0].clone(), first[1].clone());
+        if rec
+            .header("expect")
+            .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"))
+        {
+            w.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
+        }
+        if rec
+            .header("transfer-encoding")
+            .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"))
+        {
+            rec.body = read_chunked(&mut r)?;
+        } else if let Some(n) = rec.header("content-length") {
+            rec.body = vec![0u8; n.parse().unwrap_or(0)];
+            r.read_exact(&mut rec.body)?;
+        }
+        let body_text = String::from_utf8_lossy(&rec.body).into_owned();
+        seen.lock().push(rec);
+        let head_only = method == "HEAD";
+        let send = |w: &mut &TcpStream, status: &str, extra: &str, body: &[u8]| {
+            let mut out = format!(
+                "HTTP/1.1 {status}\r\n{extra}Content-Length: {}\r\n\r\n",
+                body.len()
+            )
+            .into_bytes();
+            if !head_only {
+                out.extend_from_slice(body);
+            }
+            w.write_all(&out)
+        };
+        match path.as_str() {
+            p if p.starts_with("/bytes/") => {
+                let n: u64 = p[7..].parse().unwrap_or(0);
+                w.write_all(format!("HTTP/1.1 200 OK\r\nContent-Length: {n}\r\n\r\n").as_bytes())?;
+                if !head_only {
+                    send_pattern(w, n)?;
+                }
+            }
+            "/chunked" => {
+                let text = format!("{name} chunked");
+                let (a, b) = text.split_at(3);
+                let body = format!(
+                    "{:x}\r\n{a}\r\n{:x}\r\n{b}\r\n0\r\nX-Trailer: t\r\n\r\n",
+                    a.len(),
+                    b.len()
+                );
+                w.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")?;
+                w.write_all(body.as_bytes())?;
+            }
+            "/close" => {
+                w.write_all(format!("HTTP/1.1 200 OK\r\n\r\n{name} close").as_bytes())?;
+                return Ok(());
+            }
+            "/204" => w.write_all(b"HTTP/1.1 204 No Content\r\n\r\n")?,
+            "/304" => w.write_all(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 50\r\n\r\n")?,
+            "/upgrade" => {
+                w.write_all(
+                    b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n",
+                )?;
+                io::copy(&mut r, &mut w)?;
+                return Ok(());
+            }
+            _ => {
+                let text = format!("{name} {method} {path} body={body_text}");
+                send(&mut w, "200 OK", "", text.as_bytes())?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads a chunked body (and its trailer section) and returns the data.
+fn read_chunked(r: &mut impl BufRead) -> io::Result<Vec<u8>> {
+    let mut body = Vec::new();
+    loop {
+        let mut line = String::new();
+        r.read_line(&mut line)?;
+        let size = usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
+            .map_err(|_| io::Error::other(format!("bad chunk size {line:?}")))?;
+        if size == 0 {
+            loop {
+                let mut l = String::new();
+                if r.read_line(&mut l)? == 0 || l.trim().is_empty() {
+                    return Ok(body);
+                }
+            }
+        }
+        let start = body.len();
+        body.resize(start + size, 0);
+        r.read_exact(&mut body[start..])?;
+        let mut crlf = String::new();
+        r.read_line(&mut crlf)?;
+    }
+}
+
+/// Reads one line (LF included), a byte at a time so nothing after it is consumed.
+pub fn read_line_raw(s: &mut TcpStream) -> String {
+    let mut v = Vec::new();
+    let mut b = [0u8; 1];
+    while !v.ends_with(b"\n") {
+        match s.read(&mut b) {
+            Ok(1) => v.push(b[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&v).into_owned()
+}
+
+/// One HTTP response read from a client socket: the head, the body (de-chunked; to EOF when it
+/// has no length) and the trailer lines, if chunked.
+pub struct HttpReply {
+    pub head: String,
+    pub body: Vec<u8>,
+    pub trailers: String,
+}
+
+impl HttpReply {
+    pub fn status(&self) -> u16 {
+        status_code(&self.head)
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Reads one response to a request with `method`, framed as RFC 9112 §6 says.
+pub fn read_reply(s: &mut TcpStream, method: &str) -> HttpReply {
+    let head = read_head(s);
+    assert!(!head.is_empty(), "no response");
+    let code = status_code(&head);
+    let mut reply = HttpReply {
+        head: head.clone(),
+        body: Vec::new(),
+        trailers: String::new(),
+    };
+    if method == "HEAD" || code < 200 || code == 204 || code == 304 {
+        return reply;
+    }
+    if header_value(&head, "transfer-encoding").is_some() {
+        loop {
+            let line = read_line_raw(s);
+            let size = usize::from_str_radix(line.trim(), 16)
+                .unwrap_or_else(|_| panic!("bad chunk size {line:?}"));
+            if size == 0 {
+                loop {
+                    let l = read_line_raw(s);
+                    if l.trim().is_empty() {
+                        return reply;
+                    }
+                    reply.trailers.push_str(&l);
+                }
+            }
+            let start = reply.body.len();
+            reply.body.resize(start + size, 0);
+            s.read_exact(&mut reply.body[start..]).unwrap();
+            assert_eq!(read_line_raw(s), "\r\n", "chunk data not ended by CRLF");
+        }
+    }
+    reply.body = read_body(s, &head);
+    reply
 }

@@ -1,0 +1,196 @@
+//! The server's side of plain-HTTP forwarding (`forward.rs`): each request carries its own Basic
+//! credentials and is charged to its own user; the connection holds one `max_connections` slot,
+//! for the user of its current request, and moves it when the user changes; origins are dialed
+//! under the server's destination policy.
+//!
+//! Password checks go through `conn::login` (throttle, argon2, cache); a connection remembers
+//! the last `Proxy-Authorization` value that verified, so a keep-alive client sending the same
+//! header on every request costs one check, not one per request.
+
+use crate::account::{Account, Refusal};
+use crate::conn::login;
+use crate::dial;
+use crate::forward::{Gate, Refused};
+use crate::http::{ProxyAuth, Request, Status, credential_text};
+use crate::relay::{self, Budget};
+use crate::server::Shared;
+use crate::stream::Stream;
+use crate::target::Target;
+use log::warn;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+/// One server connection's authorisation state for plain HTTP.
+pub(crate) struct ServerGate<'a> {
+    sh: &'a Shared,
+    peer: SocketAddr,
+    id: u64,
+    /// The user whose connection slot this connection holds.
+    holder: Option<Arc<Account>>,
+    /// The last `Proxy-Authorization` value that verified, and its account.
+    verified: Option<(Vec<u8>, Arc<Account>)>,
+    /// The user of the request under way, for its log line ("-" until authorised).
+    current: String,
+}
+
+impl<'a> ServerGate<'a> {
+    /// A gate for connection `id` from `peer`, holding no slot yet.
+    pub fn new(sh: &'a Shared, peer: SocketAddr, id: u64) -> ServerGate<'a> {
+        ServerGate {
+            sh,
+            peer,
+            id,
+            holder: None,
+            verified: None,
+            current: "-".into(),
+        }
+    }
+
+    /// The account this request's credentials name.
+    fn credentials(&mut self, req: &Request) -> Result<Arc<Account>, Refused> {
+        let value = req.header("proxy-authorization");
+        if let (Some(v), Some((seen, account))) = (value, &self.verified)
+            && v == seen.as_slice()
+            && !account.is_revoked()
+        {
+            return Ok(account.clone());
+        }
+        let challenge = |detail: &str| Refused {
+            status: Status::ProxyAuthRequired,
+            detail: detail.into(),
+        };
+        match req.proxy_auth() {
+            // Another scheme (NTLM, Negotiate) gets the Basic challenge so the client can fall
+            // back (RFC 9110 §11.7.1). Browsers send credentials only after a 407: no warning.
+            ProxyAuth::Missing | ProxyAuth::OtherScheme => {
+                Err(challenge("proxy authentication required"))
+            }
+            ProxyAuth::Malformed => {
+                self.sh.counters.connection("http", "rejected");
+                warn!(
+                    "conn#{} {} http malformed Proxy-Authorization; answered 400",
+                    self.id, self.peer
+                );
+                Err(Refused {
+                    status: Status::BadRequest,
+                    detail: "malformed Proxy-Authorization".into(),
+                })
+            }
+            ProxyAuth::Basic { username, password } => {
+                let (user, pass) = (credential_text(&username), credential_text(&password));
+                match login(self.sh, self.peer, self.id, "http", &user, &pass) {
+                    Some(a) => {
+                        self.verified = value.map(|v| (v.to_vec(), a.clone()));
+                        Ok(a)
+                    }
+                    None => Err(challenge("login refused")),
+                }
+            }
+        }
+    }
+
+    /// Holds a connection slot for `account`, giving back the previous user's if it differs.
+    fn hold(&mut self, account: &Arc<Account>) -> Result<(), Refused> {
+        let refused = |r: Refusal| Refused {
+            status: if r == Refusal::TooMany {
+                Status::TooManyRequests
+            } else {
+                Status::Forbidden
+            },
+            detail: r.to_string(),
+        };
+        if let Some(cur) = &self.holder
+            && Arc::ptr_eq(cur, account)
+        {
+            if account.is_revoked() {
+                return Err(refused(Refusal::Revoked));
+            }
+            if account.quota_exhausted() {
+                return Err(refused(Refusal::Quota));
+            }
+            return Ok(());
+        }
+        if let Some(old) = self.holder.take() {
+            old.unregister(self.id);
+        }
+        match account.admit(self.id) {
+            // An idle user starts from an empty bucket: its first second carries at most its rate.
+            Ok(true) => self.sh.limiter.start_fresh(&account.name),
+            Ok(false) => {}
+            Err(r) => {
+                warn!(
+                    "conn#{} {} http user={} refused: {r}",
+                    self.id, self.peer, account.name
+                );
+                self.sh.counters.connection("http", "refused");
+                return Err(refused(r));
+            }
+        }
+        self.holder = Some(account.clone());
+        Ok(())
+    }
+}
+
+impl Gate for ServerGate<'_> {
+    fn authorize(&mut self, req: &Request) -> Result<Option<Arc<Budget>>, Refused> {
+        self.current = "-".into();
+        let account = self.credentials(req)?;
+        self.current = account.name.to_string();
+        self.hold(&account)?;
+        Ok(Some(Arc::new(Budget {
+            account,
+            limiter: self.sh.limiter.clone(),
+        })))
+    }
+
+    fn open(&mut self, target: &Target) -> Result<Stream, Refused> {
+        match dial::dial(target, &self.sh.policy) {
+            Ok(s) => {
+                self.sh.counters.connection("http", "ok");
+                let _ = s.set_nodelay(true);
+                relay::set_keepalive(&s);
+                Ok(Stream::plain(s))
+            }
+            Err(e) => {
+                self.sh.counters.connection("http", "dial_failed");
+                // The log keeps what the name resolved to; the client is told only the reason.
+                log::info!(
+                    "conn#{} {} http user={} dest={target} dial failed: {e}",
+                    self.id,
+                    self.peer,
+                    self.current
+                );
+                Err(Refused {
+                    status: e.status(),
+                    detail: e.client_reason(),
+                })
+            }
+        }
+    }
+
+    fn attach(&mut self, client: &Stream, origin: &Stream) -> bool {
+        match &self.holder {
+            Some(a) => a.attach(self.id, vec![client.clone(), origin.clone()]),
+            None => true,
+        }
+    }
+
+    fn user(&self) -> String {
+        self.current.clone()
+    }
+
+    fn stopping(&self) -> bool {
+        self.sh.stop.load(Ordering::SeqCst)
+    }
+
+    fn authenticated(&self) -> bool {
+        self.holder.is_some()
+    }
+
+    fn release(&mut self) {
+        if let Some(a) = self.holder.take() {
+            a.unregister(self.id);
+        }
+    }
+}
