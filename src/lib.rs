@@ -26,6 +26,7 @@ pub mod socks5;
 pub mod stats;
 pub mod stream;
 pub mod target;
+pub mod throttle;
 pub mod tls;
 pub mod units;
 pub mod upstream;
