@@ -11,6 +11,7 @@
 //! `dial` → `relay` (through `limiter`) → close.
 
 pub mod account;
+pub mod admission;
 pub mod auth;
 pub mod conn;
 pub mod dial;
@@ -19,6 +20,7 @@ pub mod http;
 pub mod limiter;
 pub mod local;
 pub mod local_conn;
+pub mod login;
 pub mod metrics;
 pub mod relay;
 pub mod server;
