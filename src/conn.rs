@@ -6,6 +6,7 @@
 //! client address; every connection that got past authentication ends with one info line.
 
 use crate::account::{Account, Refusal};
+use crate::admission::HandshakeSlot;
 use crate::dial::{self, DialError};
 use crate::http::{self, HttpError, ProxyAuth, Status};
 use crate::login::Verdict;
@@ -116,8 +117,8 @@ struct Session {
 /// Serves one client connection to its end. Blocking; runs on the connection's own thread.
 pub(crate) fn handle(sock: TcpStream, peer: SocketAddr, id: u64, sh: &Shared) {
     let started = Instant::now();
-    let handshake = match sh.handshakes.admit(peer.ip()) {
-        Ok(slot) => slot,
+    let mut handshake = match sh.handshakes.admit(peer.ip()) {
+        Ok(slot) => Some(slot),
         Err(full) => {
             sh.counters.handshake_refused(full);
             if let Some(n) = sh.handshakes.note_refusal(started) {
@@ -157,14 +158,14 @@ pub(crate) fn handle(sock: TcpStream, peer: SocketAddr, id: u64, sh: &Shared) {
         }
     };
     let session = match first {
-        socks5::VERSION => socks5_handshake(&mut r, peer, id, sh),
-        b'A'..=b'Z' | b'a'..=b'z' => http_handshake(&mut r, peer, id, sh),
+        socks5::VERSION => socks5_handshake(&mut r, peer, id, sh, &mut handshake),
+        b'A'..=b'Z' | b'a'..=b'z' => http_handshake(&mut r, peer, id, sh, &mut handshake),
         other => {
             warn!("conn#{id} {peer} unknown protocol (first byte 0x{other:02x}); closed");
             None
         }
     };
-    // Logged in (or gone): the handshake slot is free for the next one.
+    // Gone, or past its handshake: the slot is free for the next one.
     drop(handshake);
     let Some(s) = session else { return };
     run_relay(client, s, peer, id, sh, started);
@@ -264,12 +265,12 @@ pub(crate) fn login(
     let name = printable(user);
     let refused = |what: String| {
         sh.counters.auth_failure(proto);
-        warn!("conn#{id} {peer} {proto} login for user \"{name}\" {what}");
+        warn!("conn#{id} {peer} {proto} login refused for user \"{name}\": {what}");
     };
     match sh.logins.check(peer.ip(), user, pass, deadline) {
         Verdict::Ok(a) => Login::Ok(a),
         Verdict::Wrong(blocks) => {
-            refused("refused: wrong password or unknown user".into());
+            refused("wrong password or unknown user".into());
             if let Some(d) = blocks.pair {
                 warn!(
                     "conn#{id} {peer} user \"{name}\" blocked from this address for {} s after repeated failures",
@@ -318,11 +319,15 @@ fn printable(name: &[u8]) -> String {
     String::from_utf8_lossy(name).escape_debug().to_string()
 }
 
+/// A connection's handshake slot (see `admission.rs`): given back once its login succeeds.
+type Admitted<'a> = Option<HandshakeSlot<'a>>;
+
 fn socks5_handshake(
     r: &mut DeadlineReader<'_>,
     peer: SocketAddr,
     id: u64,
     sh: &Shared,
+    admitted: &mut Admitted<'_>,
 ) -> Option<Session> {
     let client = r.stream;
     let refused = |what: String| {
@@ -357,6 +362,7 @@ fn socks5_handshake(
         send(client, &socks5::encode_userpass_status(false));
         return None;
     };
+    admitted.take();
     if !send(client, &socks5::encode_userpass_status(true)) {
         return None;
     }
@@ -500,6 +506,7 @@ fn http_handshake(
     peer: SocketAddr,
     id: u64,
     sh: &Shared,
+    admitted: &mut Admitted<'_>,
 ) -> Option<Session> {
     let client = r.stream;
     let refuse = |status: Status, why: String| {
@@ -531,7 +538,10 @@ fn http_handshake(
         }
         ProxyAuth::Basic { username, password } => {
             match login(sh, peer, id, "http", (&username, &password), r.deadline) {
-                Login::Ok(a) => a,
+                Login::Ok(a) => {
+                    admitted.take();
+                    a
+                }
                 refused => {
                     let (status, why) = refused.http_answer();
                     send(client, &http::encode_response(status, &why));

@@ -142,6 +142,11 @@ impl ServerHandle {
         self.shared.active.load(Ordering::Relaxed)
     }
 
+    /// The server's counters (what `/metrics` shows).
+    pub fn counters(&self) -> &Counters {
+        &self.shared.counters
+    }
+
     /// argon2 verifications run since start (joined and cached logins run none).
     pub fn argon2_runs(&self) -> u64 {
         self.shared.directory.argon2_runs()

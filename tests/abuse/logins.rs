@@ -56,7 +56,11 @@ fn parallel_guesses_are_counted_as_they_start_and_the_right_password_last_is_ref
     }
     let runs = argon2_runs(&srv);
     eprintln!("argon2 runs for 200 parallel logins: {runs}");
-    assert_ne!(right, Some(0), "the right password after 199 parallel guesses was accepted");
+    assert_ne!(
+        right,
+        Some(0),
+        "the right password after 199 parallel guesses was accepted"
+    );
     assert!(
         runs <= u64::from(PAIR_FREE_FAILURES) + 2,
         "{runs} argon2 runs: guesses in flight were not counted"
@@ -84,7 +88,11 @@ fn guesses_block_the_guessed_user_in_doubling_steps_not_the_other_users_behind_t
     }
     let blocked_at = blocked_at.expect("u was never blocked");
     // Another user behind the same address is not affected.
-    assert_eq!(login_from(&srv, HOME, "v", "other"), Some(0), "v was locked out");
+    assert_eq!(
+        login_from(&srv, HOME, "v", "other"),
+        Some(0),
+        "v was locked out"
+    );
     // u's block is seconds, not minutes: the right password gets in soon.
     let back = wait_until(Duration::from_secs(8), || {
         login_from(&srv, HOME, "u", "right") == Some(0)
@@ -182,6 +190,7 @@ fn a_successful_login_does_not_reset_the_guessing_count() {
 
 #[test]
 fn sluice_unban_lifts_a_block_within_a_second() {
+    let _ = env_logger::builder().is_test(true).try_init();
     let srv = server(&[("u", "right", 0)]);
     // Blocks of 1, 2, then 4 s.
     for i in 0..PAIR_FREE_FAILURES {
