@@ -237,3 +237,72 @@ impl Logins {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::hash_password;
+    use crate::limiter::Limiter;
+    use crate::throttle::PAIR_FREE_FAILURES;
+    use crate::users::{QuotaPeriod, UserRow};
+
+    fn gate() -> Logins {
+        let dir = Directory::new(Limiter::new(Duration::from_millis(10))).unwrap();
+        dir.apply(vec![UserRow {
+            username: "u".into(),
+            password_hash: hash_password("pw").unwrap(),
+            bandwidth: 0,
+            quota_bytes: 0,
+            quota_period: QuotaPeriod::None,
+            max_connections: 0,
+        }]);
+        Logins::new(dir)
+    }
+
+    fn soon() -> Instant {
+        Instant::now() + Duration::from_secs(10)
+    }
+
+    #[test]
+    fn a_blocked_pair_is_refused_unchecked_until_unbanned() {
+        let g = gate();
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        for i in 0..PAIR_FREE_FAILURES {
+            let v = g.check(ip, b"u", format!("w{i}").as_bytes(), soon());
+            assert!(matches!(v, Verdict::Wrong(_)));
+        }
+        let runs = g.dir.argon2_runs();
+        assert!(matches!(g.check(ip, b"u", b"pw", soon()), Verdict::Blocked(_)));
+        assert_eq!(g.dir.argon2_runs(), runs, "a blocked login ran argon2");
+        assert!(g.unban(Source::parse("127.0.0.1").unwrap()) > 0);
+        assert!(matches!(g.check(ip, b"u", b"pw", soon()), Verdict::Ok(_)));
+    }
+
+    #[test]
+    fn the_wait_for_a_slot_ends_at_the_deadline() {
+        let g = gate();
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        g.state.lock().running = MAX_CONCURRENT_ARGON2;
+        let t = Instant::now();
+        let v = g.check(ip, b"u", b"pw", t + Duration::from_millis(50));
+        assert!(matches!(v, Verdict::TimedOut));
+        assert!(t.elapsed() < Duration::from_secs(2));
+        // The check that never ran is not counted as in flight any more.
+        g.state.lock().running = 0;
+        assert!(matches!(g.check(ip, b"u", b"pw", soon()), Verdict::Ok(_)));
+    }
+
+    #[test]
+    fn one_source_holds_at_most_its_share_of_argon2_slots() {
+        let g = gate();
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        g.state
+            .lock()
+            .held
+            .insert(Source::of(ip), MAX_ARGON2_PER_SOURCE);
+        let v = g.check(ip, b"u", b"pw", Instant::now() + Duration::from_millis(50));
+        assert!(matches!(v, Verdict::TimedOut), "a source took more than its share");
+        let other: IpAddr = "127.0.0.2".parse().unwrap();
+        assert!(matches!(g.check(other, b"u", b"pw", soon()), Verdict::Ok(_)));
+    }
+}

