@@ -272,7 +272,10 @@ mod tests {
             assert!(matches!(v, Verdict::Wrong(_)));
         }
         let runs = g.dir.argon2_runs();
-        assert!(matches!(g.check(ip, b"u", b"pw", soon()), Verdict::Blocked(_)));
+        assert!(matches!(
+            g.check(ip, b"u", b"pw", soon()),
+            Verdict::Blocked(_)
+        ));
         assert_eq!(g.dir.argon2_runs(), runs, "a blocked login ran argon2");
         assert!(g.unban(Source::parse("127.0.0.1").unwrap()) > 0);
         assert!(matches!(g.check(ip, b"u", b"pw", soon()), Verdict::Ok(_)));
@@ -301,8 +304,14 @@ mod tests {
             .held
             .insert(Source::of(ip), MAX_ARGON2_PER_SOURCE);
         let v = g.check(ip, b"u", b"pw", Instant::now() + Duration::from_millis(50));
-        assert!(matches!(v, Verdict::TimedOut), "a source took more than its share");
+        assert!(
+            matches!(v, Verdict::TimedOut),
+            "a source took more than its share"
+        );
         let other: IpAddr = "127.0.0.2".parse().unwrap();
-        assert!(matches!(g.check(other, b"u", b"pw", soon()), Verdict::Ok(_)));
+        assert!(matches!(
+            g.check(other, b"u", b"pw", soon()),
+            Verdict::Ok(_)
+        ));
     }
 }

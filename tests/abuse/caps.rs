@@ -241,14 +241,17 @@ fn one_source_holds_at_most_its_share_of_handshakes() {
     let held: Vec<TcpStream> = (0..4).map(|_| connect(srv.addr)).collect();
     assert!(wait_until(SETTLE, || active(&srv) == 4));
     let mut fifth = connect(srv.addr);
+    // The handshake deadline is 10 s: a close within 2 s means it was never served.
+    fifth
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
     let mut b = [0u8; 1];
     assert_eq!(
         fifth.read(&mut b).ok(),
         Some(0),
         "the fifth was not closed at once"
     );
-    let other = connect_from(Ipv4Addr::new(127, 0, 0, 2), srv.addr).unwrap();
-    let mut other = other;
+    let mut other = connect_from(Ipv4Addr::new(127, 0, 0, 2), srv.addr).unwrap();
     assert_eq!(socks5_auth_status(&mut other, "u", "pw").unwrap(), 0);
     drop(held);
     // Slots come back when the handshakes end.
