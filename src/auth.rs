@@ -590,7 +590,11 @@ fn apply_unbans(store: &UserStore, unban: &Unban) {
     };
     for s in sources {
         match Source::parse(&s) {
-            Ok(src) => info!("unban {src}: {} login records dropped", unban(src)),
+            Ok(src) => {
+                // Not inside the macro: its arguments are not evaluated when info is filtered.
+                let n = unban(src);
+                info!("unban {src}: {n} login records dropped");
+            }
             Err(e) => warn!("unban request ignored: {e}"),
         }
     }
