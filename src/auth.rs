@@ -1,6 +1,10 @@
 //! Who may log in: the in-memory snapshot of the users, password checks with a verified-credential
 //! cache, and the watcher thread that keeps the snapshot in step with the database.
 //!
+//! The cache is keyed by user and source and keeps an HMAC of the password under a per-process
+//! random key, never the password. How many checks run at once, and who may try, is `login.rs`'s
+//! and `throttle.rs`'s business.
+//!
 //! Logins and limits read only the snapshot, so a database locked by a long write never stalls a
 //! relay or a login. The watcher polls `PRAGMA data_version`, reloads on a change, and applies the
 //! difference: new rates to the limiter and the accounts, deleted users revoked, changed password
@@ -9,17 +13,20 @@
 use crate::account::Account;
 use crate::error::{Error, Result};
 use crate::limiter::Limiter;
+use crate::throttle::Source;
 use crate::usage::{self, Accountant};
 use crate::users::{UserRow, UserStore};
 use argon2::Argon2;
 use argon2::password_hash::{PasswordHasher, PasswordVerifier, phc::PasswordHash};
 use log::{info, warn};
 use parking_lot::{Mutex, RwLock};
+use ring::hmac;
+use ring::rand::SystemRandom;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -60,9 +67,24 @@ struct Entry {
     account: Arc<Account>,
 }
 
+/// A keyed digest of a password: what the verify cache keeps instead of the password.
+pub type Digest = [u8; 32];
+
+/// A verification remembered for one user at one source.
 struct Verified {
     hash: String,
-    password: Vec<u8>,
+    digest: Digest,
+    at: Instant,
+}
+
+/// What the verify cache says about a login.
+pub enum Cached {
+    /// These credentials verified from this source against the current hash.
+    Hit(Arc<Account>),
+    /// Other credentials verified from this source: these are wrong.
+    Mismatch,
+    /// Nothing known for this user at this source.
+    Unknown,
 }
 
 /// What a reload changed, for the log.
@@ -76,68 +98,77 @@ pub struct Changes {
     pub removed: usize,
 }
 
+/// A cached verification unused for this long is dropped (it only saves one argon2 run).
+pub const CACHE_TTL: Duration = Duration::from_secs(3600);
+/// Cached verifications held at most; past it, the oldest half go.
+pub const MAX_CACHED: usize = 65_536;
+
 /// The in-memory snapshot of the users and the verified-credential cache.
 pub struct Directory {
     users: RwLock<HashMap<String, Entry>>,
-    cache: Mutex<HashMap<String, Verified>>,
+    /// Keyed by user and source: a verification from one address is no use to another.
+    cache: Mutex<HashMap<(String, Source), Verified>>,
     limiter: Arc<Limiter>,
     /// A hash to verify against for unknown users, so they cost the same time as known ones.
     dummy_hash: String,
-    /// Bounds how many argon2 verifications (about 19 MiB each) run at once.
-    argon2_slots: Slots,
+    /// HMAC-SHA256 under a random per-process key: the cache holds no password.
+    digest_key: hmac::Key,
+    /// argon2 verifications run since start.
+    argon2_runs: AtomicU64,
 }
 
 /// Most argon2 verifications running at once. Each holds ~19 MiB; a burst of new logins (or a
 /// crowd of guessers on many addresses) queues here instead of taking gigabytes.
 pub const MAX_CONCURRENT_ARGON2: usize = 4;
 
-/// A counting semaphore (std has none).
-struct Slots {
-    free: Mutex<usize>,
-    cv: parking_lot::Condvar,
-}
-
-struct SlotGuard<'a>(&'a Slots);
-
-impl Slots {
-    fn new(n: usize) -> Slots {
-        Slots {
-            free: Mutex::new(n),
-            cv: parking_lot::Condvar::new(),
-        }
-    }
-
-    /// Blocks until a slot is free; the guard gives it back.
-    fn take(&self) -> SlotGuard<'_> {
-        let mut free = self.free.lock();
-        while *free == 0 {
-            self.cv.wait(&mut free);
-        }
-        *free -= 1;
-        SlotGuard(self)
-    }
-}
-
-impl Drop for SlotGuard<'_> {
-    fn drop(&mut self) {
-        *self.0.free.lock() += 1;
-        self.0.cv.notify_one();
-    }
+/// The hash unknown users are checked against: made once at start, and checked to parse, so an
+/// unknown user always costs an argon2 run.
+///
+/// # Errors
+/// The hasher failed or made something that does not parse: the server must not start.
+pub fn dummy_hash(hasher: impl Fn(&str) -> Result<String>) -> Result<String> {
+    // Random enough per process: nobody can log in with it; it is only ever verified against.
+    let dummy = format!("sluice-dummy-{:?}-{}", Instant::now(), std::process::id());
+    let hash = hasher(&dummy).map_err(|e| {
+        Error::Invalid(format!(
+            "cannot make the hash unknown users are checked against: {e}"
+        ))
+    })?;
+    PasswordHash::new(&hash).map_err(|e| {
+        Error::Invalid(format!(
+            "the hash unknown users are checked against does not parse: {e}"
+        ))
+    })?;
+    Ok(hash)
 }
 
 impl Directory {
     /// An empty directory feeding `limiter`.
-    pub fn new(limiter: Arc<Limiter>) -> Arc<Directory> {
-        // The dummy password is random-enough per process: nobody can log in with it, and it is
-        // only ever verified against, never matched.
-        let dummy = format!("sluice-dummy-{:?}", std::time::Instant::now());
-        Arc::new(Directory {
+    ///
+    /// # Errors
+    /// The dummy hash or the digest key cannot be made (see [`dummy_hash`]).
+    pub fn new(limiter: Arc<Limiter>) -> Result<Arc<Directory>> {
+        Self::with_hasher(limiter, hash_password)
+    }
+
+    /// As [`Directory::new`], with the dummy hash made by `hasher`.
+    ///
+    /// # Errors
+    /// As [`Directory::new`].
+    pub fn with_hasher(
+        limiter: Arc<Limiter>,
+        hasher: impl Fn(&str) -> Result<String>,
+    ) -> Result<Arc<Directory>> {
+        let digest_key = hmac::Key::generate(hmac::HMAC_SHA256, &SystemRandom::new())
+            .map_err(|_| Error::Invalid("cannot make a random key for the verify cache".into()))?;
+        Ok(Arc::new(Directory {
             users: RwLock::new(HashMap::new()),
             cache: Mutex::new(HashMap::new()),
             limiter,
-            dummy_hash: hash_password(&dummy).unwrap_or_default(),
-            argon2_slots: Slots::new(MAX_CONCURRENT_ARGON2),
-        })
+            dummy_hash: dummy_hash(hasher)?,
+            digest_key,
+            argon2_runs: AtomicU64::new(0),
+        }))
     }
 
     /// How many users the snapshot holds.
@@ -148,6 +179,11 @@ impl Directory {
     /// True when there are no users.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// argon2 verifications run since start.
+    pub fn argon2_runs(&self) -> u64 {
+        self.argon2_runs.load(Ordering::Relaxed)
     }
 
     /// Every account in the snapshot, sorted by name.
@@ -162,6 +198,10 @@ impl Directory {
         v
     }
 
+    fn forget(&self, name: &str) {
+        self.cache.lock().retain(|(n, _), _| n != name);
+    }
+
     /// Replaces the snapshot with `rows`, applying rate changes, revocations and cache drops.
     pub fn apply(&self, rows: Vec<UserRow>) -> Changes {
         let mut changes = Changes::default();
@@ -174,7 +214,7 @@ impl Directory {
                         old.account.rate() != row.bandwidth || old.hash != row.password_hash;
                     changes.changed += usize::from(moved);
                     if old.hash != row.password_hash {
-                        self.cache.lock().remove(&row.username);
+                        self.forget(&row.username);
                     }
                     old.account.set_rate(row.bandwidth);
                     old.account
@@ -189,7 +229,7 @@ impl Directory {
                     // goes like any deleted one (its bucket, keyed by name, is reused).
                     if let Some(old) = replaced {
                         changes.removed += 1;
-                        self.cache.lock().remove(&row.username);
+                        self.forget(&row.username);
                         old.account.revoke();
                     }
                     changes.added += 1;
@@ -207,7 +247,7 @@ impl Directory {
         }
         for (name, gone) in users.drain() {
             changes.removed += 1;
-            self.cache.lock().remove(&name);
+            self.forget(&name);
             gone.account.revoke();
             self.limiter.remove(&name);
         }
@@ -215,43 +255,101 @@ impl Directory {
         changes
     }
 
-    /// Checks a username and password. Blocking: may run argon2 (tens of milliseconds) unless the
-    /// same credentials were verified before against the same hash. Unknown users and wrong
-    /// passwords both return `None` after about the same time.
-    pub fn verify(&self, username: &[u8], password: &[u8]) -> Option<Arc<Account>> {
-        let found = std::str::from_utf8(username).ok().and_then(|name| {
-            let users = self.users.read();
-            users
-                .get(name)
-                .map(|e| (name.to_string(), e.hash.clone(), e.account.clone()))
-        });
-        let Some((name, hash, account)) = found else {
+    /// The keyed digest of a password (cheap: one HMAC).
+    pub fn digest(&self, password: &[u8]) -> Digest {
+        let tag = hmac::sign(&self.digest_key, password);
+        let mut d = [0u8; 32];
+        d.copy_from_slice(tag.as_ref());
+        d
+    }
+
+    fn lookup(&self, username: &[u8]) -> Option<(String, String, Arc<Account>)> {
+        let name = std::str::from_utf8(username).ok()?;
+        let users = self.users.read();
+        users
+            .get(name)
+            .map(|e| (name.to_string(), e.hash.clone(), e.account.clone()))
+    }
+
+    /// What the verify cache knows of these credentials at `src`. Never runs argon2.
+    pub fn cached(&self, username: &[u8], src: Source, digest: &Digest) -> Cached {
+        let Some((name, hash, account)) = self.lookup(username) else {
+            return Cached::Unknown;
+        };
+        let mut cache = self.cache.lock();
+        let Some(v) = cache.get_mut(&(name, src)) else {
+            return Cached::Unknown;
+        };
+        let now = Instant::now();
+        if v.hash != hash || now.saturating_duration_since(v.at) >= CACHE_TTL {
+            return Cached::Unknown;
+        }
+        if constant_time_eq(&v.digest, digest) {
+            v.at = now;
+            Cached::Hit(account)
+        } else {
+            Cached::Mismatch
+        }
+    }
+
+    /// Checks a username and password with argon2 (blocking, tens of milliseconds; the caller
+    /// bounds how many run at once) and remembers a success for `src`. Unknown users are checked
+    /// against the dummy hash, so they cost the same time as wrong passwords.
+    pub fn check(
+        &self,
+        username: &[u8],
+        password: &[u8],
+        src: Source,
+        digest: &Digest,
+    ) -> Option<Arc<Account>> {
+        let Some((name, hash, account)) = self.lookup(username) else {
             self.argon2_check(&self.dummy_hash, password);
             return None;
         };
-        if let Some(v) = self.cache.lock().get(&name)
-            && v.hash == hash
-            && constant_time_eq(&v.password, password)
-        {
-            return Some(account);
-        }
         if !self.argon2_check(&hash, password) {
             return None;
         }
-        self.cache.lock().insert(
-            name,
+        self.remember(name, src, hash, *digest);
+        Some(account)
+    }
+
+    fn remember(&self, name: String, src: Source, hash: String, digest: Digest) {
+        let now = Instant::now();
+        let mut cache = self.cache.lock();
+        if cache.len() >= MAX_CACHED {
+            cache.retain(|_, v| now.saturating_duration_since(v.at) < CACHE_TTL);
+        }
+        if cache.len() >= MAX_CACHED {
+            let mut ats: Vec<Instant> = cache.values().map(|v| v.at).collect();
+            let mid = ats.len() / 2;
+            let cut = *ats.select_nth_unstable(mid).1;
+            cache.retain(|_, v| v.at > cut);
+        }
+        cache.insert(
+            (name, src),
             Verified {
                 hash,
-                password: password.to_vec(),
+                digest,
+                at: now,
             },
         );
-        Some(account)
+    }
+
+    /// Checks credentials from nowhere in particular: the cache first, then argon2 (unbounded;
+    /// for tools and tests, not for a listener — that goes through `login::Logins`).
+    pub fn verify(&self, username: &[u8], password: &[u8]) -> Option<Arc<Account>> {
+        let src = Source::of(IpAddr::from([0, 0, 0, 0]));
+        let digest = self.digest(password);
+        match self.cached(username, src, &digest) {
+            Cached::Hit(a) => Some(a),
+            _ => self.check(username, password, src, &digest),
+        }
     }
 
     fn argon2_check(&self, hash: &str, password: &[u8]) -> bool {
         match PasswordHash::new(hash) {
             Ok(parsed) => {
-                let _slot = self.argon2_slots.take();
+                self.argon2_runs.fetch_add(1, Ordering::Relaxed);
                 Argon2::default().verify_password(password, &parsed).is_ok()
             }
             Err(e) => {
@@ -260,73 +358,14 @@ impl Directory {
             }
         }
     }
-}
 
-/// Failed logins from one client address tolerated within [`FAILURE_WINDOW`].
-pub const MAX_FAILURES: u32 = 10;
-/// The window failures are counted in.
-pub const FAILURE_WINDOW: Duration = Duration::from_secs(60);
-/// How long an address that failed too often is refused without checking its password.
-pub const BLOCK_TIME: Duration = Duration::from_secs(300);
-/// Addresses remembered at most; past it, expired entries are dropped first, then everything.
-const MAX_TRACKED: usize = 65_536;
-
-/// Failures counted, when the window started, and until when the address is blocked.
-type Failures = (u32, Instant, Option<Instant>);
-
-/// Counts failed logins per client address (IPv6 by /64, since one host holds a whole /64) and
-/// refuses an address that failed too often, before any password hash runs: a guessing client
-/// cannot burn the CPU, and users on other addresses are unaffected. A successful login does not
-/// wipe the count — else a client holding one valid account could guess others without limit —
-/// failures simply age out of the window.
-#[derive(Default)]
-pub struct LoginThrottle {
-    map: Mutex<HashMap<IpAddr, Failures>>,
-}
-
-fn throttle_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let s = v6.segments();
-                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
-            }
-        },
-        v4 => v4,
-    }
-}
-
-impl LoginThrottle {
-    /// True if `ip` may try a password now (at `now`).
-    pub fn allowed(&self, ip: IpAddr, now: Instant) -> bool {
-        match self.map.lock().get(&throttle_key(ip)) {
-            Some((_, _, Some(until))) => now >= *until,
-            _ => true,
-        }
-    }
-
-    /// Records a failed login; returns true if it just got `ip` blocked.
-    pub fn failed(&self, ip: IpAddr, now: Instant) -> bool {
-        let mut map = self.map.lock();
-        if map.len() >= MAX_TRACKED {
-            map.retain(|_, (_, start, until)| {
-                now.duration_since(*start) < FAILURE_WINDOW || until.is_some_and(|u| u > now)
-            });
-            if map.len() >= MAX_TRACKED {
-                map.clear();
-            }
-        }
-        let e = map.entry(throttle_key(ip)).or_insert((0, now, None));
-        if e.2.is_some_and(|u| now >= u) || now.duration_since(e.1) >= FAILURE_WINDOW {
-            *e = (0, now, None);
-        }
-        e.0 += 1;
-        if e.0 >= MAX_FAILURES && e.2.is_none() {
-            e.2 = Some(now + BLOCK_TIME);
-            return true;
-        }
-        false
+    /// The cached secret for `name` at `src`, for tests that check what the cache keeps.
+    #[cfg(test)]
+    fn cached_secret(&self, name: &str, src: Source) -> Option<Vec<u8>> {
+        let cache = self.cache.lock();
+        cache
+            .get(&(name.to_string(), src))
+            .map(|v| v.digest.to_vec())
     }
 }
 
@@ -372,10 +411,32 @@ pub fn spawn_watcher(
     dir: Arc<Directory>,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<thread::JoinHandle<()>> {
+    spawn_watcher_with(store, version, dir, stop, Arc::new(|_| 0))
+}
+
+/// Lifts the login blocks on a source; returns how many records it dropped.
+pub type Unban = Arc<dyn Fn(Source) -> usize + Send + Sync>;
+
+/// As [`spawn_watcher`], also taking `sluice unban` requests from the database and handing each
+/// to `unban` (then deleting it).
+///
+/// # Errors
+/// The thread could not be spawned.
+pub fn spawn_watcher_with(
+    store: UserStore,
+    version: Option<i64>,
+    dir: Arc<Directory>,
+    stop: Arc<AtomicBool>,
+    unban: Unban,
+) -> std::io::Result<thread::JoinHandle<()>> {
     thread::Builder::new()
         .name("user watcher".into())
         .stack_size(256 * 1024)
-        .spawn(move || Watcher::new(store, version).run(&dir, &stop))
+        .spawn(move || {
+            let mut w = Watcher::new(store, version);
+            w.unban = Some(unban);
+            w.run(&dir, &stop)
+        })
 }
 
 struct Watcher {
@@ -391,6 +452,8 @@ struct Watcher {
     unreadable: Option<(u64, u64)>,
     version: Option<i64>,
     missing_logged: bool,
+    /// Where `sluice unban` requests go.
+    unban: Option<Unban>,
 }
 
 fn file_identity(path: &Path) -> Option<(u64, u64)> {
@@ -411,6 +474,7 @@ impl Watcher {
             unreadable: None,
             path,
             missing_logged: false,
+            unban: None,
         }
     }
 
@@ -504,6 +568,9 @@ impl Watcher {
         if Some(v) == self.version {
             return;
         }
+        if let Some(unban) = &self.unban {
+            apply_unbans(store, unban);
+        }
         match reload(store, dir) {
             Ok(c) => {
                 self.version = Some(v);
@@ -515,6 +582,27 @@ impl Watcher {
                 }
             }
             Err(e) => warn!("cannot reload users: {e}; keeping the last snapshot"),
+        }
+    }
+}
+
+/// Takes the pending `sluice unban` requests and applies them (a bad row is logged and dropped).
+fn apply_unbans(store: &UserStore, unban: &Unban) {
+    let sources = match store.take_unbans() {
+        Ok(s) => s,
+        Err(e) => {
+            warn!("cannot read unban requests: {e}; trying again at the next change");
+            return;
+        }
+    };
+    for s in sources {
+        match Source::parse(&s) {
+            Ok(src) => {
+                // Not inside the macro: its arguments are not evaluated when info is filtered.
+                let n = unban(src);
+                info!("unban {src}: {n} login records dropped");
+            }
+            Err(e) => warn!("unban request ignored: {e}"),
         }
     }
 }
@@ -545,7 +633,7 @@ mod tests {
 
     #[test]
     fn verify_uses_the_cache_and_drops_it_when_the_hash_changes() {
-        let dir = Directory::new(Limiter::new(Duration::from_millis(10)));
+        let dir = Directory::new(Limiter::new(Duration::from_millis(10))).unwrap();
         let h1 = hash_password("pw1").unwrap();
         dir.apply(vec![row("u", &h1, 0)]);
         assert!(dir.verify(b"u", b"pw1").is_some());
@@ -569,7 +657,7 @@ mod tests {
 
     #[test]
     fn apply_revokes_deleted_users_and_updates_rates() {
-        let dir = Directory::new(Limiter::new(Duration::from_millis(10)));
+        let dir = Directory::new(Limiter::new(Duration::from_millis(10))).unwrap();
         let h = hash_password("p").unwrap();
         dir.apply(vec![row("a", &h, 100), row("b", &h, 0)]);
         let a = dir.verify(b"a", b"p").unwrap();
@@ -588,7 +676,7 @@ mod tests {
 
     #[test]
     fn a_re_added_user_is_a_new_account() {
-        let dir = Directory::new(Limiter::new(Duration::from_millis(10)));
+        let dir = Directory::new(Limiter::new(Duration::from_millis(10))).unwrap();
         let h = hash_password("p").unwrap();
         dir.apply(vec![row("dz", &h, 0)]);
         let old = dir.verify(b"dz", b"p").unwrap();
@@ -606,43 +694,64 @@ mod tests {
 
     #[test]
     fn a_corrupt_hash_refuses_without_panicking() {
-        let dir = Directory::new(Limiter::new(Duration::from_millis(10)));
+        let dir = Directory::new(Limiter::new(Duration::from_millis(10))).unwrap();
         dir.apply(vec![row("x", "not-a-phc-string", 0)]);
         assert!(dir.verify(b"x", b"anything").is_none());
         assert!(dir.verify(&[0xff, 0xfe], b"p").is_none());
     }
 
     #[test]
-    fn a_guessing_address_is_blocked_and_others_are_not() {
-        let t = LoginThrottle::default();
-        let t0 = Instant::now();
-        let bad: IpAddr = "203.0.113.9".parse().unwrap();
-        let good: IpAddr = "198.51.100.1".parse().unwrap();
-        for i in 0..MAX_FAILURES {
-            assert!(t.allowed(bad, t0));
-            assert_eq!(t.failed(bad, t0), i + 1 == MAX_FAILURES);
-        }
-        assert!(!t.allowed(bad, t0 + Duration::from_secs(1)));
-        assert!(t.allowed(good, t0));
-        assert!(t.allowed(bad, t0 + BLOCK_TIME), "the block ends");
-        // One IPv6 host holds a /64: its neighbours share its count.
-        let a: IpAddr = "2001:db8::1".parse().unwrap();
-        let b: IpAddr = "2001:db8::2".parse().unwrap();
-        for _ in 0..MAX_FAILURES {
-            t.failed(a, t0);
-        }
-        assert!(!t.allowed(b, t0));
+    fn the_verify_cache_keeps_a_keyed_digest_not_the_password() {
+        let dir = Directory::new(Limiter::new(Duration::from_millis(10))).unwrap();
+        let pw = b"correct horse battery";
+        dir.apply(vec![row(
+            "u",
+            &hash_password("correct horse battery").unwrap(),
+            0,
+        )]);
+        assert!(dir.verify(b"u", pw).is_some());
+        let src = Source::of(IpAddr::from([0, 0, 0, 0]));
+        let kept = dir.cached_secret("u", src).expect("nothing cached");
+        assert!(
+            !kept.windows(pw.len()).any(|w| w == pw),
+            "the cache holds the password"
+        );
+        // Keyed: another process (another key) makes another digest of the same password.
+        let other = Directory::new(Limiter::new(Duration::from_millis(10))).unwrap();
+        assert_ne!(other.digest(pw).to_vec(), kept);
     }
 
     #[test]
-    fn failures_outside_the_window_do_not_add_up() {
-        let t = LoginThrottle::default();
-        let t0 = Instant::now();
-        let ip: IpAddr = "192.0.2.7".parse().unwrap();
-        for i in 0..(3 * MAX_FAILURES) {
-            t.failed(ip, t0 + FAILURE_WINDOW * i);
-        }
-        assert!(t.allowed(ip, t0 + FAILURE_WINDOW * 3 * MAX_FAILURES));
+    fn the_verify_cache_is_per_source() {
+        let dir = Directory::new(Limiter::new(Duration::from_millis(10))).unwrap();
+        dir.apply(vec![row("u", &hash_password("pw").unwrap(), 0)]);
+        let (a, b) = (
+            Source::of("192.0.2.1".parse().unwrap()),
+            Source::of("192.0.2.2".parse().unwrap()),
+        );
+        let d = dir.digest(b"pw");
+        assert!(dir.check(b"u", b"pw", a, &d).is_some());
+        assert!(matches!(dir.cached(b"u", a, &d), Cached::Hit(_)));
+        assert!(matches!(
+            dir.cached(b"u", a, &dir.digest(b"no")),
+            Cached::Mismatch
+        ));
+        assert!(matches!(dir.cached(b"u", b, &d), Cached::Unknown));
+    }
+
+    #[test]
+    fn a_dummy_hash_that_cannot_be_made_stops_the_start() {
+        let lim = Limiter::new(Duration::from_millis(10));
+        let failing = |_: &str| Err(Error::Invalid("no memory".into()));
+        let e = Directory::with_hasher(lim.clone(), failing)
+            .err()
+            .expect("started without a dummy hash");
+        assert!(e.to_string().contains("unknown users"), "{e}");
+        let garbage = |_: &str| Ok(String::new());
+        assert!(
+            Directory::with_hasher(lim, garbage).is_err(),
+            "an empty dummy hash was taken"
+        );
     }
 
     #[test]

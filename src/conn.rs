@@ -6,10 +6,11 @@
 //! client address; every connection that got past authentication ends with one info line.
 
 use crate::account::{Account, Refusal};
-use crate::auth;
+use crate::admission::HandshakeSlot;
 use crate::dial::{self, DialError};
 use crate::forward;
 use crate::http::{self, HttpError, ProxyAuth, Status, credential_text};
+use crate::login::Verdict;
 use crate::relay::{self, Budget, Direction, End};
 use crate::server::Shared;
 use crate::server_gate::ServerGate;
@@ -118,6 +119,18 @@ struct Session {
 /// Serves one client connection to its end. Blocking; runs on the connection's own thread.
 pub(crate) fn handle(sock: TcpStream, peer: SocketAddr, id: u64, sh: &Shared) {
     let started = Instant::now();
+    let mut handshake = match sh.handshakes.admit(peer.ip()) {
+        Ok(slot) => Some(slot),
+        Err(full) => {
+            sh.counters.handshake_refused(full);
+            if let Some(n) = sh.handshakes.note_refusal(started) {
+                warn!(
+                    "conn#{id} {peer} closed unserved: {full} ({n} refused since the last such line)"
+                );
+            }
+            return;
+        }
+    };
     let deadline = started + sh.handshake_timeout;
     let _ = sock.set_nodelay(true);
     let client = match &sh.tls {
@@ -147,13 +160,15 @@ pub(crate) fn handle(sock: TcpStream, peer: SocketAddr, id: u64, sh: &Shared) {
         }
     };
     let session = match first {
-        socks5::VERSION => socks5_handshake(&mut r, peer, id, sh),
-        b'A'..=b'Z' | b'a'..=b'z' => http_handshake(&mut r, peer, id, sh),
+        socks5::VERSION => socks5_handshake(&mut r, peer, id, sh, &mut handshake),
+        b'A'..=b'Z' | b'a'..=b'z' => http_handshake(&mut r, peer, id, sh, &mut handshake),
         other => {
             warn!("conn#{id} {peer} unknown protocol (first byte 0x{other:02x}); closed");
             None
         }
     };
+    // Gone, or past its handshake: the slot is free for the next one.
+    drop(handshake);
     let Some(s) = session else { return };
     run_relay(client, s, peer, id, sh, started);
 }
@@ -201,36 +216,89 @@ fn run_relay(client: Stream, s: Session, peer: SocketAddr, id: u64, sh: &Shared,
     );
 }
 
-/// Checks credentials, unless the client address failed too often lately (then refused without
-/// running the hash). Refusals are logged at warn with the address and counted.
+/// How a credential check ended, for the caller to word its answer.
+pub(crate) enum Login {
+    /// Logged in.
+    Ok(Arc<Account>),
+    /// Wrong password or unknown user.
+    Wrong,
+    /// Refused without a check: this user at this address, or the address, failed too often.
+    Blocked {
+        /// Seconds until a retry may be checked (at least 1).
+        for_secs: u64,
+    },
+    /// Not checked: too many checks under way for this address, or the handshake deadline
+    /// passed while waiting for one; a retry in a moment may pass.
+    Busy,
+}
+
+impl Login {
+    /// The HTTP answer to a refused login: 407 for a wrong password (the client may ask again),
+    /// 429 saying for how long when blocked, 503 when not checked; the body says which.
+    pub(crate) fn http_answer(&self) -> (Status, String) {
+        match self {
+            Login::Ok(_) => (Status::Ok, String::new()),
+            Login::Wrong => (Status::ProxyAuthRequired, "login refused".into()),
+            Login::Blocked { for_secs } => (
+                Status::TooManyRequests,
+                format!(
+                    "too many failed logins: blocked for {for_secs} s; retrying sooner is refused unchecked"
+                ),
+            ),
+            Login::Busy => (
+                Status::ServiceUnavailable,
+                "too many logins under way from this address; retry in a moment".into(),
+            ),
+        }
+    }
+}
+
+/// Checks credentials through the login gate (throttle, verify cache, argon2 slots; see
+/// `login.rs`), waiting no later than `deadline`. Blocking. Refusals are logged at warn with
+/// the address and counted; a block a failure started is logged as such.
 pub(crate) fn login(
     sh: &Shared,
     peer: SocketAddr,
     id: u64,
     proto: &'static str,
-    user: &[u8],
-    pass: &[u8],
-) -> Option<Arc<Account>> {
+    (user, pass): (&[u8], &[u8]),
+    deadline: Instant,
+) -> Login {
     let name = printable(user);
-    if !sh.logins.allowed(peer.ip(), Instant::now()) {
+    let refused = |what: String| {
         sh.counters.auth_failure(proto);
-        warn!(
-            "conn#{id} {peer} {proto} login for user \"{name}\" refused unchecked: too many failures from this address"
-        );
-        return None;
-    }
-    match sh.directory.verify(user, pass) {
-        Some(a) => Some(a),
-        None => {
-            sh.counters.auth_failure(proto);
-            warn!("conn#{id} {peer} {proto} login refused for user \"{name}\"");
-            if sh.logins.failed(peer.ip(), Instant::now()) {
+        warn!("conn#{id} {peer} {proto} login refused for user \"{name}\": {what}");
+    };
+    match sh.logins.check(peer.ip(), user, pass, deadline) {
+        Verdict::Ok(a) => Login::Ok(a),
+        Verdict::Wrong(blocks) => {
+            refused("wrong password or unknown user".into());
+            if let Some(d) = blocks.pair {
                 warn!(
-                    "conn#{id} {peer} too many failed logins; refusing this address for {} s",
-                    auth::BLOCK_TIME.as_secs()
+                    "conn#{id} {peer} user \"{name}\" blocked from this address for {} s after repeated failures",
+                    d.as_secs()
                 );
             }
-            None
+            if let Some(d) = blocks.source {
+                warn!(
+                    "conn#{id} {peer} address blocked for {} s after repeated failures (users verified from it recently still log in)",
+                    d.as_secs()
+                );
+            }
+            Login::Wrong
+        }
+        Verdict::Blocked(d) => {
+            let for_secs = d.as_secs_f64().ceil().max(1.0) as u64;
+            refused(format!("blocked, not checked: {for_secs} s left"));
+            Login::Blocked { for_secs }
+        }
+        Verdict::Busy => {
+            refused("not checked: too many checks under way for this address".into());
+            Login::Busy
+        }
+        Verdict::TimedOut => {
+            refused("not checked: handshake deadline passed waiting for a check slot".into());
+            Login::Busy
         }
     }
 }
@@ -253,11 +321,15 @@ fn printable(name: &[u8]) -> String {
     String::from_utf8_lossy(name).escape_debug().to_string()
 }
 
+/// A connection's handshake slot (see `admission.rs`): given back once its login succeeds.
+type Admitted<'a> = Option<HandshakeSlot<'a>>;
+
 fn socks5_handshake(
     r: &mut DeadlineReader<'_>,
     peer: SocketAddr,
     id: u64,
     sh: &Shared,
+    admitted: &mut Admitted<'_>,
 ) -> Option<Session> {
     let client = r.stream;
     let refused = |what: String| {
@@ -286,10 +358,13 @@ fn socks5_handshake(
         Ok(c) => c,
         Err(e) => return socks_fail(&refused, e),
     };
-    let Some(account) = login(sh, peer, id, "socks5", &creds.username, &creds.password) else {
+    // RFC 1929 has one failure status: a blocked client learns no more than a wrong one.
+    let creds = (&creds.username[..], &creds.password[..]);
+    let Login::Ok(account) = login(sh, peer, id, "socks5", creds, r.deadline) else {
         send(client, &socks5::encode_userpass_status(false));
         return None;
     };
+    admitted.take();
     if !send(client, &socks5::encode_userpass_status(true)) {
         return None;
     }
@@ -424,6 +499,7 @@ fn http_handshake(
     peer: SocketAddr,
     id: u64,
     sh: &Shared,
+    admitted: &mut Admitted<'_>,
 ) -> Option<Session> {
     let client = r.stream;
     let refuse = |status: Status, why: String| {
@@ -450,7 +526,7 @@ fn http_handshake(
             idle_timeout: sh.idle_timeout,
             handshake_deadline: r.deadline,
         };
-        let mut gate = ServerGate::new(sh, peer, id);
+        let mut gate = ServerGate::new(sh, peer, id, admitted.take());
         match forward::serve(client, req, rest, &mut gate, &settings) {
             forward::Exit::Done => return None,
             forward::Exit::Connect(q, b) => (req, rest) = (q, b),
@@ -458,9 +534,10 @@ fn http_handshake(
     }
     let account = match req.proxy_auth() {
         // Another scheme (NTLM, Negotiate) gets the Basic challenge so the client can fall back
-        // (RFC 9110 §11.7.1).
+        // (RFC 9110 §11.7.1). Browsers send credentials only after a 407: a challenge, not worth
+        // a warning.
         ProxyAuth::Missing | ProxyAuth::OtherScheme => {
-            // Browsers send credentials only after a 407; this is not worth a warning.
+            info!("conn#{id} {peer} http challenge: no Basic credentials; answered 407");
             send(
                 client,
                 &http::encode_response(Status::ProxyAuthRequired, "proxy authentication required"),
@@ -472,14 +549,14 @@ fn http_handshake(
         }
         ProxyAuth::Basic { username, password } => {
             let (user, pass) = (credential_text(&username), credential_text(&password));
-            match login(sh, peer, id, "http", &user, &pass) {
-                Some(a) => a,
-                None => {
-                    let why = "login refused";
-                    send(
-                        client,
-                        &http::encode_response(Status::ProxyAuthRequired, why),
-                    );
+            match login(sh, peer, id, "http", (&user, &pass), r.deadline) {
+                Login::Ok(a) => {
+                    admitted.take();
+                    a
+                }
+                refused => {
+                    let (status, why) = refused.http_answer();
+                    send(client, &http::encode_response(status, &why));
                     return None;
                 }
             }

@@ -11,6 +11,7 @@
 //! `dial` → `relay` (through `limiter`) → close.
 
 pub mod account;
+pub mod admission;
 pub mod auth;
 pub mod conn;
 pub mod dial;
@@ -22,6 +23,7 @@ pub mod http_framing;
 pub mod limiter;
 pub mod local;
 pub mod local_conn;
+pub mod login;
 pub mod metrics;
 pub mod own_addrs;
 pub mod relay;
@@ -32,6 +34,7 @@ pub mod stats;
 pub mod stop;
 pub mod stream;
 pub mod target;
+pub mod throttle;
 pub mod tls;
 pub mod units;
 pub mod upstream;

@@ -6,6 +6,7 @@ use sluice::error::{Error, Result};
 use sluice::local::{self, LocalConfig, LocalTls};
 use sluice::server::{self, ServerConfig};
 use sluice::stats;
+use sluice::throttle::Source;
 use sluice::tls::{self, Trust};
 use sluice::units::{format_rate, format_size, parse_rate, parse_size};
 use sluice::users::{QuotaPeriod, UserChange, UserStore};
@@ -26,12 +27,14 @@ usage:
   sluice server [--listen ADDR] [--db PATH] [--allow-private] [--handshake-timeout SECS]
                 [--connect-timeout SECS] [--tick-ms N] [--metrics ADDR]
                 [--idle-timeout SECS] [--max-connections N] [--tls-cert FILE --tls-key FILE]
+                [--max-handshakes N] [--max-handshakes-per-source N]
   sluice user add NAME [--password P | --password-stdin] [--bandwidth RATE] [LIMITS] [--db PATH]
   sluice user set NAME [--password P | --password-stdin] [--bandwidth RATE] [LIMITS] [--db PATH]
   sluice user del NAME [--db PATH]
   sluice user list [--db PATH]
   sluice user reset-usage NAME [--db PATH]
   sluice stats [--db PATH] [--json]
+  sluice unban SOURCE [--db PATH]
   sluice local --server HOST:PORT --user NAME [--password P | --password-stdin]
                [--listen ADDR] [--allow-lan] [--handshake-timeout SECS]
                [--tls [--ca FILE | --pin-sha256 HEX] [--server-name NAME]]
@@ -57,6 +60,14 @@ usage: sluice server [options]
   --tls-key FILE            its private key (PEM: PKCS#8, RSA or EC). `sluice cert` makes a pair
   --max-connections N       most connections at once; more are closed at once
                             (default: (open-files limit - 64) / 2)
+  --max-handshakes N        most connections still in their handshake (not yet logged in) at once;
+                            more are closed at once, so logged-in users keep room (default: half
+                            of --max-connections)
+  --max-handshakes-per-source N
+                            the same from one source, an IPv4 address or an IPv6 /64 (default 64)
+
+Failed logins are throttled per address and per (address, user), with blocks that double from
+1 s to 5 min; `sluice unban SOURCE` lifts them on a running server.
 
 SIGINT / SIGTERM stop accepting, close the relays, flush usage to the database, and exit 0.
 
@@ -99,6 +110,17 @@ usage: sluice stats [--db PATH] [--json]
 Per user: bandwidth, quota and its use this period, bytes up/down, and — while a server runs on
 the database — connections open now, current rate and the share of time the limiter held the
 user back (throttled). `--json` prints the same as an array of objects.
+";
+
+const HELP_UNBAN: &str = "\
+usage: sluice unban SOURCE [--db PATH]
+
+Lifts the login blocks on SOURCE at the server running on the database (within a second): SOURCE
+is an IPv4 address, an IPv6 address (its /64 and /48 are lifted), or an IPv6 prefix ending in /64
+or /48. Blocks live in the server's memory only; this leaves a request in the database that the
+server applies and deletes. Without a running server it waits there, harmlessly, until one starts.
+
+  --db PATH          user database (default sluice.db)
 ";
 
 const HELP_USER: &str = "\
@@ -153,6 +175,8 @@ fn run(mut args: Arguments) -> Result<()> {
         Some("local") if help => print(HELP_LOCAL),
         Some("stats") if help => print(HELP_STATS),
         Some("cert") if help => print(HELP_CERT),
+        Some("unban") if help => print(HELP_UNBAN),
+        Some("unban") => cmd_unban(args),
         Some("cert") => cmd_cert(args),
         Some("stats") => cmd_stats(args),
         Some("local") => cmd_local(args),
@@ -238,6 +262,16 @@ fn cmd_server(mut args: Arguments) -> Result<()> {
     cfg.max_connections = opt::<usize>(&mut args, "--max-connections", HELP_SERVER)?;
     if cfg.max_connections == Some(0) {
         return Err(usage("--max-connections must be at least 1"));
+    }
+    cfg.max_handshakes = opt::<usize>(&mut args, "--max-handshakes", HELP_SERVER)?;
+    if cfg.max_handshakes == Some(0) {
+        return Err(usage("--max-handshakes must be at least 1"));
+    }
+    if let Some(n) = opt::<usize>(&mut args, "--max-handshakes-per-source", HELP_SERVER)? {
+        if n == 0 {
+            return Err(usage("--max-handshakes-per-source must be at least 1"));
+        }
+        cfg.max_handshakes_per_source = n;
     }
     let cert: Option<PathBuf> = opt(&mut args, "--tls-cert", HELP_SERVER)?;
     let key: Option<PathBuf> = opt(&mut args, "--tls-key", HELP_SERVER)?;
@@ -509,6 +543,18 @@ fn cmd_stats(mut args: Arguments) -> Result<()> {
             report.to_table()
         }
     );
+    Ok(())
+}
+
+fn cmd_unban(mut args: Arguments) -> Result<()> {
+    let db = db_path(&mut args, HELP_UNBAN)?;
+    let src: String = args
+        .free_from_str()
+        .map_err(|_| usage(format!("a SOURCE is required\n{HELP_UNBAN}")))?;
+    finish(args, HELP_UNBAN)?;
+    let src = Source::parse(&src).map_err(usage)?;
+    UserStore::open(&db)?.request_unban(&src.to_string())?;
+    println!("asked the server to lift the login blocks on {src}");
     Ok(())
 }
 

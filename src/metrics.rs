@@ -6,6 +6,7 @@
 //! scrapers, and reads only atomics and short locks, so a slow scraper cannot stall a relay.
 
 use crate::account::Account;
+use crate::admission::Full;
 use crate::auth::Directory;
 use crate::limiter::Limiter;
 use crate::units::format_rate;
@@ -32,6 +33,8 @@ const MAX_REQUEST: usize = 8 * 1024;
 pub struct Counters {
     conns: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     auth_failures: AtomicU64,
+    /// Connections closed unserved because a handshake cap was full, per source and in all.
+    handshakes_refused: [AtomicU64; 2],
 }
 
 impl Counters {
@@ -49,6 +52,16 @@ impl Counters {
     /// Refused logins since start.
     pub fn auth_failures(&self) -> u64 {
         self.auth_failures.load(Ordering::Relaxed)
+    }
+
+    /// Counts a connection closed because a handshake cap was full.
+    pub fn handshake_refused(&self, cap: Full) {
+        self.handshakes_refused[cap as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Connections closed because this handshake cap was full, since start.
+    pub fn handshakes_refused(&self, cap: Full) -> u64 {
+        self.handshakes_refused[cap as usize].load(Ordering::Relaxed)
     }
 }
 
@@ -181,6 +194,20 @@ pub fn render_prometheus(src: &Sources) -> String {
         "sluice_auth_failures_total {}",
         src.counters.auth_failures()
     );
+    family(
+        &mut o,
+        "sluice_handshakes_refused_total",
+        "counter",
+        "Connections closed unserved: a handshake cap (per source or in all) was full.",
+    );
+    for cap in [Full::Source, Full::All] {
+        let _ = writeln!(
+            o,
+            "sluice_handshakes_refused_total{{cap=\"{}\"}} {}",
+            cap.label(),
+            src.counters.handshakes_refused(cap)
+        );
+    }
     family(
         &mut o,
         "sluice_limiter_wakeups_total",
@@ -347,7 +374,7 @@ mod tests {
     #[test]
     fn prometheus_text_has_help_and_type_for_every_family() {
         let lim = Limiter::new(Duration::from_millis(10));
-        let dir = Directory::new(lim.clone());
+        let dir = Directory::new(lim.clone()).unwrap();
         let hash = crate::auth::hash_password("p").unwrap();
         dir.apply(vec![crate::users::UserRow {
             id: 1,

@@ -4,11 +4,13 @@
 //! The accept loop only accepts and spawns, so a slow or silent client never blocks anyone else.
 //! The handshake, dialing and relaying happen on the connection's thread (`conn.rs`).
 
-use crate::auth::{self, Directory, LoginThrottle};
+use crate::admission::{self, Handshakes};
+use crate::auth::{self, Directory};
 use crate::conn;
 use crate::dial::DialPolicy;
 use crate::error::{Error, Result};
 use crate::limiter::{self, Limiter};
+use crate::login::Logins;
 use crate::metrics::{self, Counters, Sources};
 use crate::own_addrs::OwnAddrs;
 use crate::relay;
@@ -52,6 +54,10 @@ pub struct ServerConfig {
     pub max_connections: Option<usize>,
     /// Certificate chain and key (PEM): the port then speaks TLS only.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// Most connections from one source still in their handshake.
+    pub max_handshakes_per_source: usize,
+    /// Most connections still in their handshake in all. `None`: half the connection cap.
+    pub max_handshakes: Option<usize>,
 }
 
 impl Default for ServerConfig {
@@ -67,6 +73,8 @@ impl Default for ServerConfig {
             idle_timeout: relay::DEFAULT_IDLE_TIMEOUT,
             max_connections: None,
             tls: None,
+            max_handshakes_per_source: admission::DEFAULT_PER_SOURCE,
+            max_handshakes: None,
         }
     }
 }
@@ -80,8 +88,10 @@ pub(crate) struct Shared {
     pub stop: Arc<AtomicBool>,
     /// Connection outcomes for the metrics.
     pub counters: Arc<Counters>,
-    /// Failed logins per client address.
-    pub logins: LoginThrottle,
+    /// The login gate: throttle, verify cache, argon2 slots.
+    pub logins: Arc<Logins>,
+    /// Connections still in their handshake.
+    pub handshakes: Handshakes,
     /// Relays idle this long are closed.
     pub idle_timeout: Duration,
     /// The global connection cap.
@@ -131,6 +141,16 @@ impl ServerHandle {
     /// Connection threads alive now.
     pub fn active_connections(&self) -> usize {
         self.shared.active.load(Ordering::Relaxed)
+    }
+
+    /// The server's counters (what `/metrics` shows).
+    pub fn counters(&self) -> &Counters {
+        &self.shared.counters
+    }
+
+    /// argon2 verifications run since start (joined and cached logins run none).
+    pub fn argon2_runs(&self) -> u64 {
+        self.shared.directory.argon2_runs()
     }
 
     /// Stops accepting, closes open relays, stops the limiter and the watcher, and waits for
@@ -222,7 +242,7 @@ pub fn start(config: &ServerConfig) -> Result<ServerHandle> {
     // Read before loading, so a commit between the load and the watcher's start is noticed.
     let version = store.data_version().ok();
     let limiter = Limiter::new(config.tick);
-    let directory = Directory::new(limiter.clone());
+    let directory = Directory::new(limiter.clone())?;
     auth::reload(&store, &directory)?;
     let listener = TcpListener::bind(config.listen)
         .map_err(|e| Error::Io(format!("cannot listen on {}", config.listen), e))?;
@@ -230,6 +250,11 @@ pub fn start(config: &ServerConfig) -> Result<ServerHandle> {
         .local_addr()
         .map_err(|e| Error::Io("listener address".into(), e))?;
     let stop = Arc::new(AtomicBool::new(false));
+    let max_connections = config
+        .max_connections
+        .unwrap_or_else(default_max_connections);
+    let max_handshakes = config.max_handshakes.unwrap_or(max_connections / 2).max(1);
+    let logins = Arc::new(Logins::new(directory.clone()));
     let shared = Arc::new(Shared {
         directory: directory.clone(),
         limiter: limiter.clone(),
@@ -245,11 +270,10 @@ pub fn start(config: &ServerConfig) -> Result<ServerHandle> {
         handshake_timeout: config.handshake_timeout,
         stop: stop.clone(),
         counters: Arc::new(Counters::default()),
-        logins: LoginThrottle::default(),
+        logins: logins.clone(),
+        handshakes: Handshakes::new(config.max_handshakes_per_source.max(1), max_handshakes),
         idle_timeout: config.idle_timeout,
-        max_connections: config
-            .max_connections
-            .unwrap_or_else(default_max_connections),
+        max_connections,
         tls,
         next_id: AtomicU64::new(1),
         active: AtomicUsize::new(0),
@@ -258,8 +282,14 @@ pub fn start(config: &ServerConfig) -> Result<ServerHandle> {
     let mut threads = vec![limiter.spawn_refill().map_err(spawn_err)?];
     let db_stop = Arc::new(AtomicBool::new(false));
     threads.push(
-        auth::spawn_watcher(store, version, directory.clone(), db_stop.clone())
-            .map_err(spawn_err)?,
+        auth::spawn_watcher_with(
+            store,
+            version,
+            directory.clone(),
+            db_stop.clone(),
+            Arc::new(move |src| logins.unban(src)),
+        )
+        .map_err(spawn_err)?,
     );
     let mut metrics_addr = None;
     if let Some(addr) = config.metrics {
@@ -302,6 +332,10 @@ pub fn start(config: &ServerConfig) -> Result<ServerHandle> {
         shared.max_connections,
         max_map_count().map_or("unknown".to_string(), |m| m.to_string()),
         config.idle_timeout.as_secs()
+    );
+    info!(
+        "at most {max_handshakes} connections in their handshake at once, {} from one source",
+        config.max_handshakes_per_source.max(1)
     );
     Ok(ServerHandle {
         local_addr,

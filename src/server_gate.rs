@@ -8,7 +8,8 @@
 //! header on every request costs one check, not one per request.
 
 use crate::account::{Account, Refusal};
-use crate::conn::login;
+use crate::admission::HandshakeSlot;
+use crate::conn::{Login, login};
 use crate::dial;
 use crate::forward::{Gate, Refused};
 use crate::http::{ProxyAuth, Request, Status, credential_text};
@@ -20,6 +21,7 @@ use log::warn;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 /// One server connection's authorisation state for plain HTTP.
 pub(crate) struct ServerGate<'a> {
@@ -32,15 +34,23 @@ pub(crate) struct ServerGate<'a> {
     verified: Option<(Vec<u8>, Arc<Account>)>,
     /// The user of the request under way, for its log line ("-" until authorised).
     current: String,
+    /// The connection's handshake slot, given back at its first successful login.
+    handshake: Option<HandshakeSlot<'a>>,
 }
 
 impl<'a> ServerGate<'a> {
     /// A gate for connection `id` from `peer`, holding no slot yet.
-    pub fn new(sh: &'a Shared, peer: SocketAddr, id: u64) -> ServerGate<'a> {
+    pub fn new(
+        sh: &'a Shared,
+        peer: SocketAddr,
+        id: u64,
+        handshake: Option<HandshakeSlot<'a>>,
+    ) -> ServerGate<'a> {
         ServerGate {
             sh,
             peer,
             id,
+            handshake,
             holder: None,
             verified: None,
             current: "-".into(),
@@ -79,12 +89,26 @@ impl<'a> ServerGate<'a> {
             }
             ProxyAuth::Basic { username, password } => {
                 let (user, pass) = (credential_text(&username), credential_text(&password));
-                match login(self.sh, self.peer, self.id, "http", &user, &pass) {
-                    Some(a) => {
+                // Each request's check has a handshake's time, from when its head was parsed.
+                let deadline = Instant::now() + self.sh.handshake_timeout;
+                match login(
+                    self.sh,
+                    self.peer,
+                    self.id,
+                    "http",
+                    (&user, &pass),
+                    deadline,
+                ) {
+                    Login::Ok(a) => {
+                        // Logged in: the connection no longer counts as a handshake.
+                        self.handshake.take();
                         self.verified = value.map(|v| (v.to_vec(), a.clone()));
                         Ok(a)
                     }
-                    None => Err(challenge("login refused")),
+                    refused => {
+                        let (status, detail) = refused.http_answer();
+                        Err(Refused { status, detail })
+                    }
                 }
             }
         }

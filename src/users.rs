@@ -98,6 +98,13 @@ DROP TABLE usage;
 DROP TABLE users;
 ALTER TABLE users_v3 RENAME TO users;
 ALTER TABLE usage_v3 RENAME TO usage;";
+/// Unban requests from `sluice unban`, applied and deleted by a running server. Not part of the
+/// versioned schema: created on open by any build that knows it, ignored by one that does not.
+const UNBANS: &str = "
+CREATE TABLE IF NOT EXISTS unbans (
+    source       TEXT PRIMARY KEY,
+    requested_at INTEGER NOT NULL DEFAULT (strftime('%s','now'))
+);";
 
 /// When a quota starts over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -408,7 +415,43 @@ impl UserStore {
             let sql = format!("BEGIN; {SCHEMA_V3} PRAGMA user_version = 3; COMMIT;");
             self.conn.execute_batch(&sql).map_err(e)?;
         }
+        self.conn.execute_batch(UNBANS).map_err(e)?;
         Ok(())
+    }
+
+    /// Asks a running server to lift its login blocks on `source` (already in canonical form).
+    ///
+    /// # Errors
+    /// [`Error::Database`].
+    pub fn request_unban(&self, source: &str) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO unbans (source) VALUES (?1)",
+                params![source],
+            )
+            .map(|_| ())
+            .map_err(|e| db_err(&self.path, e))
+    }
+
+    /// The pending unban requests, deleted in the same transaction (the server's side).
+    ///
+    /// # Errors
+    /// [`Error::Database`]; the requests then stay for the next try.
+    pub fn take_unbans(&self) -> Result<Vec<String>> {
+        let e = |e| db_err(&self.path, e);
+        let tx = self.conn.unchecked_transaction().map_err(e)?;
+        let sources = {
+            let mut st = tx.prepare("SELECT source FROM unbans").map_err(e)?;
+            st.query_map([], |r| r.get::<_, String>(0))
+                .map_err(e)?
+                .collect::<rusqlite::Result<Vec<String>>>()
+                .map_err(e)?
+        };
+        if !sources.is_empty() {
+            tx.execute("DELETE FROM unbans", []).map_err(e)?;
+        }
+        tx.commit().map_err(e)?;
+        Ok(sources)
     }
 
     /// The path this store was opened from.
@@ -1041,6 +1084,21 @@ mod tests {
         assert_eq!(QuotaPeriod::None.start_of(now), 0);
         assert_eq!(QuotaPeriod::parse("Month"), Ok(QuotaPeriod::Month));
         assert!(QuotaPeriod::parse("week").is_err());
+    }
+
+    #[test]
+    fn unban_requests_are_taken_once() {
+        let p = temp_db("unban");
+        let store = UserStore::open_or_create(&p).unwrap();
+        store.request_unban("192.0.2.1").unwrap();
+        store.request_unban("192.0.2.1").unwrap();
+        store.request_unban("2001:db8::/64").unwrap();
+        let other = UserStore::open(&p).unwrap();
+        let mut got = other.take_unbans().unwrap();
+        got.sort();
+        assert_eq!(got, ["192.0.2.1", "2001:db8::/64"]);
+        assert!(other.take_unbans().unwrap().is_empty());
+        let _ = std::fs::remove_file(&p);
     }
 
     #[test]

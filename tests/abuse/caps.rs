@@ -207,3 +207,55 @@ fn a_client_gone_before_the_reply_gives_its_slot_back() {
     let mut s = start_echo(socks5(srv.addr, "one", "pw", "127.0.0.1", origin.addr.port()).unwrap());
     assert_echoes(&mut s, b"still admitted");
 }
+
+/// Issue 18 §5: 200 idle connections from one address filled `--max-connections 200` and a
+/// valid user was reset until the handshake deadline. Handshakes now have their own caps (64 per
+/// source, half the global cap in all), so logged-in users keep room.
+#[test]
+fn idle_handshakes_from_one_address_cannot_fill_the_connection_cap() {
+    let origin = Origin::start();
+    let srv = TestServer::start_with(&[("u", "pw", 0)], |c| c.max_connections = Some(200));
+    let idle: Vec<TcpStream> = (0..200)
+        .filter_map(|_| connect_from(Ipv4Addr::new(127, 0, 0, 1), srv.addr).ok())
+        .collect();
+    // The refused ones are closed at once; the admitted ones hold their threads.
+    assert!(
+        wait_until(SETTLE, || active(&srv) <= 64),
+        "{} alive",
+        active(&srv)
+    );
+    let s = connect_from(Ipv4Addr::new(127, 0, 0, 3), srv.addr).unwrap();
+    let mut s = start_echo(socks5_on(s, "u", "pw", origin.addr).expect("a valid user was refused"));
+    assert_echoes(&mut s, b"room for a logged-in user");
+    let refused = srv.handle.as_ref().map_or(0, |h| {
+        h.counters()
+            .handshakes_refused(sluice::admission::Full::Source)
+    });
+    assert!(refused >= 100, "refusals not counted: {refused}");
+    drop(idle);
+}
+
+#[test]
+fn one_source_holds_at_most_its_share_of_handshakes() {
+    let srv = TestServer::start_with(&[("u", "pw", 0)], |c| c.max_handshakes_per_source = 4);
+    let held: Vec<TcpStream> = (0..4).map(|_| connect(srv.addr)).collect();
+    assert!(wait_until(SETTLE, || active(&srv) == 4));
+    let mut fifth = connect(srv.addr);
+    // The handshake deadline is 10 s: a close within 2 s means it was never served.
+    fifth
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let mut b = [0u8; 1];
+    assert_eq!(
+        fifth.read(&mut b).ok(),
+        Some(0),
+        "the fifth was not closed at once"
+    );
+    let mut other = connect_from(Ipv4Addr::new(127, 0, 0, 2), srv.addr).unwrap();
+    assert_eq!(socks5_auth_status(&mut other, "u", "pw").unwrap(), 0);
+    drop(held);
+    // Slots come back when the handshakes end.
+    assert!(wait_until(SETTLE, || active(&srv) <= 1));
+    let mut again = connect(srv.addr);
+    assert_eq!(socks5_auth_status(&mut again, "u", "pw").unwrap(), 0);
+}

@@ -186,12 +186,6 @@ pub fn assert_echoes(s: &mut TcpStream, data: &[u8]) {
     assert_eq!(back, data, "echo differs");
 }
 
-/// Median of some durations.
-pub fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
 /// Runs `f` and returns how long it took with its result.
 pub fn timed<T>(f: impl FnOnce() -> T) -> (Duration, T) {
     let t = Instant::now();

@@ -17,6 +17,7 @@ mod accuracy;
 mod client;
 mod control;
 mod http_forward;
+mod logins;
 mod origin;
 mod peers;
 mod procs;
@@ -43,7 +44,7 @@ use table::Table;
 const USAGE: &str = "usage: sluice-bench [--quick] [--runs N] [--only 1,5,12] [--no-peers]
   --quick      every scenario once, with short windows (a smoke test)
   --runs N     runs per figure (default 3; the median is reported)
-  --only LIST  scenario numbers to run (1-14)
+  --only LIST  scenario numbers to run (1-15)
   --no-peers   skip the reference proxies
   SLUICE_BENCH_KEEP=1 keeps the scratch directory (logs, configs)";
 
@@ -106,7 +107,7 @@ fn main() -> ExitCode {
 
 /// Scenarios in the order they run; the number is the one `--only` takes.
 type Scenario = fn(&mut Ctx) -> Result<(), String>;
-const SCENARIOS: [(u32, &str, Scenario); 13] = [
+const SCENARIOS: [(u32, &str, Scenario); 14] = [
     (1, "1 · unlimited, 1 conn", throughput::single),
     (2, "2 · unlimited, 8 conns", throughput::eight),
     // Before 4, after which the peers are stopped.
@@ -121,6 +122,7 @@ const SCENARIOS: [(u32, &str, Scenario); 13] = [
     (10, "10 · live change", control::live_change),
     (11, "11 · limiter cost", scale::cost),
     (13, "13 · TLS between local and server", tls::run),
+    (15, "15 · logins under a flood", logins::run),
 ];
 
 fn run(args: &Args) -> Result<(), String> {
@@ -196,7 +198,7 @@ fn run(args: &Args) -> Result<(), String> {
 }
 
 /// How the figures were taken, printed under the table.
-const NOTES: [&str; 5] = [
+const NOTES: [&str; 6] = [
     "Everything runs on 127.0.0.1 and shares the 2 cores: origin and clients in the benchmark \
      process, `sluice server` (default log level, to a file) and the peers as child processes. \
      \"direct\" is the client straight to the origin, measured in the same run: the ceiling, and \
@@ -214,6 +216,10 @@ const NOTES: [&str; 5] = [
      and the client waits for that close to come through the proxy.",
     "Scale (12): a fresh server per run; RSS growth is (VmRSS with N tunnels − VmRSS after one \
      login) / N; tunnels are opened by 4 client threads one at a time and held idle.",
+    "Logins (15): a server of its own (the flood gets 127.0.0.1 blocked); 400 threads connect \
+     from 127.0.0.1, then log in at once as an unknown user, each with its own password; 20 ms \
+     later a never-used user logs in from 127.0.0.x (the client socket bound before connecting), \
+     timed from connect to the login status. As deployed: the default handshake caps apply.",
 ];
 
 /// Every user any scenario needs, created before the server starts.

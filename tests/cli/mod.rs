@@ -94,6 +94,11 @@ fn help_is_given_for_each_command() {
             &["--password-stdin", "SLUICE_PASSWORD"],
         ),
         (&["local", "--help"], &["--server", "--user"]),
+        (&["unban", "--help"], &["SOURCE", "--db", "/64"]),
+        (
+            &["server", "--help"],
+            &["--max-handshakes", "--max-handshakes-per-source"],
+        ),
     ] {
         let out = sluice(args);
         assert!(out.status.success(), "{args:?}: {out:?}");
@@ -102,6 +107,29 @@ fn help_is_given_for_each_command() {
             assert!(text.contains(w), "{args:?} help lacks {w:?}: {text}");
         }
     }
+}
+
+#[test]
+fn unban_takes_an_address_or_an_ipv6_prefix_and_refuses_anything_else() {
+    let (_dir, db) = temp_db();
+    assert!(add(&db, "alice", "1M").status.success());
+    let db = db.as_str();
+    for good in ["192.0.2.1", "2001:db8::1", "2001:db8:1::/48"] {
+        let out = sluice(&["unban", good, "--db", db]);
+        assert!(out.status.success(), "{good}: {out:?}");
+    }
+    for bad in ["192.0.2.0/24", "example.invalid", "2001:db8::/56"] {
+        let out = sluice(&["unban", bad, "--db", db]);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {out:?}");
+    }
+    let out = sluice(&["unban", "--db", db]);
+    assert_eq!(out.status.code(), Some(2), "no SOURCE: {out:?}");
+    let mut pending = sluice::users::UserStore::open(Path::new(db))
+        .unwrap()
+        .take_unbans()
+        .unwrap();
+    pending.sort();
+    assert_eq!(pending, ["192.0.2.1", "2001:db8:1::/48", "2001:db8::/64"]);
 }
 
 #[test]

@@ -625,7 +625,7 @@ fn a_change_committed_while_the_watcher_starts_is_not_lost() {
     make_db(&db, &[("early", "p", 0)]);
     let store = UserStore::open(&db).unwrap();
     let version = store.data_version().ok();
-    let users = Directory::new(Limiter::new(Duration::from_millis(10)));
+    let users = Directory::new(Limiter::new(Duration::from_millis(10))).unwrap();
     auth::reload(&store, &users).unwrap();
     make_db(&db, &[("late", "p", 0)]);
     let stop = Arc::new(AtomicBool::new(false));

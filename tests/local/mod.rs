@@ -620,3 +620,33 @@ fn shutdown_stops_accepting() {
     l.shutdown();
     assert!(TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_err());
 }
+
+/// Issue 18 §3: an app opening 64 connections at once through `sluice local` gets all 64, and
+/// the server checks the password once for them (same credentials from one source join one
+/// check) instead of queueing 64 argon2 runs behind each other.
+#[test]
+fn sixty_four_connections_at_once_through_local_all_log_in_on_one_check() {
+    let c = Chain::start(0);
+    let (addr, port) = (c.addr(), c.port());
+    let go = Arc::new(std::sync::Barrier::new(64));
+    let apps: Vec<_> = (0..64)
+        .map(|_| {
+            let go = go.clone();
+            thread::spawn(move || {
+                go.wait();
+                let mut s = socks5_open(addr, "127.0.0.1", port)?;
+                s.write_all(b"SEND 100\n").map_err(|_| 0xFE)?;
+                Ok::<usize, u8>(read_all(&mut s).len())
+            })
+        })
+        .collect();
+    let got: Vec<Result<usize, u8>> = apps.into_iter().map(|t| t.join().unwrap()).collect();
+    let failed = got.iter().filter(|r| **r != Ok(100)).count();
+    assert_eq!(failed, 0, "{failed} of 64 failed: {got:?}");
+    let runs = c._srv.handle.as_ref().map_or(0, |h| h.argon2_runs());
+    eprintln!("argon2 runs for 64 simultaneous connections: {runs}");
+    assert!(
+        runs <= 4,
+        "{runs} argon2 runs for one password from one source"
+    );
+}
