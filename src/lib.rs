@@ -10,36 +10,16 @@
 //! path of a byte: `server` (accept) → `conn` (handshake, using `socks5` / `http`) → `auth` →
 //! `dial` → `relay` (through `limiter`) → close.
 
-pub mod account;
-pub mod admission;
 pub mod auth;
-pub mod conn;
-pub mod dial;
 pub mod error;
-pub mod forward;
-pub mod forward_body;
-pub mod http;
-pub mod http_framing;
-pub mod limiter;
+pub mod flow;
 pub mod local;
-pub mod local_conn;
-pub mod login;
-pub mod metrics;
-pub mod own_addrs;
-pub mod relay;
+pub mod net;
 pub mod server;
-pub mod server_gate;
-pub mod socks5;
-pub mod stats;
 pub mod stop;
-pub mod stream;
-pub mod target;
-pub mod throttle;
-pub mod tls;
+pub mod store;
 pub mod units;
-pub mod upstream;
-pub mod usage;
-pub mod users;
+pub mod wire;
 
 pub use error::{Error, Result};
 pub use server::{ServerConfig, ServerHandle};

@@ -1,15 +1,15 @@
 //! The command line: parse, set up logging, call into the library, map errors to an exit code.
 
 use pico_args::Arguments;
+use sluice::auth::throttle::Source;
 use sluice::auth::{check_credential, hash_password};
 use sluice::error::{Error, Result};
 use sluice::local::{self, LocalConfig, LocalTls};
+use sluice::net::tls::{self, Trust};
+use sluice::server::stats;
 use sluice::server::{self, ServerConfig};
-use sluice::stats;
-use sluice::throttle::Source;
-use sluice::tls::{self, Trust};
+use sluice::store::sqlite::{QuotaPeriod, UserChange, UserStore};
 use sluice::units::{format_rate, format_size, parse_rate, parse_size};
-use sluice::users::{QuotaPeriod, UserChange, UserStore};
 use std::ffi::OsString;
 use std::io::BufRead;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -534,7 +534,7 @@ fn cmd_stats(mut args: Arguments) -> Result<()> {
     let store = UserStore::open(&db)?;
     let (users, _) = store.load()?;
     let usage = store.load_usage()?;
-    let report = stats::Report::build(&users, &usage, sluice::usage::unix_now());
+    let report = stats::Report::build(&users, &usage, sluice::flow::usage::unix_now());
     print!(
         "{}",
         if json {

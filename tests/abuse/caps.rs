@@ -4,7 +4,7 @@
 
 use super::process::ServerProcess;
 use super::*;
-use sluice::users::{UserChange, UserStore};
+use sluice::store::sqlite::{UserChange, UserStore};
 
 fn cap(db: &std::path::Path, user: &str, n: u64) {
     let change = UserChange {
@@ -229,7 +229,7 @@ fn idle_handshakes_from_one_address_cannot_fill_the_connection_cap() {
     assert_echoes(&mut s, b"room for a logged-in user");
     let refused = srv.handle.as_ref().map_or(0, |h| {
         h.counters()
-            .handshakes_refused(sluice::admission::Full::Source)
+            .handshakes_refused(sluice::net::admission::Full::Source)
     });
     assert!(refused >= 100, "refusals not counted: {refused}");
     drop(idle);

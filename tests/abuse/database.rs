@@ -9,7 +9,7 @@ use super::process::ServerProcess;
 use super::*;
 use rusqlite::Connection;
 use sluice::auth::hash_password;
-use sluice::users::UserStore;
+use sluice::store::sqlite::UserStore;
 use std::net::Ipv4Addr;
 use std::path::Path;
 use std::thread;

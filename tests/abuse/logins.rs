@@ -5,7 +5,7 @@
 //! for other sources (all of 127/8 is loopback on Linux).
 
 use super::*;
-use sluice::throttle::{PAIR_FREE_FAILURES, SOURCE_FREE_FAILURES};
+use sluice::auth::throttle::{PAIR_FREE_FAILURES, SOURCE_FREE_FAILURES};
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Barrier};
 use std::thread;

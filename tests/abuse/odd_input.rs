@@ -82,7 +82,7 @@ fn header_names_and_the_basic_scheme_match_in_any_case() {
     let origin = Origin::start();
     let srv = TestServer::start(&[("u", "pw", 0)]);
     let t = origin.addr.to_string();
-    let token = sluice::http::base64_encode(b"u:pw");
+    let token = sluice::wire::http::base64_encode(b"u:pw");
     for name in [
         "proxy-authorization",
         "PROXY-AUTHORIZATION",

@@ -132,7 +132,7 @@ fn http_probes(dst: SocketAddr) -> Vec<Probe> {
     let get = format!("GET http://{t}/bytes/10 HTTP/1.1");
     let host = format!("Host: {t}");
     let auth = |u: &str, p: &str| format!("Proxy-Authorization: {}", basic(u, p));
-    let b64 = |s: &str| sluice::http::base64_encode(s.as_bytes());
+    let b64 = |s: &str| sluice::wire::http::base64_encode(s.as_bytes());
     vec![
         probe(
             "http CONNECT without auth",

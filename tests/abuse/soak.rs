@@ -5,7 +5,7 @@
 use super::faults::{self, FaultOrigin};
 use super::process::ServerProcess;
 use super::*;
-use sluice::users::{UserChange, UserStore};
+use sluice::store::sqlite::{UserChange, UserStore};
 use std::net::{Ipv4Addr, Shutdown};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;

@@ -13,7 +13,7 @@
 use crate::support::json::Json;
 use crate::support::prometheus::{Exposition, parse_prometheus};
 use crate::support::*;
-use sluice::users::{QuotaPeriod, Usage, UserChange, UserStore};
+use sluice::store::sqlite::{QuotaPeriod, Usage, UserChange, UserStore};
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::Path;

@@ -4,7 +4,7 @@
 use crate::client::Route;
 use crate::procs::{Proc, TempDir, free_addr};
 use sluice::auth::hash_password;
-use sluice::users::UserStore;
+use sluice::store::sqlite::UserStore;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;

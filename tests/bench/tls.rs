@@ -28,7 +28,7 @@ pub fn users() -> Vec<User> {
 /// Scenario 13.
 pub fn run(ctx: &mut Ctx) -> Result<(), String> {
     const NAME: &str = "13 · TLS between local and server";
-    let (cert, key, pin) = sluice::tls::self_signed("localhost").map_err(|e| e.to_string())?;
+    let (cert, key, pin) = sluice::net::tls::self_signed("localhost").map_err(|e| e.to_string())?;
     let (cert_path, key_path) = (ctx.dir.path("cert.pem"), ctx.dir.path("key.pem"));
     std::fs::write(&cert_path, cert).map_err(|e| format!("cert.pem: {e}"))?;
     std::fs::write(&key_path, key).map_err(|e| format!("key.pem: {e}"))?;

@@ -124,7 +124,7 @@ fn unban_takes_an_address_or_an_ipv6_prefix_and_refuses_anything_else() {
     }
     let out = sluice(&["unban", "--db", db]);
     assert_eq!(out.status.code(), Some(2), "no SOURCE: {out:?}");
-    let mut pending = sluice::users::UserStore::open(Path::new(db))
+    let mut pending = sluice::store::sqlite::UserStore::open(Path::new(db))
         .unwrap()
         .take_unbans()
         .unwrap();
@@ -463,7 +463,7 @@ fn the_server_binary_serves_and_never_logs_a_password() {
         pass.to_string(),
         "Wr0ng-Pa55".to_string(),
         basic("carl", pass),
-        sluice::http::base64_encode(format!("carl:{pass}").as_bytes()),
+        sluice::wire::http::base64_encode(format!("carl:{pass}").as_bytes()),
     ] {
         assert!(!log.contains(&secret), "the log shows {secret:?}:\n{log}");
     }

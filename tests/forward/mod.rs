@@ -7,7 +7,7 @@
 
 use crate::support::*;
 use sluice::local::{self, LocalConfig, LocalHandle};
-use sluice::users::{UserChange, UserStore};
+use sluice::store::sqlite::{UserChange, UserStore};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
@@ -458,7 +458,7 @@ fn latin1_basic_credentials_log_in() {
     let head = format!(
         "GET {} HTTP/1.1\r\nProxy-Authorization: Basic {}\r\n\r\n",
         url(&a, "/latin1"),
-        sluice::http::base64_encode(&raw)
+        sluice::wire::http::base64_encode(&raw)
     );
     let mut s = connect(srv.addr);
     s.write_all(head.as_bytes()).unwrap();

@@ -564,7 +564,7 @@ fn a_newcomer_gets_its_share_while_others_use_the_whole_bandwidth() {
 /// and half the bandwidth.
 #[test]
 fn waiters_are_not_fed_crumbs_between_ticks() {
-    use sluice::limiter::{Limiter, Waiter};
+    use sluice::flow::limiter::{Limiter, Waiter};
     let rate = 128 * KIB;
     let tick = Duration::from_millis(10);
     let lim = Limiter::new(tick);
@@ -618,8 +618,8 @@ fn waiters_are_not_fed_crumbs_between_ticks() {
 #[test]
 fn a_change_committed_while_the_watcher_starts_is_not_lost() {
     use sluice::auth::{self, Directory};
-    use sluice::limiter::Limiter;
-    use sluice::users::UserStore;
+    use sluice::flow::limiter::Limiter;
+    use sluice::store::sqlite::UserStore;
     let dir = TempDir::new("watch");
     let db = dir.path("users.db");
     make_db(&db, &[("early", "p", 0)]);

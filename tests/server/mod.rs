@@ -268,7 +268,7 @@ fn http_malformed_basic_credentials_get_400() {
     let origin = Origin::start();
     let srv = TestServer::start(&[("u1", "p1", 0)]);
     let target = origin.addr.to_string();
-    let no_colon = sluice::http::base64_encode(b"u1p1");
+    let no_colon = sluice::wire::http::base64_encode(b"u1p1");
     for value in [
         "Basic !!!not-base64!!!".to_string(),
         format!("Basic {no_colon}"),
@@ -536,7 +536,7 @@ fn a_head_over_64_kib_gets_431() {
     .into_bytes();
     // One byte over the limit and no end of head: every byte sent is read before the answer, so
     // the close cannot turn into a reset that eats the 431.
-    req.resize(sluice::http::MAX_HEAD_BYTES + 1, b'a');
+    req.resize(sluice::wire::http::MAX_HEAD_BYTES + 1, b'a');
     let mut s = connect(srv.addr);
     s.write_all(&req).unwrap();
     let head = read_head(&mut s);
@@ -553,9 +553,9 @@ fn a_head_of_exactly_64_kib_is_accepted() {
         origin.addr,
         basic("u1", "p1")
     );
-    let pad = sluice::http::MAX_HEAD_BYTES - start.len() - "\r\n\r\n".len();
+    let pad = sluice::wire::http::MAX_HEAD_BYTES - start.len() - "\r\n\r\n".len();
     let req = format!("{start}{}\r\n\r\n", "a".repeat(pad));
-    assert_eq!(req.len(), sluice::http::MAX_HEAD_BYTES);
+    assert_eq!(req.len(), sluice::wire::http::MAX_HEAD_BYTES);
     let (mut s, head) = http_exchange(srv.addr, &req);
     assert_eq!(status_code(&head), 200, "{head:?}");
     // The connection stays open (keep-alive): read the body by its length.

@@ -7,7 +7,7 @@ pub mod prometheus;
 
 use sluice::auth::hash_password;
 use sluice::server::{self, ServerConfig, ServerHandle};
-use sluice::users::UserStore;
+use sluice::store::sqlite::UserStore;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -297,11 +297,11 @@ pub fn socks5(
 /// The bytes of a SOCKS5 CONNECT request to `host` (an IP literal or a name) and `port`, from the
 /// crate's own encoder.
 pub fn socks5_connect_bytes(host: &str, port: u16) -> Vec<u8> {
-    let target = sluice::target::Target {
-        host: sluice::target::host_from_str(host).unwrap(),
+    let target = sluice::wire::target::Target {
+        host: sluice::wire::target::host_from_str(host).unwrap(),
         port,
     };
-    sluice::socks5::encode_request(sluice::socks5::Command::Connect, &target).unwrap()
+    sluice::wire::socks5::encode_request(sluice::wire::socks5::Command::Connect, &target).unwrap()
 }
 
 /// Sends a raw request head and returns the whole response head (status line and headers).
@@ -352,7 +352,7 @@ pub fn read_body(s: &mut TcpStream, head: &str) -> Vec<u8> {
 pub fn basic(user: &str, pass: &str) -> String {
     format!(
         "Basic {}",
-        sluice::http::base64_encode(format!("{user}:{pass}").as_bytes())
+        sluice::wire::http::base64_encode(format!("{user}:{pass}").as_bytes())
     )
 }
 

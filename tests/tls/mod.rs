@@ -4,7 +4,7 @@
 //! within the handshake deadline without holding anyone up; a key that does not fit refused at
 //! start; the per-user limit through TLS; and `sluice cert`.
 //!
-//! Certificates are made per test with `sluice::tls::self_signed("localhost")` (it also names
+//! Certificates are made per test with `sluice::net::tls::self_signed("localhost")` (it also names
 //! 127.0.0.1). The library's own TLS client is used where the test needs one in-process, rustls
 //! configs built here where the test needs a particular protocol version, and curl where an
 //! independent client matters.
@@ -14,8 +14,8 @@ use crate::support::*;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use sluice::local::{self, LocalConfig, LocalHandle, LocalTls};
-use sluice::stream::Stream;
-use sluice::tls::{self, Trust};
+use sluice::net::stream::Stream;
+use sluice::net::tls::{self, Trust};
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};

@@ -5,7 +5,7 @@
 //! The cap on all connections is the accept loop's (`server.rs`); this file only counts
 //! handshakes. Sources are as the login throttle sees them (an IPv4 address or an IPv6 /64).
 
-use crate::throttle::Source;
+use crate::auth::throttle::Source;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::fmt;

@@ -10,9 +10,9 @@
 //! bytes move through a pipe with `splice(2)`, never through user space. Pipes and buffers are
 //! made only once data arrives, so an idle tunnel costs two sleeping threads and nothing else.
 
-use crate::account::{Account, Reserve};
-use crate::limiter::{Closed, Limiter, Waiter};
-use crate::stream::{Pipe, Stream, is_timeout};
+use crate::flow::account::{Account, Reserve};
+use crate::flow::limiter::{Closed, Limiter, Waiter};
+use crate::net::stream::{Pipe, Stream, is_timeout};
 use std::fmt;
 use std::io;
 use std::net::TcpStream;

@@ -19,7 +19,7 @@ use std::fmt;
 use std::io::{self, Read};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-use crate::target::{Host, MAX_DOMAIN_LEN, Target, host_from_str};
+use crate::wire::target::{Host, MAX_DOMAIN_LEN, Target, host_from_str};
 
 /// The SOCKS5 protocol version byte.
 pub const VERSION: u8 = 5;

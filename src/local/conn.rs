@@ -8,17 +8,17 @@
 //! cannot be reached or refuses the login is reported once per burst (see `Burst`), not per
 //! connection, since a browser opens dozens of connections at once.
 
-use crate::conn::{self, DeadlineReader, HeadError, io_reason, send, socks_fail};
-use crate::forward::{self, Refused};
-use crate::http::{self, Status};
+use crate::local::upstream::{self, Login, UpstreamError};
 use crate::local::{Burst, LocalShared};
-use crate::relay::Budget;
-use crate::relay::{self, Direction, End, Outcome};
+use crate::net::forward::{self, Refused};
+use crate::net::relay::Budget;
+use crate::net::relay::{self, Direction, End, Outcome};
+use crate::net::stream::Stream;
 use crate::server::Service;
-use crate::socks5::{self, Command, Reply, SocksError};
-use crate::stream::Stream;
-use crate::target::{Host, Target};
-use crate::upstream::{self, Login, UpstreamError};
+use crate::server::conn::{self, DeadlineReader, HeadError, io_reason, send, socks_fail};
+use crate::wire::http::{self, Status};
+use crate::wire::socks5::{self, Command, Reply, SocksError};
+use crate::wire::target::{Host, Target};
 use log::{debug, info, warn};
 use std::fmt;
 use std::net::{SocketAddr, TcpStream};

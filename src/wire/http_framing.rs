@@ -6,11 +6,11 @@
 //! Like `http.rs`, nothing here touches a socket: parsers take the bytes read so far and answer
 //! "need more" or "done after N bytes". `forward.rs` does the reading, writing and charging.
 
-use crate::http::{
+use crate::wire::http::{
     self, BODY_FRAMING, DEFAULT_HTTP_PORT, HOP_BY_HOP, HttpError, MAX_HEAD_BYTES, MAX_HEADERS,
     Request, is_one_of, next_line, parse_header_line, push_header, push_visible, trim_ows,
 };
-use crate::target::Target;
+use crate::wire::target::Target;
 use std::fmt;
 
 /// Longest chunk-size line accepted (size, extensions and line end).
@@ -561,7 +561,7 @@ fn parse_chunk_size(line: &[u8]) -> Result<u64, ChunkError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::http::try_parse_request;
+    use crate::wire::http::try_parse_request;
 
     fn req(s: &str) -> Request {
         try_parse_request(s.as_bytes()).unwrap().unwrap().1

@@ -7,16 +7,16 @@
 //! the last `Proxy-Authorization` value that verified, so a keep-alive client sending the same
 //! header on every request costs one check, not one per request.
 
-use crate::account::{Account, Refusal};
-use crate::admission::HandshakeSlot;
-use crate::conn::{Login, login};
-use crate::dial;
-use crate::forward::{Gate, Refused};
-use crate::http::{ProxyAuth, Request, Status, credential_text};
-use crate::relay::{self, Budget};
+use crate::flow::account::{Account, Refusal};
+use crate::net::admission::HandshakeSlot;
+use crate::net::dial;
+use crate::net::forward::{Gate, Refused};
+use crate::net::relay::{self, Budget};
+use crate::net::stream::Stream;
 use crate::server::Shared;
-use crate::stream::Stream;
-use crate::target::Target;
+use crate::server::conn::{Login, login};
+use crate::wire::http::{ProxyAuth, Request, Status, credential_text};
+use crate::wire::target::Target;
 use log::warn;
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -4,10 +4,10 @@
 //! go through `relay::send_prefix`. The framing itself (the chunked state machine) is pure, in
 //! `http_framing.rs`.
 
-use crate::http_framing::{Body, ChunkError, ChunkedDecoder};
-use crate::limiter::Waiter;
-use crate::relay::{self, Budget, Direction, End};
-use crate::stream::Stream;
+use crate::flow::limiter::Waiter;
+use crate::net::relay::{self, Budget, Direction, End};
+use crate::net::stream::Stream;
+use crate::wire::http_framing::{Body, ChunkError, ChunkedDecoder};
 use std::io;
 use std::sync::Arc;
 

@@ -16,13 +16,15 @@
 //! limited user passes the limiter (`relay::metered_read`); heads the proxy writes are charged
 //! before they are sent (`relay::send_prefix`).
 
-use crate::forward_body::{BodyCopy, BodyError, READ_CHUNK, send_body};
-use crate::http::{self, HttpError, Request, Status};
-use crate::http_framing::{self as framing, Body, ClientEnd, Response, client_head, origin_head};
-use crate::limiter::Waiter;
-use crate::relay::{self, Budget, Direction, End};
-use crate::stream::{self, Stream};
-use crate::target::Target;
+use crate::flow::limiter::Waiter;
+use crate::net::forward_body::{BodyCopy, BodyError, READ_CHUNK, send_body};
+use crate::net::relay::{self, Budget, Direction, End};
+use crate::net::stream::{self, Stream};
+use crate::wire::http::{self, HttpError, Request, Status};
+use crate::wire::http_framing::{
+    self as framing, Body, ClientEnd, Response, client_head, origin_head,
+};
+use crate::wire::target::Target;
 use log::{info, warn};
 use std::io;
 use std::net::{Shutdown, SocketAddr};

@@ -6,12 +6,14 @@
 //! `local_conn.rs`; the SOCKS5 client side toward the server is in `upstream.rs`. Nothing here
 //! limits bandwidth: the server does, for all of the user's connections together.
 
+pub mod conn;
+pub mod upstream;
+
 use crate::auth::check_credential;
 use crate::error::{Error, Result};
-use crate::local_conn;
+use crate::net::tls::{self, Trust};
 use crate::server::{self, CONN_STACK, Service, accept_loop};
-use crate::target::{Host, Target};
-use crate::tls::{self, Trust};
+use crate::wire::target::{Host, Target};
 use log::{info, warn};
 use parking_lot::Mutex;
 use std::fmt;
@@ -275,7 +277,7 @@ impl Service for LocalShared {
         self.max_connections
     }
     fn serve(&self, stream: TcpStream, peer: SocketAddr, id: u64) {
-        local_conn::handle(stream, peer, id, self);
+        conn::handle(stream, peer, id, self);
     }
 }
 

@@ -5,19 +5,19 @@
 //! this file only sequences them and answers the client. Refusals are logged at warn with the
 //! client address; every connection that got past authentication ends with one info line.
 
-use crate::account::{Account, Refusal};
-use crate::admission::HandshakeSlot;
-use crate::dial::{self, DialError};
-use crate::forward;
-use crate::http::{self, HttpError, ProxyAuth, Status, credential_text};
-use crate::login::Verdict;
-use crate::relay::{self, Budget, Direction, End};
+use crate::auth::login::Verdict;
+use crate::flow::account::{Account, Refusal};
+use crate::net::admission::HandshakeSlot;
+use crate::net::dial::{self, DialError};
+use crate::net::forward;
+use crate::net::relay::{self, Budget, Direction, End};
+use crate::net::stream::{self, Stream};
+use crate::net::tls;
 use crate::server::Shared;
-use crate::server_gate::ServerGate;
-use crate::socks5::{self, Command, Reply, SocksError};
-use crate::stream::{self, Stream};
-use crate::target::Target;
-use crate::tls;
+use crate::server::gate::ServerGate;
+use crate::wire::http::{self, HttpError, ProxyAuth, Status, credential_text};
+use crate::wire::socks5::{self, Command, Reply, SocksError};
+use crate::wire::target::Target;
 use log::{info, warn};
 use std::io::{self, Read};
 use std::net::{SocketAddr, TcpStream};

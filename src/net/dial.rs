@@ -8,10 +8,10 @@
 //! classifier is pure. A refusal tells the client only that the policy refused; the address a name
 //! resolved to goes to the log.
 
-use crate::http::Status;
-use crate::own_addrs::OwnAddrs;
-use crate::socks5::Reply;
-use crate::target::{Host, Target};
+use crate::net::own_addrs::OwnAddrs;
+use crate::wire::http::Status;
+use crate::wire::socks5::Reply;
+use crate::wire::target::{Host, Target};
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, ToSocketAddrs};

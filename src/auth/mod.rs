@@ -10,12 +10,15 @@
 //! difference: new rates to the limiter and the accounts, deleted users revoked, changed password
 //! hashes dropped from the cache. SQL stays in `users.rs`.
 
-use crate::account::Account;
+pub mod login;
+pub mod throttle;
+
+use self::throttle::Source;
 use crate::error::{Error, Result};
-use crate::limiter::Limiter;
-use crate::throttle::Source;
-use crate::usage::{self, Accountant};
-use crate::users::{UserRow, UserStore};
+use crate::flow::account::Account;
+use crate::flow::limiter::Limiter;
+use crate::flow::usage::{self, Accountant};
+use crate::store::sqlite::{UserRow, UserStore};
 use argon2::Argon2;
 use argon2::password_hash::{PasswordHasher, PasswordVerifier, phc::PasswordHash};
 use log::{info, warn};
@@ -618,7 +621,7 @@ mod tests {
             password_hash: hash.into(),
             bandwidth: bw,
             quota_bytes: 0,
-            quota_period: crate::users::QuotaPeriod::None,
+            quota_period: crate::store::sqlite::QuotaPeriod::None,
             max_connections: 0,
         }
     }

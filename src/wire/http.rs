@@ -9,7 +9,7 @@
 
 use std::fmt;
 
-use crate::target::Target;
+use crate::wire::target::Target;
 
 /// Longest request (or response) head accepted: request line, header lines and the blank line,
 /// counted with their line endings (and with the one leading empty line that is tolerated).
@@ -808,7 +808,7 @@ fn base64_value(c: u8) -> Option<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::target::{Host, host_from_str};
+    use crate::wire::target::{Host, host_from_str};
     use proptest::prelude::*;
     use std::net::IpAddr;
 
@@ -1595,7 +1595,7 @@ mod tests {
         let _ = format!("{:?}", req.proxy_auth());
         let _ = req.encode_head_without_auth();
         if let Ok((t, p)) = req.absolute_target() {
-            let out = crate::http_framing::origin_head(req, &p, &t, false);
+            let out = crate::wire::http_framing::origin_head(req, &p, &t, false);
             // Whatever we send the origin is itself a well-formed head.
             let (used, _) = try_parse_request(&out).unwrap().unwrap();
             assert_eq!(used, out.len());

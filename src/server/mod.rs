@@ -4,18 +4,22 @@
 //! The accept loop only accepts and spawns, so a slow or silent client never blocks anyone else.
 //! The handshake, dialing and relaying happen on the connection's thread (`conn.rs`).
 
-use crate::admission::{self, Handshakes};
+pub mod conn;
+pub mod gate;
+pub mod metrics;
+pub mod stats;
+
+use self::metrics::{Counters, Sources};
+use crate::auth::login::Logins;
 use crate::auth::{self, Directory};
-use crate::conn;
-use crate::dial::DialPolicy;
 use crate::error::{Error, Result};
-use crate::limiter::{self, Limiter};
-use crate::login::Logins;
-use crate::metrics::{self, Counters, Sources};
-use crate::own_addrs::OwnAddrs;
-use crate::relay;
-use crate::tls;
-use crate::users::{self, UserStore};
+use crate::flow::limiter::{self, Limiter};
+use crate::net::admission::{self, Handshakes};
+use crate::net::dial::DialPolicy;
+use crate::net::own_addrs::OwnAddrs;
+use crate::net::relay;
+use crate::net::tls;
+use crate::store::sqlite::{self, UserStore};
 use log::{info, warn};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -349,7 +353,7 @@ pub fn start(config: &ServerConfig) -> Result<ServerHandle> {
 /// Warns when group or others can read the database or its `-wal`/`-shm` files (they hold the
 /// password hashes), naming the `chmod` that fixes it.
 fn warn_if_readable(db: &std::path::Path) {
-    let loose = users::readable_by_others(db);
+    let loose = sqlite::readable_by_others(db);
     if loose.is_empty() {
         return;
     }

@@ -7,9 +7,9 @@
 //! The counting rules are in `throttle.rs` (pure); the users, the cache and argon2 in `auth.rs`.
 //! This file holds the one lock over the throttle, the slots and the joins, and the waiting.
 
-use crate::account::Account;
+use crate::auth::throttle::{NewBlocks, Outcome, Refusal, Source, Standing, Throttle, Ticket};
 use crate::auth::{Cached, Digest, Directory, MAX_CONCURRENT_ARGON2};
-use crate::throttle::{NewBlocks, Outcome, Refusal, Source, Standing, Throttle, Ticket};
+use crate::flow::account::Account;
 use parking_lot::{Condvar, Mutex};
 use std::collections::HashMap;
 use std::collections::hash_map::RandomState;
@@ -242,9 +242,9 @@ impl Logins {
 mod tests {
     use super::*;
     use crate::auth::hash_password;
-    use crate::limiter::Limiter;
-    use crate::throttle::PAIR_FREE_FAILURES;
-    use crate::users::{QuotaPeriod, UserRow};
+    use crate::auth::throttle::PAIR_FREE_FAILURES;
+    use crate::flow::limiter::Limiter;
+    use crate::store::sqlite::{QuotaPeriod, UserRow};
 
     fn gate() -> Logins {
         let dir = Directory::new(Limiter::new(Duration::from_millis(10))).unwrap();

@@ -6,7 +6,7 @@
 //! threads is in `stream.rs`.
 
 use crate::error::{Error, Result};
-use crate::stream::{Stream, TlsStream};
+use crate::net::stream::{Stream, TlsStream};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::pem::PemObject;

@@ -2,9 +2,9 @@
 //! scripts. Live figures (connections open, current rate, share throttled) come from the running
 //! server's last flush and are shown only while it is fresh.
 
-use crate::metrics::escape_json;
+use crate::server::metrics::escape_json;
+use crate::store::sqlite::{QuotaPeriod, Usage, UserRow};
 use crate::units::{format_rate, format_size, human_bytes};
-use crate::users::{QuotaPeriod, Usage, UserRow};
 use std::fmt::Write as _;
 
 /// Live figures older than this many seconds mean no server is flushing.

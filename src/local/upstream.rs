@@ -6,13 +6,13 @@
 //! The codec is `socks5.rs`; how each failure is told to the app (SOCKS5 reply, SOCKS4 reject,
 //! HTTP status) is [`UpstreamError::reply`] and [`UpstreamError::status`], pure and tested below.
 
-use crate::conn::DeadlineReader;
-use crate::dial::{self, DialError, DialPolicy};
-use crate::http::Status;
-use crate::socks5::{self, Command, Reply, SocksError};
-use crate::stream::{self, Stream, is_timeout};
-use crate::target::{Host, Target};
-use crate::tls;
+use crate::net::dial::{self, DialError, DialPolicy};
+use crate::net::stream::{self, Stream, is_timeout};
+use crate::net::tls;
+use crate::server::conn::DeadlineReader;
+use crate::wire::http::Status;
+use crate::wire::socks5::{self, Command, Reply, SocksError};
+use crate::wire::target::{Host, Target};
 use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
 use std::fmt;
@@ -118,7 +118,7 @@ pub(crate) fn open(
         // The user chose this server; any address it has is fine.
         allow_private: true,
         connect_timeout: login.connect_timeout.min(left),
-        own_addrs: std::sync::Arc::new(crate::own_addrs::OwnAddrs::none()),
+        own_addrs: std::sync::Arc::new(crate::net::own_addrs::OwnAddrs::none()),
     };
     let sock = dial::dial(login.server, &policy).map_err(UpstreamError::Unreachable)?;
     let _ = sock.set_nodelay(true);

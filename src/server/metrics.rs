@@ -5,10 +5,10 @@
 //! The endpoint runs on its own threads with short socket timeouts and a cap on concurrent
 //! scrapers, and reads only atomics and short locks, so a slow scraper cannot stall a relay.
 
-use crate::account::Account;
-use crate::admission::Full;
 use crate::auth::Directory;
-use crate::limiter::Limiter;
+use crate::flow::account::Account;
+use crate::flow::limiter::Limiter;
+use crate::net::admission::Full;
 use crate::units::format_rate;
 use log::{info, warn};
 use parking_lot::Mutex;
@@ -376,13 +376,13 @@ mod tests {
         let lim = Limiter::new(Duration::from_millis(10));
         let dir = Directory::new(lim.clone()).unwrap();
         let hash = crate::auth::hash_password("p").unwrap();
-        dir.apply(vec![crate::users::UserRow {
+        dir.apply(vec![crate::store::sqlite::UserRow {
             id: 1,
             username: "we\"ird\\user".into(),
             password_hash: hash,
             bandwidth: 1024,
             quota_bytes: 0,
-            quota_period: crate::users::QuotaPeriod::None,
+            quota_period: crate::store::sqlite::QuotaPeriod::None,
             max_connections: 0,
         }]);
         let counters = Arc::new(Counters::default());
