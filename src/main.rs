@@ -5,6 +5,7 @@ use sluice::auth::throttle::Source;
 use sluice::auth::{check_credential, hash_password};
 use sluice::error::{Error, Result};
 use sluice::local::{self, LocalConfig, LocalTls};
+use sluice::net::os;
 use sluice::net::tls::{self, Trust};
 use sluice::server::stats;
 use sluice::server::{self, ServerConfig};
@@ -292,8 +293,8 @@ fn cmd_server(mut args: Arguments) -> Result<()> {
     finish(args, HELP_SERVER)?;
     // Raised before start (the connection cap derives from it), logged after (so a start-up
     // error stays the only line).
-    let files = server::raise_nofile_limit();
-    server::tune_allocator();
+    let files = os::raise_nofile_limit();
+    os::tune_allocator();
     let masked = signals::block_stop_signals();
     let handle = server::start(&cfg)?;
     if let Err(e) = masked {
@@ -340,8 +341,8 @@ fn cmd_local(mut args: Arguments) -> Result<()> {
         connect_timeout,
         tls,
     };
-    let files = server::raise_nofile_limit();
-    server::tune_allocator();
+    let files = os::raise_nofile_limit();
+    os::tune_allocator();
     let handle = local::start(&cfg)?;
     if let Some(n) = files {
         log::info!("open-files limit: {n}");

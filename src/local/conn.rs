@@ -11,11 +11,10 @@
 use crate::local::upstream::{self, Login, UpstreamError};
 use crate::local::{Burst, LocalShared};
 use crate::net::forward::{self, Refused};
+use crate::net::handshake::{self, DeadlineReader, HeadError, io_reason, send, socks_fail};
 use crate::net::relay::Budget;
 use crate::net::relay::{self, Direction, End, Outcome};
 use crate::net::stream::Stream;
-use crate::server::Service;
-use crate::server::conn::{self, DeadlineReader, HeadError, io_reason, send, socks_fail};
 use crate::wire::http::{self, Status};
 use crate::wire::socks5::{self, Command, Reply, SocksError};
 use crate::wire::target::{Host, Target};
@@ -352,7 +351,7 @@ fn http_ask(
         warn!("conn#{id} {peer} http {why}; answered {}", status.code());
         None
     };
-    let (mut req, mut rest) = match conn::read_http_head(r) {
+    let (mut req, mut rest) = match handshake::read_http_head(r) {
         Ok(x) => x,
         Err(HeadError::Http(e)) => return refuse(e.status(), e.to_string()),
         Err(HeadError::Io(e)) => {
@@ -449,7 +448,7 @@ impl forward::Gate for LocalGate<'_> {
     }
 
     fn stopping(&self) -> bool {
-        self.sh.stopping()
+        self.sh.intake.stopping()
     }
 
     fn authenticated(&self) -> bool {

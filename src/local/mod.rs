@@ -11,15 +11,16 @@ pub mod upstream;
 
 use crate::auth::check_credential;
 use crate::error::{Error, Result};
+use crate::net::accept::{self, CONN_STACK, Intake, Service, accept_loop};
+use crate::net::os;
 use crate::net::tls::{self, Trust};
-use crate::server::{self, CONN_STACK, Service, accept_loop};
 use crate::wire::target::{Host, Target};
 use log::{info, warn};
 use parking_lot::Mutex;
 use std::fmt;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -130,11 +131,9 @@ pub(crate) struct LocalShared {
         Arc<rustls::ClientConfig>,
         rustls::pki_types::ServerName<'static>,
     )>,
-    stop: AtomicBool,
-    next_id: AtomicU64,
-    active: AtomicUsize,
-    /// Past this many app connections, new ones are closed at once (from the open-files limit).
-    max_connections: usize,
+    /// The accept loop's state; past its cap (from the open-files limit) new app connections
+    /// are closed at once.
+    pub intake: Intake,
 }
 
 /// A running local proxy.
@@ -152,7 +151,7 @@ impl LocalHandle {
 
     /// Connection threads alive now.
     pub fn active_connections(&self) -> usize {
-        self.shared.active.load(Ordering::Relaxed)
+        self.shared.intake.active()
     }
 
     /// Stops accepting and waits for the accept thread; connections already open run to their
@@ -170,9 +169,9 @@ impl LocalHandle {
 
     fn stop(&mut self) {
         let Some(t) = self.accept.take() else { return };
-        self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.intake.stop();
         // Wake accept() by connecting to ourselves (an unspecified address is reached on loopback).
-        server::wake(self.local_addr);
+        accept::wake(self.local_addr);
         let _ = t.join();
     }
 }
@@ -235,10 +234,11 @@ pub fn start(cfg: &LocalConfig) -> Result<LocalHandle> {
         unreachable: Burst::default(),
         rejected: Burst::default(),
         tls,
-        stop: AtomicBool::new(false),
-        next_id: AtomicU64::new(1),
-        active: AtomicUsize::new(0),
-        max_connections: server::default_max_connections(),
+        intake: Intake::new(
+            Arc::new(AtomicBool::new(false)),
+            os::default_max_connections(),
+            "connection cap",
+        ),
     });
     let sh = shared.clone();
     let accept = thread::Builder::new()
@@ -264,17 +264,8 @@ pub fn start(cfg: &LocalConfig) -> Result<LocalHandle> {
 }
 
 impl Service for LocalShared {
-    fn stopping(&self) -> bool {
-        self.stop.load(Ordering::SeqCst)
-    }
-    fn active(&self) -> &AtomicUsize {
-        &self.active
-    }
-    fn next_id(&self) -> u64 {
-        self.next_id.fetch_add(1, Ordering::Relaxed)
-    }
-    fn max_connections(&self) -> usize {
-        self.max_connections
+    fn intake(&self) -> &Intake {
+        &self.intake
     }
     fn serve(&self, stream: TcpStream, peer: SocketAddr, id: u64) {
         conn::handle(stream, peer, id, self);

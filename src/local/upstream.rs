@@ -7,9 +7,9 @@
 //! HTTP status) is [`UpstreamError::reply`] and [`UpstreamError::status`], pure and tested below.
 
 use crate::net::dial::{self, DialError, DialPolicy};
+use crate::net::handshake::DeadlineReader;
 use crate::net::stream::{self, Stream, is_timeout};
 use crate::net::tls;
-use crate::server::conn::DeadlineReader;
 use crate::wire::http::Status;
 use crate::wire::socks5::{self, Command, Reply, SocksError};
 use crate::wire::target::{Host, Target};

@@ -15,7 +15,6 @@ use crate::flow::limiter::{Closed, Limiter, Waiter};
 use crate::net::stream::{Pipe, Stream, is_timeout};
 use std::fmt;
 use std::io;
-use std::net::TcpStream;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
@@ -28,10 +27,6 @@ pub const RELAY_BUF: usize = 64 * 1024;
 pub const RELAY_STACK: usize = 64 * 1024;
 /// A relay with no traffic either way for this long is closed (`--idle-timeout`).
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(2 * 3600);
-/// TCP keepalive: first probe after this much silence, then every interval, giving up after count.
-const KEEPALIVE_IDLE_SECS: i32 = 60;
-const KEEPALIVE_INTERVAL_SECS: i32 = 10;
-const KEEPALIVE_PROBES: i32 = 6;
 
 /// When either direction of a connection last moved a byte, shared by its two relay threads.
 struct Activity {
@@ -51,33 +46,6 @@ impl Activity {
         let now = self.epoch.elapsed().as_millis() as u64;
         now.saturating_sub(self.last_ms.load(Ordering::Relaxed)) >= self.idle.as_millis() as u64
     }
-}
-
-/// Turns on TCP keepalive (std has no call for it), so a peer that vanished without a FIN or RST
-/// is noticed in minutes rather than never.
-pub fn set_keepalive(s: &TcpStream) {
-    use std::os::fd::AsRawFd;
-    let fd = s.as_raw_fd();
-    let set = |level, name, v: i32| {
-        // SAFETY: setsockopt reads one int from a valid pointer of the stated size.
-        unsafe {
-            libc::setsockopt(
-                fd,
-                level,
-                name,
-                (&v as *const i32).cast(),
-                std::mem::size_of::<i32>() as libc::socklen_t,
-            )
-        }
-    };
-    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
-    set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, KEEPALIVE_IDLE_SECS);
-    set(
-        libc::IPPROTO_TCP,
-        libc::TCP_KEEPINTVL,
-        KEEPALIVE_INTERVAL_SECS,
-    );
-    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, KEEPALIVE_PROBES);
 }
 
 /// Which way bytes flow.

@@ -11,7 +11,8 @@ use crate::flow::account::{Account, Refusal};
 use crate::net::admission::HandshakeSlot;
 use crate::net::dial;
 use crate::net::forward::{Gate, Refused};
-use crate::net::relay::{self, Budget};
+use crate::net::os;
+use crate::net::relay::Budget;
 use crate::net::stream::Stream;
 use crate::server::Shared;
 use crate::server::conn::{Login, login};
@@ -20,7 +21,6 @@ use crate::wire::target::Target;
 use log::warn;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 /// One server connection's authorisation state for plain HTTP.
@@ -172,8 +172,7 @@ impl Gate for ServerGate<'_> {
         match dial::dial(target, &self.sh.policy) {
             Ok(s) => {
                 self.sh.counters.connection("http", "ok");
-                let _ = s.set_nodelay(true);
-                relay::set_keepalive(&s);
+                os::tune_relay_socket(&s);
                 Ok(Stream::plain(s))
             }
             Err(e) => {
@@ -205,7 +204,7 @@ impl Gate for ServerGate<'_> {
     }
 
     fn stopping(&self) -> bool {
-        self.sh.stop.load(Ordering::SeqCst)
+        self.sh.intake.stopping()
     }
 
     fn authenticated(&self) -> bool {

@@ -14,8 +14,10 @@ use crate::auth::login::Logins;
 use crate::auth::{self, Directory};
 use crate::error::{Error, Result};
 use crate::flow::limiter::{self, Limiter};
+use crate::net::accept::{CONN_STACK, Intake, Service, accept_loop, wake};
 use crate::net::admission::{self, Handshakes};
 use crate::net::dial::DialPolicy;
+use crate::net::os;
 use crate::net::own_addrs::OwnAddrs;
 use crate::net::relay;
 use crate::net::tls;
@@ -24,15 +26,9 @@ use log::{info, warn};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
-
-/// Stack size of a connection thread: it runs the handshake, argon2 (heap-allocated) and
-/// getaddrinfo, which needs more stack than a plain relay.
-pub const CONN_STACK: usize = 256 * 1024;
-/// Pause after a failed accept (e.g. out of file descriptors) so the loop does not spin.
-pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// How to run a server.
 #[derive(Debug, Clone)]
@@ -89,7 +85,8 @@ pub(crate) struct Shared {
     pub limiter: Arc<Limiter>,
     pub policy: DialPolicy,
     pub handshake_timeout: Duration,
-    pub stop: Arc<AtomicBool>,
+    /// The accept loop's state: stop flag, live connections, ids, the cap.
+    pub intake: Intake,
     /// Connection outcomes for the metrics.
     pub counters: Arc<Counters>,
     /// The login gate: throttle, verify cache, argon2 slots.
@@ -98,21 +95,16 @@ pub(crate) struct Shared {
     pub handshakes: Handshakes,
     /// Relays idle this long are closed.
     pub idle_timeout: Duration,
-    /// The global connection cap.
-    pub max_connections: usize,
     /// TLS on the listening port, if configured.
     pub tls: Option<Arc<rustls::ServerConfig>>,
-    next_id: AtomicU64,
-    /// Connection threads alive now.
-    pub active: AtomicUsize,
 }
 
-/// Decrements the live-connection count when a connection thread ends, however it ends.
-pub(crate) struct ActiveGuard<'a>(&'a AtomicUsize);
-
-impl Drop for ActiveGuard<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+impl Service for Shared {
+    fn intake(&self) -> &Intake {
+        &self.intake
+    }
+    fn serve(&self, stream: TcpStream, peer: SocketAddr, id: u64) {
+        conn::handle(stream, peer, id, self);
     }
 }
 
@@ -139,12 +131,12 @@ impl ServerHandle {
 
     /// A handle that can stop this server from another thread (a signal handler's).
     pub fn stopper(&self) -> Stopper {
-        Stopper(self.shared.stop.clone())
+        Stopper(self.shared.intake.stop_flag())
     }
 
     /// Connection threads alive now.
     pub fn active_connections(&self) -> usize {
-        self.shared.active.load(Ordering::Relaxed)
+        self.shared.intake.active()
     }
 
     /// The server's counters (what `/metrics` shows).
@@ -164,7 +156,7 @@ impl ServerHandle {
     }
 
     fn stop_all(&mut self) {
-        self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.intake.stop();
         for addr in [Some(self.local_addr), self.metrics_addr]
             .into_iter()
             .flatten()
@@ -177,8 +169,7 @@ impl ServerHandle {
         }
         // Let the relays finish counting before the last flush (bounded: sockets are shut).
         let t = Instant::now();
-        while self.shared.active.load(Ordering::Relaxed) > 0 && t.elapsed() < Duration::from_secs(2)
-        {
+        while self.shared.intake.active() > 0 && t.elapsed() < Duration::from_secs(2) {
             thread::sleep(Duration::from_millis(10));
         }
         self.db_stop.store(true, Ordering::SeqCst);
@@ -190,7 +181,7 @@ impl ServerHandle {
     /// Blocks until a [`Stopper`] asks the server to stop, then stops it as
     /// [`ServerHandle::shutdown`] does (usage flushed).
     pub fn wait(mut self) {
-        while !self.shared.stop.load(Ordering::SeqCst) {
+        while !self.shared.intake.stopping() {
             thread::sleep(Duration::from_millis(100));
         }
         info!("stopping: no new connections; closing relays and flushing usage");
@@ -208,19 +199,6 @@ impl Stopper {
     pub fn stop(&self) {
         self.0.store(true, Ordering::SeqCst);
     }
-}
-
-/// Wakes a thread blocked in accept() on `addr` by connecting to it (an unspecified address is
-/// reached on loopback).
-pub(crate) fn wake(mut addr: SocketAddr) {
-    if addr.ip().is_unspecified() {
-        addr.set_ip(if addr.is_ipv4() {
-            [127, 0, 0, 1].into()
-        } else {
-            std::net::Ipv6Addr::LOCALHOST.into()
-        });
-    }
-    let _ = TcpStream::connect_timeout(&addr, Duration::from_secs(1));
 }
 
 impl Drop for ServerHandle {
@@ -256,7 +234,7 @@ pub fn start(config: &ServerConfig) -> Result<ServerHandle> {
     let stop = Arc::new(AtomicBool::new(false));
     let max_connections = config
         .max_connections
-        .unwrap_or_else(default_max_connections);
+        .unwrap_or_else(os::default_max_connections);
     let max_handshakes = config.max_handshakes.unwrap_or(max_connections / 2).max(1);
     let logins = Arc::new(Logins::new(directory.clone()));
     let shared = Arc::new(Shared {
@@ -272,15 +250,12 @@ pub fn start(config: &ServerConfig) -> Result<ServerHandle> {
             }),
         },
         handshake_timeout: config.handshake_timeout,
-        stop: stop.clone(),
+        intake: Intake::new(stop.clone(), max_connections, "--max-connections cap"),
         counters: Arc::new(Counters::default()),
         logins: logins.clone(),
         handshakes: Handshakes::new(config.max_handshakes_per_source.max(1), max_handshakes),
         idle_timeout: config.idle_timeout,
-        max_connections,
         tls,
-        next_id: AtomicU64::new(1),
-        active: AtomicUsize::new(0),
     });
     let spawn_err = |e| Error::Io("cannot start a server thread".into(), e);
     let mut threads = vec![limiter.spawn_refill().map_err(spawn_err)?];
@@ -333,8 +308,8 @@ pub fn start(config: &ServerConfig) -> Result<ServerHandle> {
     }
     info!(
         "at most {} connections at once (from the open-files limit and vm.max_map_count {}; --max-connections sets it); idle relays closed after {} s",
-        shared.max_connections,
-        max_map_count().map_or("unknown".to_string(), |m| m.to_string()),
+        shared.intake.max_connections(),
+        os::max_map_count().map_or("unknown".to_string(), |m| m.to_string()),
         config.idle_timeout.as_secs()
     );
     info!(
@@ -380,179 +355,6 @@ fn shell_word(p: &std::path::Path) -> String {
     } else {
         format!("'{}'", s.replace('\'', "'\\''"))
     }
-}
-
-/// Files kept free for the database, logs and the listener when deriving the connection cap.
-const RESERVED_FILES: u64 = 64;
-
-/// Memory maps a connection costs: two threads, each with a stack and its guard page and an
-/// alternate signal stack with its guard page (std's stack-overflow handler).
-const MAPS_PER_CONNECTION: u64 = 8;
-/// Maps kept free for the rest of the process (libraries, heap, the database).
-const RESERVED_MAPS: u64 = 2048;
-
-/// The default global connection cap: what both the open-files limit (two sockets each) and the
-/// kernel's `vm.max_map_count` (a thread that cannot map its stacks aborts the process) allow.
-pub fn default_max_connections() -> usize {
-    let files = current_nofile_limit().unwrap_or(1024);
-    let by_files = files.saturating_sub(RESERVED_FILES) / 2;
-    let by_maps = max_map_count().map_or(u64::MAX, |m| {
-        m.saturating_sub(RESERVED_MAPS) / MAPS_PER_CONNECTION
-    });
-    by_files.min(by_maps).max(1) as usize
-}
-
-/// The kernel's limit on memory maps per process, if it can be read.
-pub fn max_map_count() -> Option<u64> {
-    std::fs::read_to_string("/proc/sys/vm/max_map_count")
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
-}
-
-/// What an accept loop serves: the server, or the local proxy. The loop only accepts and spawns,
-/// so a slow or silent client never blocks anyone else.
-pub(crate) trait Service: Send + Sync + 'static {
-    /// True once the owner asked the loop to stop.
-    fn stopping(&self) -> bool;
-    /// Connection threads alive now (the loop adds; the thread's guard subtracts).
-    fn active(&self) -> &AtomicUsize;
-    /// A fresh connection number for the logs.
-    fn next_id(&self) -> u64;
-    /// Past this many live connections, new ones are closed at once.
-    fn max_connections(&self) -> usize;
-    /// How the cap is named in the log (the flag that sets it, where there is one).
-    fn cap_name(&self) -> &'static str {
-        "connection cap"
-    }
-    /// Serves one connection to its end, on its own thread.
-    fn serve(&self, stream: TcpStream, peer: SocketAddr, id: u64);
-}
-
-/// Accepts until the service stops. Past the connection cap a connection is closed at once,
-/// without a thread, and said so at most once a second; a failed accept (EMFILE) is logged at most
-/// once a second and followed by a short sleep, not a spin.
-pub(crate) fn accept_loop<S: Service>(listener: &TcpListener, svc: &Arc<S>) {
-    let mut last_warn: Option<Instant> = None;
-    let mut last_full: Option<Instant> = None;
-    let mut shed = 0u64;
-    let once_a_second =
-        |t: &Option<Instant>| t.is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
-    loop {
-        let accepted = listener.accept();
-        if svc.stopping() {
-            return;
-        }
-        match accepted {
-            Ok((stream, peer)) if svc.active().load(Ordering::Relaxed) >= svc.max_connections() => {
-                drop(stream);
-                shed += 1;
-                if once_a_second(&last_full) {
-                    warn!(
-                        "{peer} and {} more closed: {} connections open, the {}",
-                        shed - 1,
-                        svc.max_connections(),
-                        svc.cap_name()
-                    );
-                    last_full = Some(Instant::now());
-                    shed = 0;
-                }
-            }
-            Ok((stream, peer)) => spawn_connection(stream, peer, svc),
-            Err(e) => {
-                if once_a_second(&last_warn) {
-                    warn!("accept failed: {e}; backing off");
-                    last_warn = Some(Instant::now());
-                }
-                thread::sleep(ACCEPT_BACKOFF);
-            }
-        }
-    }
-}
-
-fn spawn_connection<S: Service>(stream: TcpStream, peer: SocketAddr, svc: &Arc<S>) {
-    let id = svc.next_id();
-    svc.active().fetch_add(1, Ordering::Relaxed);
-    let svc2 = svc.clone();
-    let spawned = thread::Builder::new()
-        .name(format!("conn#{id}"))
-        .stack_size(CONN_STACK)
-        .spawn(move || {
-            let _guard = ActiveGuard(svc2.active());
-            svc2.serve(stream, peer, id);
-        });
-    if let Err(e) = spawned {
-        svc.active().fetch_sub(1, Ordering::Relaxed);
-        warn!("conn#{id} {peer} dropped: cannot spawn a thread: {e}");
-    }
-}
-
-impl Service for Shared {
-    fn stopping(&self) -> bool {
-        self.stop.load(Ordering::SeqCst)
-    }
-    fn active(&self) -> &AtomicUsize {
-        &self.active
-    }
-    fn next_id(&self) -> u64 {
-        self.next_id.fetch_add(1, Ordering::Relaxed)
-    }
-    fn max_connections(&self) -> usize {
-        self.max_connections
-    }
-    fn cap_name(&self) -> &'static str {
-        "--max-connections cap"
-    }
-    fn serve(&self, stream: TcpStream, peer: SocketAddr, id: u64) {
-        conn::handle(stream, peer, id, self);
-    }
-}
-
-fn current_nofile_limit() -> Option<u64> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit only writes the struct we pass.
-    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0).then_some(lim.rlim_cur)
-}
-
-/// Keeps memory in check for a process with thousands of threads: large allocations (argon2's
-/// ~19 MiB work area) always come from mmap and go back to the system when freed, instead of
-/// glibc raising its mmap threshold and keeping them in a per-thread arena; and the number of
-/// arenas is bounded. glibc only; a no-op elsewhere.
-pub fn tune_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets allocator parameters; called before other threads allocate.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
-        libc::mallopt(libc::M_ARENA_MAX, 4);
-    }
-}
-
-/// Raises the soft open-files limit to the hard limit and returns the new soft limit.
-pub fn raise_nofile_limit() -> Option<u64> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return None;
-        }
-        if lim.rlim_cur < lim.rlim_max {
-            let want = libc::rlimit {
-                rlim_cur: lim.rlim_max,
-                rlim_max: lim.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
-                lim = want;
-            }
-        }
-    }
-    Some(lim.rlim_cur)
 }
 
 #[cfg(test)]

@@ -275,5 +275,5 @@ impl Drop for TempDir {
 
 /// Raises this process's soft open-files limit to the hard one; returns the new soft limit.
 pub fn raise_nofile_limit() -> Option<u64> {
-    sluice::server::raise_nofile_limit()
+    sluice::net::os::raise_nofile_limit()
 }
