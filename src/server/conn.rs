@@ -5,7 +5,6 @@
 //! this file only sequences them and answers the client. Refusals are logged at warn with the
 //! client address; every connection that got past authentication ends with one info line.
 
-use crate::auth::login::Verdict;
 use crate::flow::account::{Account, Refusal};
 use crate::net::admission::HandshakeSlot;
 use crate::net::dial::{self, DialError};
@@ -17,8 +16,9 @@ use crate::net::os;
 use crate::net::relay::{self, Budget, Direction, End};
 use crate::net::stream::Stream;
 use crate::net::tls;
-use crate::server::Shared;
 use crate::server::gate::ServerGate;
+use crate::server::login::{Login, login};
+use crate::server::shared::Shared;
 use crate::wire::http::{self, ProxyAuth, Status, credential_text};
 use crate::wire::socks5::{self, Command, Reply};
 use crate::wire::target::Target;
@@ -134,97 +134,6 @@ fn run_relay(client: Stream, s: Session, peer: SocketAddr, id: u64, sh: &Shared,
         s.target,
         started.elapsed().as_secs_f64()
     );
-}
-
-/// How a credential check ended, for the caller to word its answer.
-pub(crate) enum Login {
-    /// Logged in.
-    Ok(Arc<Account>),
-    /// Wrong password or unknown user.
-    Wrong,
-    /// Refused without a check: this user at this address, or the address, failed too often.
-    Blocked {
-        /// Seconds until a retry may be checked (at least 1).
-        for_secs: u64,
-    },
-    /// Not checked: too many checks under way for this address, or the handshake deadline
-    /// passed while waiting for one; a retry in a moment may pass.
-    Busy,
-}
-
-impl Login {
-    /// The HTTP answer to a refused login: 407 for a wrong password (the client may ask again),
-    /// 429 saying for how long when blocked, 503 when not checked; the body says which.
-    pub(crate) fn http_answer(&self) -> (Status, String) {
-        match self {
-            Login::Ok(_) => (Status::Ok, String::new()),
-            Login::Wrong => (Status::ProxyAuthRequired, "login refused".into()),
-            Login::Blocked { for_secs } => (
-                Status::TooManyRequests,
-                format!(
-                    "too many failed logins: blocked for {for_secs} s; retrying sooner is refused unchecked"
-                ),
-            ),
-            Login::Busy => (
-                Status::ServiceUnavailable,
-                "too many logins under way from this address; retry in a moment".into(),
-            ),
-        }
-    }
-}
-
-/// Checks credentials through the login gate (throttle, verify cache, argon2 slots; see
-/// `login.rs`), waiting no later than `deadline`. Blocking. Refusals are logged at warn with
-/// the address and counted; a block a failure started is logged as such.
-pub(crate) fn login(
-    sh: &Shared,
-    peer: SocketAddr,
-    id: u64,
-    proto: &'static str,
-    (user, pass): (&[u8], &[u8]),
-    deadline: Instant,
-) -> Login {
-    let name = printable(user);
-    let refused = |what: String| {
-        sh.counters.auth_failure(proto);
-        warn!("conn#{id} {peer} {proto} login refused for user \"{name}\": {what}");
-    };
-    match sh.logins.check(peer.ip(), user, pass, deadline) {
-        Verdict::Ok(a) => Login::Ok(a),
-        Verdict::Wrong(blocks) => {
-            refused("wrong password or unknown user".into());
-            if let Some(d) = blocks.pair {
-                warn!(
-                    "conn#{id} {peer} user \"{name}\" blocked from this address for {} s after repeated failures",
-                    d.as_secs()
-                );
-            }
-            if let Some(d) = blocks.source {
-                warn!(
-                    "conn#{id} {peer} address blocked for {} s after repeated failures (users verified from it recently still log in)",
-                    d.as_secs()
-                );
-            }
-            Login::Wrong
-        }
-        Verdict::Blocked(d) => {
-            let for_secs = d.as_secs_f64().ceil().max(1.0) as u64;
-            refused(format!("blocked, not checked: {for_secs} s left"));
-            Login::Blocked { for_secs }
-        }
-        Verdict::Busy => {
-            refused("not checked: too many checks under way for this address".into());
-            Login::Busy
-        }
-        Verdict::TimedOut => {
-            refused("not checked: handshake deadline passed waiting for a check slot".into());
-            Login::Busy
-        }
-    }
-}
-
-fn printable(name: &[u8]) -> String {
-    String::from_utf8_lossy(name).escape_debug().to_string()
 }
 
 /// A connection's handshake slot (see `admission.rs`): given back once its login succeeds.

@@ -6,10 +6,13 @@
 
 pub mod conn;
 pub mod gate;
+pub mod login;
 pub mod metrics;
+pub mod shared;
 pub mod stats;
 
 use self::metrics::{Counters, Sources};
+use self::shared::Shared;
 use crate::auth::login::Logins;
 use crate::auth::{self, Directory};
 use crate::error::{Error, Result};
@@ -77,26 +80,6 @@ impl Default for ServerConfig {
             max_handshakes: None,
         }
     }
-}
-
-/// State every connection thread reads.
-pub(crate) struct Shared {
-    pub directory: Arc<Directory>,
-    pub limiter: Arc<Limiter>,
-    pub policy: DialPolicy,
-    pub handshake_timeout: Duration,
-    /// The accept loop's state: stop flag, live connections, ids, the cap.
-    pub intake: Intake,
-    /// Connection outcomes for the metrics.
-    pub counters: Arc<Counters>,
-    /// The login gate: throttle, verify cache, argon2 slots.
-    pub logins: Arc<Logins>,
-    /// Connections still in their handshake.
-    pub handshakes: Handshakes,
-    /// Relays idle this long are closed.
-    pub idle_timeout: Duration,
-    /// TLS on the listening port, if configured.
-    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Service for Shared {
