@@ -7,12 +7,50 @@
 //! where tokens are taken (`relay::Budget::take`), by reserving before a read and returning what the
 //! read did not use, so parallel connections cannot overshoot it.
 
-use crate::net::stream::Stream;
 use crate::store::sqlite::QuotaPeriod;
 use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+/// Something an account can shut from outside to end a connection (its sockets): implemented
+/// by the connection layer's streams, so this room needs no sockets of its own.
+pub trait Shut: Send + Sync {
+    /// Closes both ways at once, which also wakes a thread blocked on it.
+    fn shut(&self);
+}
+
+/// A connection slot taken by [`Account::admit`]; dropping it gives the slot back, on every path
+/// a connection can end by.
+pub struct Slot {
+    account: Arc<Account>,
+    id: u64,
+}
+
+impl Slot {
+    /// The account the slot belongs to.
+    pub fn account(&self) -> &Arc<Account> {
+        &self.account
+    }
+
+    /// Attaches the connection's sockets so they can be shut from outside. False (attaching
+    /// nothing) if the connection was closed from outside in the meantime.
+    pub fn attach(&self, sockets: Vec<Box<dyn Shut>>) -> bool {
+        match self.account.conns.lock().get_mut(&self.id) {
+            Some(v) => {
+                *v = sockets;
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.account.conns.lock().remove(&self.id);
+    }
+}
 
 /// Seconds of per-second rate samples kept for the status page's sparklines.
 pub const HISTORY_SECS: usize = 60;
@@ -65,7 +103,7 @@ pub struct Account {
     pub name: Arc<str>,
     rate: AtomicU64,
     revoked: AtomicBool,
-    conns: Mutex<HashMap<u64, Vec<Stream>>>,
+    conns: Mutex<HashMap<u64, Vec<Box<dyn Shut>>>>,
     quota: AtomicU64,
     /// Bytes charged against the quota this period, and bytes reserved by reads in flight.
     quota_state: Mutex<QuotaState>,
@@ -204,12 +242,13 @@ impl Account {
         self.conns.lock().len()
     }
 
-    /// Takes a connection slot for `id`, unless the user is deleted, over quota, or at its cap.
-    /// Returns true when it is the user's only open connection (the user was idle).
+    /// Takes a connection slot for `id`, unless the user is deleted, over quota, or at its cap;
+    /// the [`Slot`] gives it back when dropped. The flag is true when it is the user's only open
+    /// connection (the user was idle).
     ///
     /// # Errors
     /// The [`Refusal`] that applies.
-    pub fn admit(&self, id: u64) -> Result<bool, Refusal> {
+    pub fn admit(self: &Arc<Self>, id: u64) -> Result<(Slot, bool), Refusal> {
         let mut conns = self.conns.lock();
         // Checked under the lock so a revoke or a parallel admit cannot slip in between.
         if self.is_revoked() {
@@ -224,24 +263,12 @@ impl Account {
         }
         conns.insert(id, Vec::new());
         self.opened.fetch_add(1, Ordering::Relaxed);
-        Ok(conns.len() == 1)
-    }
-
-    /// Attaches an admitted connection's sockets so they can be shut from outside. Returns false
-    /// (attaching nothing) if the connection was closed from outside in the meantime.
-    pub fn attach(&self, id: u64, sockets: Vec<Stream>) -> bool {
-        match self.conns.lock().get_mut(&id) {
-            Some(v) => {
-                *v = sockets;
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// Forgets a connection that ended.
-    pub fn unregister(&self, id: u64) {
-        self.conns.lock().remove(&id);
+        let only = conns.len() == 1;
+        let slot = Slot {
+            account: self.clone(),
+            id,
+        };
+        Ok((slot, only))
     }
 
     /// Marks the user deleted and shuts every open connection's sockets, which ends their relays.
@@ -254,7 +281,7 @@ impl Account {
     pub fn close_all(&self) {
         let conns = std::mem::take(&mut *self.conns.lock());
         for s in conns.values().flatten() {
-            s.shutdown_both();
+            s.shut();
         }
     }
 }
@@ -299,17 +326,55 @@ mod tests {
     fn admit_enforces_cap_quota_and_revocation() {
         let a = Account::new(1, "c", 0);
         a.set_limits(0, QuotaPeriod::None, 2);
-        assert_eq!(a.admit(1), Ok(true), "the first connection of an idle user");
-        assert_eq!(a.admit(2), Ok(false));
-        assert_eq!(a.admit(3), Err(Refusal::TooMany));
-        a.unregister(1);
-        assert_eq!(a.admit(3), Ok(false));
+        let only = |r: Result<(Slot, bool), Refusal>| r.map(|(_, only)| only);
+        let (first, idle) = a.admit(1).unwrap();
+        assert!(idle, "the first connection of an idle user");
+        let (_second, idle) = a.admit(2).unwrap();
+        assert!(!idle);
+        assert_eq!(only(a.admit(3)), Err(Refusal::TooMany));
+        drop(first);
+        let (_third, idle) = a.admit(3).unwrap();
+        assert!(!idle);
         a.set_limits(10, QuotaPeriod::Day, 0);
         a.restart_quota(10);
-        assert_eq!(a.admit(4), Err(Refusal::Quota));
+        assert_eq!(only(a.admit(4)), Err(Refusal::Quota));
         a.restart_quota(0);
         a.revoke();
-        assert_eq!(a.admit(5), Err(Refusal::Revoked));
+        assert_eq!(only(a.admit(5)), Err(Refusal::Revoked));
+        assert_eq!(a.open_connections(), 0);
+    }
+
+    /// A slot given back however its connection ends: dropped on an early return, or after a
+    /// revoke emptied the table already (no double remove of a later connection's entry).
+    #[test]
+    fn a_dropped_slot_gives_its_place_back() {
+        struct Flag(Arc<AtomicBool>);
+        impl Shut for Flag {
+            fn shut(&self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        let a = Account::new(1, "s", 0);
+        a.set_limits(0, QuotaPeriod::None, 1);
+        {
+            let (slot, _) = a.admit(7).unwrap();
+            assert_eq!(a.open_connections(), 1);
+            assert!(slot.attach(Vec::new()));
+        }
+        assert_eq!(a.open_connections(), 0, "dropping the slot gave it back");
+        let shut = Arc::new(AtomicBool::new(false));
+        let (slot, _) = a.admit(8).unwrap();
+        assert!(slot.attach(vec![Box::new(Flag(shut.clone()))]));
+        a.close_all();
+        assert!(
+            shut.load(Ordering::Relaxed),
+            "close_all shuts attached sockets"
+        );
+        assert!(
+            !slot.attach(Vec::new()),
+            "closed from outside: nothing to attach to"
+        );
+        drop(slot);
         assert_eq!(a.open_connections(), 0);
     }
 }

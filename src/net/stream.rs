@@ -9,6 +9,7 @@
 //! holds it while it writes: sealing order and socket order are then the same. No thread ever
 //! waits for the session while holding `write_order`, so the two locks cannot deadlock.
 
+use crate::flow::account::Shut;
 use parking_lot::Mutex;
 use rustls::Connection;
 use std::io::{self, Read, Write};
@@ -100,6 +101,12 @@ impl Stream {
     /// Closes both ways at once, which also wakes a thread blocked reading it.
     pub fn shutdown_both(&self) {
         let _ = self.socket().shutdown(Shutdown::Both);
+    }
+}
+
+impl Shut for Stream {
+    fn shut(&self) {
+        self.shutdown_both();
     }
 }
 

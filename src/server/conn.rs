@@ -5,7 +5,7 @@
 //! this file only sequences them and answers the client. Refusals are logged at warn with the
 //! client address; every connection that got past authentication ends with one info line.
 
-use crate::flow::account::{Account, Refusal};
+use crate::flow::account::{Account, Refusal, Slot};
 use crate::net::admission::HandshakeSlot;
 use crate::net::dial::{self, DialError};
 use crate::net::forward;
@@ -30,7 +30,8 @@ use std::time::Instant;
 
 /// What a successful handshake leaves: who, to where, by which protocol, and bytes to forward.
 struct Session {
-    account: Arc<Account>,
+    /// The user's connection slot (given back when the session is dropped) and its account.
+    slot: Slot,
     proto: &'static str,
     target: Target,
     dest: Stream,
@@ -97,12 +98,15 @@ pub(crate) fn handle(sock: TcpStream, peer: SocketAddr, id: u64, sh: &Shared) {
 fn run_relay(client: Stream, s: Session, peer: SocketAddr, id: u64, sh: &Shared, started: Instant) {
     os::tune_relay_socket(client.socket());
     os::tune_relay_socket(s.dest.socket());
-    let attached = s.account.attach(id, vec![client.clone(), s.dest.clone()]);
+    let account = s.slot.account().clone();
+    let attached = s
+        .slot
+        .attach(vec![Box::new(client.clone()), Box::new(s.dest.clone())]);
     let budget = Arc::new(Budget {
-        account: s.account.clone(),
+        account: account.clone(),
         limiter: sh.limiter.clone(),
     });
-    let label = format!("{}#{id}", s.account.name);
+    let label = format!("{}#{id}", account.name);
     let outcome = if !attached {
         Err(io::Error::other("closed before the relay started"))
     } else {
@@ -122,14 +126,14 @@ fn run_relay(client: Stream, s: Session, peer: SocketAddr, id: u64, sh: &Shared,
             }),
         }
     };
-    s.account.unregister(id);
+    drop(s.slot);
     let (up, down, end) = match outcome {
         Ok(o) => (o.up, o.down, o.end.to_string()),
         Err(e) => (0, 0, End::Error(e).to_string()),
     };
     info!(
         "conn#{id} {peer} user={} proto={} dest={} up={up} down={down} secs={:.3} end={end}",
-        s.account.name,
+        account.name,
         s.proto,
         s.target,
         started.elapsed().as_secs_f64()
@@ -202,16 +206,15 @@ fn socks5_handshake(
         return None;
     }
     match admit_and_dial(&req.target, &account, "socks5", peer, id, sh) {
-        Ok(dest) => {
+        Ok((dest, slot)) => {
             let bound = dest.local_addr().ok();
             let dest = Stream::plain(dest);
             if !send(client, &socks5::encode_reply(Reply::Succeeded, bound)) {
-                // Admitted but gone: give the connection slot back.
-                account.unregister(id);
+                // Gone: dropping the slot gives it back.
                 return None;
             }
             Some(Session {
-                account,
+                slot,
                 proto: "socks5",
                 target: req.target,
                 dest,
@@ -262,16 +265,20 @@ impl Denied {
 /// logged at warn, a dial failure as the connection's one info line.
 fn admit_and_dial(
     target: &Target,
-    account: &Account,
+    account: &Arc<Account>,
     proto: &'static str,
     peer: SocketAddr,
     id: u64,
     sh: &Shared,
-) -> Result<TcpStream, Denied> {
-    match account.admit(id) {
-        // An idle user starts from an empty bucket: its first second carries at most its rate.
-        Ok(true) => sh.limiter.start_fresh(&account.name),
-        Ok(false) => {}
+) -> Result<(TcpStream, Slot), Denied> {
+    let slot = match account.admit(id) {
+        Ok((slot, idle)) => {
+            // An idle user starts from an empty bucket: its first second carries at most its rate.
+            if idle {
+                sh.limiter.start_fresh(&account.name);
+            }
+            slot
+        }
         Err(r) => {
             warn!(
                 "conn#{id} {peer} {proto} user={} refused: {r}",
@@ -280,15 +287,14 @@ fn admit_and_dial(
             sh.counters.connection(proto, "refused");
             return Err(Denied::Refused(r));
         }
-    }
+    };
     let t = Instant::now();
     match dial::dial(target, &sh.policy) {
         Ok(d) => {
             sh.counters.connection(proto, "ok");
-            Ok(d)
+            Ok((d, slot))
         }
         Err(e) => {
-            account.unregister(id);
             sh.counters.connection(proto, "dial_failed");
             info!(
                 "conn#{id} {peer} user={} proto={proto} dest={target} up=0 down=0 secs={:.3} end=dial failed: {e}",
@@ -373,8 +379,8 @@ fn http_handshake(
         Ok(t) => t,
         Err(e) => return refuse(e.status(), e.to_string()),
     };
-    let dest = match admit_and_dial(&target, &account, proto, peer, id, sh) {
-        Ok(d) => d,
+    let (dest, slot) = match admit_and_dial(&target, &account, proto, peer, id, sh) {
+        Ok(x) => x,
         Err(e) => {
             send(client, &http::encode_response(e.status(), &e.detail()));
             return None;
@@ -382,12 +388,11 @@ fn http_handshake(
     };
     let dest = Stream::plain(dest);
     if !send(client, &http::encode_response(Status::Ok, "")) {
-        // Admitted but gone: give the connection slot back.
-        account.unregister(id);
+        // Gone: dropping the slot gives it back.
         return None;
     }
     Some(Session {
-        account,
+        slot,
         proto,
         target,
         dest,

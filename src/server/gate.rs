@@ -7,7 +7,7 @@
 //! the last `Proxy-Authorization` value that verified, so a keep-alive client sending the same
 //! header on every request costs one check, not one per request.
 
-use crate::flow::account::{Account, Refusal};
+use crate::flow::account::{Account, Refusal, Slot};
 use crate::net::admission::HandshakeSlot;
 use crate::net::dial;
 use crate::net::forward::{Gate, Refused};
@@ -29,7 +29,7 @@ pub(crate) struct ServerGate<'a> {
     peer: SocketAddr,
     id: u64,
     /// The user whose connection slot this connection holds.
-    holder: Option<Arc<Account>>,
+    holder: Option<Slot>,
     /// The last `Proxy-Authorization` value that verified, and its account.
     verified: Option<(Vec<u8>, Arc<Account>)>,
     /// The user of the request under way, for its log line ("-" until authorised).
@@ -125,7 +125,7 @@ impl<'a> ServerGate<'a> {
             detail: r.to_string(),
         };
         if let Some(cur) = &self.holder
-            && Arc::ptr_eq(cur, account)
+            && Arc::ptr_eq(cur.account(), account)
         {
             if account.is_revoked() {
                 return Err(refused(Refusal::Revoked));
@@ -135,13 +135,17 @@ impl<'a> ServerGate<'a> {
             }
             return Ok(());
         }
-        if let Some(old) = self.holder.take() {
-            old.unregister(self.id);
-        }
-        match account.admit(self.id) {
-            // An idle user starts from an empty bucket: its first second carries at most its rate.
-            Ok(true) => self.sh.limiter.start_fresh(&account.name),
-            Ok(false) => {}
+        // The previous user's slot goes back before the new one is taken.
+        self.holder = None;
+        let slot = match account.admit(self.id) {
+            Ok((slot, idle)) => {
+                // An idle user starts from an empty bucket: its first second carries at most its
+                // rate.
+                if idle {
+                    self.sh.limiter.start_fresh(&account.name);
+                }
+                slot
+            }
             Err(r) => {
                 warn!(
                     "conn#{} {} http user={} refused: {r}",
@@ -150,8 +154,8 @@ impl<'a> ServerGate<'a> {
                 self.sh.counters.connection("http", "refused");
                 return Err(refused(r));
             }
-        }
-        self.holder = Some(account.clone());
+        };
+        self.holder = Some(slot);
         Ok(())
     }
 }
@@ -194,7 +198,7 @@ impl Gate for ServerGate<'_> {
 
     fn attach(&mut self, client: &Stream, origin: &Stream) -> bool {
         match &self.holder {
-            Some(a) => a.attach(self.id, vec![client.clone(), origin.clone()]),
+            Some(slot) => slot.attach(vec![Box::new(client.clone()), Box::new(origin.clone())]),
             None => true,
         }
     }
@@ -212,8 +216,6 @@ impl Gate for ServerGate<'_> {
     }
 
     fn release(&mut self) {
-        if let Some(a) = self.holder.take() {
-            a.unregister(self.id);
-        }
+        self.holder = None;
     }
 }
