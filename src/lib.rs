@@ -6,9 +6,22 @@
 //! client-side proxy that logs in for the apps on a user's machine.
 //!
 //! The design is synchronous: blocking sockets, a thread per connection direction, and a global
-//! `Mutex<HashMap<user, Bucket>>` topped up by a refill thread (see `limiter`). Modules follow the
-//! path of a byte: `server` (accept) → `conn` (handshake, using `socks5` / `http`) → `auth` →
-//! `dial` → `relay` (through `limiter`) → close.
+//! `Mutex<HashMap<user, Bucket>>` topped up by a refill thread (`flow::limiter`).
+//!
+//! The folders are layers; each imports only those below it:
+//! - `server`, `local`: the two proxies, each small — what they accept, whom they let in, where
+//!   a tunnel goes.
+//! - `auth`: the user directory, the verify cache and the login gate (throttle, argon2 slots).
+//! - `net`: the connection layer both proxies share — accept and its gate, the handshake, plain
+//!   HTTP forwarding, dialing under the policy, the stream (plain or TLS), the relay, OS knobs.
+//! - `flow`: the limiter and the accounts the relays charge.
+//! - `store`: the user store behind one trait (SQLite).
+//! - `wire`: the wire formats, pure (SOCKS5, HTTP/1.1, destinations).
+//! - `error`, `units`, `stop`: the crate's error, byte-size units, the periodic threads' stop
+//!   signal.
+//!
+//! A byte's path: `net::accept` → `server::conn` (handshake through `net::handshake` and `wire`)
+//! → `server::login` → `net::dial` → `net::relay` (through `flow::limiter`) → close.
 
 pub mod auth;
 pub mod error;
