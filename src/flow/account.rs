@@ -33,12 +33,12 @@ impl Slot {
         &self.account
     }
 
-    /// Attaches the connection's sockets so they can be shut from outside. False (attaching
-    /// nothing) if the connection was closed from outside in the meantime.
-    pub fn attach(&self, sockets: Vec<Box<dyn Shut>>) -> bool {
+    /// Attaches the connection's sockets (one value shutting both) so they can be shut from
+    /// outside. False (attaching nothing) if the connection was closed from outside meanwhile.
+    pub fn attach(&self, sockets: Box<dyn Shut>) -> bool {
         match self.account.conns.lock().get_mut(&self.id) {
             Some(v) => {
-                *v = sockets;
+                *v = Some(sockets);
                 true
             }
             None => false,
@@ -103,7 +103,7 @@ pub struct Account {
     pub name: Arc<str>,
     rate: AtomicU64,
     revoked: AtomicBool,
-    conns: Mutex<HashMap<u64, Vec<Box<dyn Shut>>>>,
+    conns: Mutex<HashMap<u64, Option<Box<dyn Shut>>>>,
     quota: AtomicU64,
     /// Bytes charged against the quota this period, and bytes reserved by reads in flight.
     quota_state: Mutex<QuotaState>,
@@ -261,7 +261,7 @@ impl Account {
         if cap > 0 && conns.len() as u64 >= cap {
             return Err(Refusal::TooMany);
         }
-        conns.insert(id, Vec::new());
+        conns.insert(id, None);
         self.opened.fetch_add(1, Ordering::Relaxed);
         let only = conns.len() == 1;
         let slot = Slot {
@@ -359,19 +359,19 @@ mod tests {
         {
             let (slot, _) = a.admit(7).unwrap();
             assert_eq!(a.open_connections(), 1);
-            assert!(slot.attach(Vec::new()));
+            assert!(slot.attach(Box::new(Flag(Arc::new(AtomicBool::new(false))))));
         }
         assert_eq!(a.open_connections(), 0, "dropping the slot gave it back");
         let shut = Arc::new(AtomicBool::new(false));
         let (slot, _) = a.admit(8).unwrap();
-        assert!(slot.attach(vec![Box::new(Flag(shut.clone()))]));
+        assert!(slot.attach(Box::new(Flag(shut.clone()))));
         a.close_all();
         assert!(
             shut.load(Ordering::Relaxed),
             "close_all shuts attached sockets"
         );
         assert!(
-            !slot.attach(Vec::new()),
+            !slot.attach(Box::new(Flag(shut.clone()))),
             "closed from outside: nothing to attach to"
         );
         drop(slot);

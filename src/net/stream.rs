@@ -104,9 +104,12 @@ impl Stream {
     }
 }
 
-impl Shut for Stream {
+/// A relayed connection's two sides, attached to its account as one value (one allocation).
+impl Shut for [Stream; 2] {
     fn shut(&self) {
-        self.shutdown_both();
+        for s in self {
+            s.shutdown_both();
+        }
     }
 }
 

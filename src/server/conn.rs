@@ -99,9 +99,7 @@ fn run_relay(client: Stream, s: Session, peer: SocketAddr, id: u64, sh: &Shared,
     os::tune_relay_socket(client.socket());
     os::tune_relay_socket(s.dest.socket());
     let account = s.slot.account().clone();
-    let attached = s
-        .slot
-        .attach(vec![Box::new(client.clone()), Box::new(s.dest.clone())]);
+    let attached = s.slot.attach(Box::new([client.clone(), s.dest.clone()]));
     let budget = Arc::new(Budget {
         account: account.clone(),
         limiter: sh.limiter.clone(),

@@ -198,7 +198,7 @@ impl Gate for ServerGate<'_> {
 
     fn attach(&mut self, client: &Stream, origin: &Stream) -> bool {
         match &self.holder {
-            Some(slot) => slot.attach(vec![Box::new(client.clone()), Box::new(origin.clone())]),
+            Some(slot) => slot.attach(Box::new([client.clone(), origin.clone()])),
             None => true,
         }
     }
