@@ -3,13 +3,13 @@
 //! server (`upstream.rs`), answer the app in its own protocol, then relay with no limit of ours.
 //!
 //! Apps are not asked for credentials: whoever reaches the port uses the configured account, which
-//! is why `local.rs` listens on loopback unless told otherwise. Refusals of an app are warn lines.
+//! is why `local/mod.rs` listens on loopback unless told otherwise. Refusals of an app are warn lines.
 //! Every connection that named a destination ends with one info line, except that a server that
 //! cannot be reached or refuses the login is reported once per burst (see `Burst`), not per
 //! connection, since a browser opens dozens of connections at once.
 
-use crate::local::upstream::{self, Login, UpstreamError};
-use crate::local::{Burst, LocalShared};
+use crate::local::shared::{Burst, LocalShared};
+use crate::local::upstream::{self, UpstreamError};
 use crate::net::forward::{self, Refused};
 use crate::net::handshake::{self, DeadlineReader, HeadError, io_reason, send, socks_fail};
 use crate::net::relay::Budget;
@@ -63,20 +63,13 @@ pub(crate) fn handle(sock: TcpStream, peer: SocketAddr, id: u64, sh: &LocalShare
     let Some(ask) = read_ask(&mut r, peer, id, sh) else {
         return;
     };
-    let login = Login {
-        server: &sh.server,
-        user: &sh.user,
-        password: &sh.password,
-        connect_timeout: sh.connect_timeout,
-        tls: sh.tls.as_ref(),
-    };
     let log = EndLine {
         id,
         peer,
         ask: &ask,
         started,
     };
-    match upstream::open(&login, &ask.target, r.deadline) {
+    match upstream::open(&sh.login(), &ask.target, r.deadline) {
         Ok((server, bound)) => {
             server_answered(sh);
             if !send(&client, &granted(ask.proto, bound)) {
@@ -405,15 +398,8 @@ impl forward::Gate for LocalGate<'_> {
 
     fn open(&mut self, target: &Target) -> Result<Stream, Refused> {
         let sh = self.sh;
-        let login = Login {
-            server: &sh.server,
-            user: &sh.user,
-            password: &sh.password,
-            connect_timeout: sh.connect_timeout,
-            tls: sh.tls.as_ref(),
-        };
         let started = Instant::now();
-        match upstream::open(&login, target, started + sh.handshake_timeout) {
+        match upstream::open(&sh.login(), target, started + sh.handshake_timeout) {
             Ok((server, _)) => {
                 server_answered(sh);
                 Ok(server)
@@ -452,7 +438,7 @@ impl forward::Gate for LocalGate<'_> {
     }
 
     fn authenticated(&self) -> bool {
-        // Whoever reaches local's port uses its account (see `local.rs`).
+        // Whoever reaches local's port uses its account (see `local/mod.rs`).
         true
     }
 
