@@ -11,7 +11,9 @@
 use crate::local::shared::{Burst, LocalShared};
 use crate::local::upstream::{self, UpstreamError};
 use crate::net::forward::{self, Refused};
-use crate::net::handshake::{self, DeadlineReader, HeadError, io_reason, send, socks_fail};
+use crate::net::handshake::{
+    self, DeadlineReader, EndLine, HeadError, Proto, Sniffed, io_reason, send, socks_fail,
+};
 use crate::net::relay::Budget;
 use crate::net::relay::{self, Direction, End, Outcome};
 use crate::net::stream::Stream;
@@ -19,32 +21,9 @@ use crate::wire::http::{self, Status};
 use crate::wire::socks5::{self, Command, Reply, SocksError};
 use crate::wire::target::{Host, Target};
 use log::{debug, info, warn};
-use std::fmt;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::Instant;
-
-/// The protocol an app spoke, which decides how it is answered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Proto {
-    Socks5,
-    Socks4,
-    Socks4a,
-    HttpConnect,
-    Http,
-}
-
-impl Proto {
-    fn name(self) -> &'static str {
-        match self {
-            Proto::Socks5 => "socks5",
-            Proto::Socks4 => "socks4",
-            Proto::Socks4a => "socks4a",
-            Proto::HttpConnect => "http-connect",
-            Proto::Http => "http",
-        }
-    }
-}
 
 /// What an app asked for: where to, and bytes to send ahead of its own (a plain HTTP request's
 /// rewritten head, bytes the app sent right after its request).
@@ -66,7 +45,9 @@ pub(crate) fn handle(sock: TcpStream, peer: SocketAddr, id: u64, sh: &LocalShare
     let log = EndLine {
         id,
         peer,
-        ask: &ask,
+        user: &sh.user,
+        proto: ask.proto,
+        dest: &ask.target,
         started,
     };
     match upstream::open(&sh.login(), &ask.target, r.deadline) {
@@ -94,50 +75,14 @@ fn read_ask(
     id: u64,
     sh: &LocalShared,
 ) -> Option<Ask> {
-    let first = match r.peek_byte() {
-        Ok(Some(b)) => b,
-        Ok(None) => return None,
-        Err(e) => {
-            warn!(
-                "conn#{id} {peer} closed before a handshake: {}",
-                io_reason(&e)
-            );
-            return None;
-        }
-    };
-    match first {
-        socks5::VERSION => socks5_ask(r, peer, id),
-        socks5::SOCKS4_VERSION => socks4_ask(r, peer, id),
-        b'A'..=b'Z' | b'a'..=b'z' => http_ask(r, peer, id, sh),
-        other => {
-            warn!("conn#{id} {peer} unknown protocol (first byte 0x{other:02x}); closed");
+    match handshake::sniff(r, peer, id)? {
+        Sniffed::Socks5 => socks5_ask(r, peer, id),
+        Sniffed::Socks4 => socks4_ask(r, peer, id),
+        Sniffed::Http => http_ask(r, peer, id, sh),
+        Sniffed::Unknown(first) => {
+            handshake::unknown_protocol(peer, id, first);
             None
         }
-    }
-}
-
-/// The one line a connection ends with.
-struct EndLine<'a> {
-    id: u64,
-    peer: SocketAddr,
-    ask: &'a Ask,
-    started: Instant,
-}
-
-impl EndLine<'_> {
-    fn text(&self, up: u64, down: u64, end: impl fmt::Display) -> String {
-        format!(
-            "conn#{} {} proto={} dest={} up={up} down={down} secs={:.3} end={end}",
-            self.id,
-            self.peer,
-            self.ask.proto.name(),
-            self.ask.target,
-            self.started.elapsed().as_secs_f64()
-        )
-    }
-
-    fn info(&self, up: u64, down: u64, end: impl fmt::Display) {
-        info!("{}", self.text(up, down, end));
     }
 }
 
@@ -405,15 +350,12 @@ impl forward::Gate for LocalGate<'_> {
                 Ok(server)
             }
             Err(e) => {
-                let ask = Ask {
-                    proto: Proto::Http,
-                    target: target.clone(),
-                    prefix: Vec::new(),
-                };
                 let log = EndLine {
                     id: self.id,
                     peer: self.peer,
-                    ask: &ask,
+                    user: &sh.user,
+                    proto: Proto::Http,
+                    dest: target,
                     started,
                 };
                 log_failure(&e, &log, sh);
