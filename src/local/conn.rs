@@ -3,15 +3,17 @@
 //! server (`upstream.rs`), answer the app in its own protocol, then relay with no limit of ours.
 //!
 //! Apps are not asked for credentials: whoever reaches the port uses the configured account, which
-//! is why `local.rs` listens on loopback unless told otherwise. Refusals of an app are warn lines.
+//! is why `local/mod.rs` listens on loopback unless told otherwise. Refusals of an app are warn lines.
 //! Every connection that named a destination ends with one info line, except that a server that
 //! cannot be reached or refuses the login is reported once per burst (see `Burst`), not per
 //! connection, since a browser opens dozens of connections at once.
 
-use crate::local::upstream::{self, Login, UpstreamError};
-use crate::local::{Burst, LocalShared};
+use crate::local::shared::{Burst, LocalShared};
+use crate::local::upstream::{self, UpstreamError};
 use crate::net::forward::{self, Refused};
-use crate::net::handshake::{self, DeadlineReader, HeadError, io_reason, send, socks_fail};
+use crate::net::handshake::{
+    self, DeadlineReader, EndLine, HeadError, Proto, Sniffed, io_reason, send, socks_fail,
+};
 use crate::net::relay::Budget;
 use crate::net::relay::{self, Direction, End, Outcome};
 use crate::net::stream::Stream;
@@ -19,32 +21,9 @@ use crate::wire::http::{self, Status};
 use crate::wire::socks5::{self, Command, Reply, SocksError};
 use crate::wire::target::{Host, Target};
 use log::{debug, info, warn};
-use std::fmt;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::Instant;
-
-/// The protocol an app spoke, which decides how it is answered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Proto {
-    Socks5,
-    Socks4,
-    Socks4a,
-    HttpConnect,
-    Http,
-}
-
-impl Proto {
-    fn name(self) -> &'static str {
-        match self {
-            Proto::Socks5 => "socks5",
-            Proto::Socks4 => "socks4",
-            Proto::Socks4a => "socks4a",
-            Proto::HttpConnect => "http-connect",
-            Proto::Http => "http",
-        }
-    }
-}
 
 /// What an app asked for: where to, and bytes to send ahead of its own (a plain HTTP request's
 /// rewritten head, bytes the app sent right after its request).
@@ -63,20 +42,15 @@ pub(crate) fn handle(sock: TcpStream, peer: SocketAddr, id: u64, sh: &LocalShare
     let Some(ask) = read_ask(&mut r, peer, id, sh) else {
         return;
     };
-    let login = Login {
-        server: &sh.server,
-        user: &sh.user,
-        password: &sh.password,
-        connect_timeout: sh.connect_timeout,
-        tls: sh.tls.as_ref(),
-    };
     let log = EndLine {
         id,
         peer,
-        ask: &ask,
+        user: &sh.user,
+        proto: ask.proto,
+        dest: &ask.target,
         started,
     };
-    match upstream::open(&login, &ask.target, r.deadline) {
+    match upstream::open(&sh.login(), &ask.target, r.deadline) {
         Ok((server, bound)) => {
             server_answered(sh);
             if !send(&client, &granted(ask.proto, bound)) {
@@ -101,50 +75,14 @@ fn read_ask(
     id: u64,
     sh: &LocalShared,
 ) -> Option<Ask> {
-    let first = match r.peek_byte() {
-        Ok(Some(b)) => b,
-        Ok(None) => return None,
-        Err(e) => {
-            warn!(
-                "conn#{id} {peer} closed before a handshake: {}",
-                io_reason(&e)
-            );
-            return None;
-        }
-    };
-    match first {
-        socks5::VERSION => socks5_ask(r, peer, id),
-        socks5::SOCKS4_VERSION => socks4_ask(r, peer, id),
-        b'A'..=b'Z' | b'a'..=b'z' => http_ask(r, peer, id, sh),
-        other => {
-            warn!("conn#{id} {peer} unknown protocol (first byte 0x{other:02x}); closed");
+    match handshake::sniff(r, peer, id)? {
+        Sniffed::Socks5 => socks5_ask(r, peer, id),
+        Sniffed::Socks4 => socks4_ask(r, peer, id),
+        Sniffed::Http => http_ask(r, peer, id, sh),
+        Sniffed::Unknown(first) => {
+            handshake::unknown_protocol(peer, id, first);
             None
         }
-    }
-}
-
-/// The one line a connection ends with.
-struct EndLine<'a> {
-    id: u64,
-    peer: SocketAddr,
-    ask: &'a Ask,
-    started: Instant,
-}
-
-impl EndLine<'_> {
-    fn text(&self, up: u64, down: u64, end: impl fmt::Display) -> String {
-        format!(
-            "conn#{} {} proto={} dest={} up={up} down={down} secs={:.3} end={end}",
-            self.id,
-            self.peer,
-            self.ask.proto.name(),
-            self.ask.target,
-            self.started.elapsed().as_secs_f64()
-        )
-    }
-
-    fn info(&self, up: u64, down: u64, end: impl fmt::Display) {
-        info!("{}", self.text(up, down, end));
     }
 }
 
@@ -405,29 +343,19 @@ impl forward::Gate for LocalGate<'_> {
 
     fn open(&mut self, target: &Target) -> Result<Stream, Refused> {
         let sh = self.sh;
-        let login = Login {
-            server: &sh.server,
-            user: &sh.user,
-            password: &sh.password,
-            connect_timeout: sh.connect_timeout,
-            tls: sh.tls.as_ref(),
-        };
         let started = Instant::now();
-        match upstream::open(&login, target, started + sh.handshake_timeout) {
+        match upstream::open(&sh.login(), target, started + sh.handshake_timeout) {
             Ok((server, _)) => {
                 server_answered(sh);
                 Ok(server)
             }
             Err(e) => {
-                let ask = Ask {
-                    proto: Proto::Http,
-                    target: target.clone(),
-                    prefix: Vec::new(),
-                };
                 let log = EndLine {
                     id: self.id,
                     peer: self.peer,
-                    ask: &ask,
+                    user: &sh.user,
+                    proto: Proto::Http,
+                    dest: target,
                     started,
                 };
                 log_failure(&e, &log, sh);
@@ -452,7 +380,7 @@ impl forward::Gate for LocalGate<'_> {
     }
 
     fn authenticated(&self) -> bool {
-        // Whoever reaches local's port uses its account (see `local.rs`).
+        // Whoever reaches local's port uses its account (see `local/mod.rs`).
         true
     }
 

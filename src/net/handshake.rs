@@ -1,15 +1,20 @@
 //! The handshake layer both proxies share: reads under a deadline computed once, the first byte
 //! looked at and put back (how a connection says which protocol it speaks), an HTTP request head
-//! read whole, and the answers and log reasons of a handshake that ends early.
+//! read whole, the answers and log reasons of a handshake that ends early, the protocol's name
+//! and the one info line a connection ends with.
 //!
 //! What each proxy does with a handshake (who may log in, where a tunnel goes) stays in
 //! `server::conn` and `local::conn`; the wire formats are in `wire`.
 
 use crate::net::stream::{self, Stream};
 use crate::wire::http::{self, HttpError};
-use crate::wire::socks5::SocksError;
+use crate::wire::socks5::{self, SocksError};
+use crate::wire::target::Target;
+use log::{info, warn};
+use std::fmt;
 use std::io::{self, Read};
-use std::time::Instant;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 /// Bytes read at a time while collecting an HTTP head.
 const HEAD_CHUNK: usize = 4096;
@@ -115,4 +120,183 @@ pub(crate) fn socks_fail<T>(refused: &dyn Fn(String), e: SocksError) -> Option<T
         other => refused(other.to_string()),
     }
     None
+}
+
+/// The protocol a connection spoke, as log lines (and metrics labels) name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Proto {
+    /// SOCKS5 (RFC 1928).
+    Socks5,
+    /// SOCKS4 with an IPv4 destination.
+    Socks4,
+    /// SOCKS4a: SOCKS4 with a name for the proxy to resolve.
+    Socks4a,
+    /// An HTTP `CONNECT` tunnel.
+    HttpConnect,
+    /// Plain HTTP requests, forwarded one by one.
+    Http,
+}
+
+impl Proto {
+    /// `socks5`, `socks4`, `socks4a`, `http-connect` or `http`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Proto::Socks5 => "socks5",
+            Proto::Socks4 => "socks4",
+            Proto::Socks4a => "socks4a",
+            Proto::HttpConnect => "http-connect",
+            Proto::Http => "http",
+        }
+    }
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What a connection's first byte says it speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Sniffed {
+    /// Byte 0x05: a SOCKS5 greeting.
+    Socks5,
+    /// Byte 0x04: a SOCKS4 or SOCKS4a request.
+    Socks4,
+    /// A letter: the method of an HTTP request.
+    Http,
+    /// Anything else, with the byte for the log.
+    Unknown(u8),
+}
+
+impl Sniffed {
+    /// Which protocol starts with `first`.
+    pub fn from_first_byte(first: u8) -> Sniffed {
+        match first {
+            socks5::VERSION => Sniffed::Socks5,
+            socks5::SOCKS4_VERSION => Sniffed::Socks4,
+            b'A'..=b'Z' | b'a'..=b'z' => Sniffed::Http,
+            other => Sniffed::Unknown(other),
+        }
+    }
+}
+
+/// Looks at the first byte (it stays for the handshake to read) and says which protocol it
+/// starts. `None`: the peer closed without a byte (not logged), or its read failed or the
+/// deadline passed (logged at warn: `conn#{id} {peer} closed before a handshake: …`).
+pub(crate) fn sniff(r: &mut DeadlineReader<'_>, peer: SocketAddr, id: u64) -> Option<Sniffed> {
+    match r.peek_byte() {
+        Ok(Some(b)) => Some(Sniffed::from_first_byte(b)),
+        Ok(None) => None,
+        Err(e) => {
+            warn!(
+                "conn#{id} {peer} closed before a handshake: {}",
+                io_reason(&e)
+            );
+            None
+        }
+    }
+}
+
+/// Logs (warn) a connection closed because its first byte starts no protocol this proxy serves:
+/// `conn#{id} {peer} unknown protocol (first byte 0x…); closed`.
+pub(crate) fn unknown_protocol(peer: SocketAddr, id: u64, first: u8) {
+    warn!("conn#{id} {peer} unknown protocol (first byte 0x{first:02x}); closed");
+}
+
+/// The one info line a connection ends with, or a tunnel that could not be opened:
+/// `conn#{id} {peer} user={user} proto={proto} dest={dest} up={up} down={down} secs={secs} end={end}`,
+/// `secs` counted from `started` with three decimals. The README's log description and the
+/// tests rely on this shape.
+pub(crate) struct EndLine<'a> {
+    /// The connection's number.
+    pub id: u64,
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// The account the connection used.
+    pub user: &'a str,
+    /// The protocol it spoke.
+    pub proto: Proto,
+    /// Where it went.
+    pub dest: &'a Target,
+    /// When the time in `secs=` began.
+    pub started: Instant,
+}
+
+impl EndLine<'_> {
+    /// The line for a connection that moved `up` and `down` bytes and ended for reason `end`.
+    pub fn text(&self, up: u64, down: u64, end: impl fmt::Display) -> String {
+        self.text_after(self.started.elapsed(), up, down, end)
+    }
+
+    /// Logs [`EndLine::text`] at info.
+    pub fn info(&self, up: u64, down: u64, end: impl fmt::Display) {
+        info!("{}", self.text(up, down, end));
+    }
+
+    fn text_after(&self, secs: Duration, up: u64, down: u64, end: impl fmt::Display) -> String {
+        format!(
+            "conn#{} {} user={} proto={} dest={} up={up} down={down} secs={:.3} end={end}",
+            self.id,
+            self.peer,
+            self.user,
+            self.proto,
+            self.dest,
+            secs.as_secs_f64()
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protocols_have_their_log_names() {
+        let names = [
+            Proto::Socks5,
+            Proto::Socks4,
+            Proto::Socks4a,
+            Proto::HttpConnect,
+            Proto::Http,
+        ]
+        .map(|p| p.to_string());
+        assert_eq!(
+            names,
+            ["socks5", "socks4", "socks4a", "http-connect", "http"]
+        );
+    }
+
+    #[test]
+    fn the_first_byte_names_the_protocol() {
+        assert_eq!(Sniffed::from_first_byte(5), Sniffed::Socks5);
+        assert_eq!(Sniffed::from_first_byte(4), Sniffed::Socks4);
+        assert_eq!(Sniffed::from_first_byte(b'C'), Sniffed::Http);
+        assert_eq!(Sniffed::from_first_byte(b'g'), Sniffed::Http);
+        assert_eq!(Sniffed::from_first_byte(0x16), Sniffed::Unknown(0x16));
+        assert_eq!(Sniffed::from_first_byte(b'@'), Sniffed::Unknown(b'@'));
+        assert_eq!(Sniffed::from_first_byte(b'['), Sniffed::Unknown(b'['));
+    }
+
+    #[test]
+    fn the_end_line_has_the_servers_shape() {
+        let dest = Target::parse("example.invalid:443", None).unwrap();
+        let line = EndLine {
+            id: 7,
+            peer: "127.0.0.1:5000".parse().unwrap(),
+            user: "alice",
+            proto: Proto::HttpConnect,
+            dest: &dest,
+            started: Instant::now(),
+        };
+        assert_eq!(
+            line.text_after(Duration::from_millis(1500), 10, 20, "client closed"),
+            "conn#7 127.0.0.1:5000 user=alice proto=http-connect dest=example.invalid:443 \
+             up=10 down=20 secs=1.500 end=client closed"
+        );
+        assert!(
+            line.text(0, 0, "x")
+                .starts_with("conn#7 127.0.0.1:5000 user=alice ")
+        );
+    }
 }
