@@ -10,7 +10,8 @@ use crate::net::admission::HandshakeSlot;
 use crate::net::dial::{self, DialError};
 use crate::net::forward;
 use crate::net::handshake::{
-    DeadlineReader, HeadError, io_reason, read_http_head, send, socks_fail,
+    self, DeadlineReader, EndLine, HeadError, Proto, Sniffed, io_reason, read_http_head, send,
+    socks_fail,
 };
 use crate::net::os;
 use crate::net::relay::{self, Budget, Direction, End};
@@ -32,7 +33,7 @@ use std::time::Instant;
 struct Session {
     /// The user's connection slot (given back when the session is dropped) and its account.
     slot: Slot,
-    proto: &'static str,
+    proto: Proto,
     target: Target,
     dest: Stream,
     prefix: Vec<u8>,
@@ -70,22 +71,19 @@ pub(crate) fn handle(sock: TcpStream, peer: SocketAddr, id: u64, sh: &Shared) {
         },
     };
     let mut r = DeadlineReader::new(&client, deadline);
-    let first = match r.peek_byte() {
-        Ok(Some(b)) => b,
-        Ok(None) => return,
-        Err(e) => {
-            warn!(
-                "conn#{id} {peer} closed before a handshake: {}",
-                io_reason(&e)
-            );
-            return;
-        }
+    let Some(sniffed) = handshake::sniff(&mut r, peer, id) else {
+        return;
     };
-    let session = match first {
-        socks5::VERSION => socks5_handshake(&mut r, peer, id, sh, &mut handshake),
-        b'A'..=b'Z' | b'a'..=b'z' => http_handshake(&mut r, peer, id, sh, &mut handshake),
-        other => {
-            warn!("conn#{id} {peer} unknown protocol (first byte 0x{other:02x}); closed");
+    let session = match sniffed {
+        Sniffed::Socks5 => socks5_handshake(&mut r, peer, id, sh, &mut handshake),
+        Sniffed::Http => http_handshake(&mut r, peer, id, sh, &mut handshake),
+        // The server speaks SOCKS5 only: SOCKS4 has no password to check.
+        Sniffed::Socks4 => {
+            handshake::unknown_protocol(peer, id, socks5::SOCKS4_VERSION);
+            None
+        }
+        Sniffed::Unknown(b) => {
+            handshake::unknown_protocol(peer, id, b);
             None
         }
     };
@@ -129,13 +127,15 @@ fn run_relay(client: Stream, s: Session, peer: SocketAddr, id: u64, sh: &Shared,
         Ok(o) => (o.up, o.down, o.end.to_string()),
         Err(e) => (0, 0, End::Error(e).to_string()),
     };
-    info!(
-        "conn#{id} {peer} user={} proto={} dest={} up={up} down={down} secs={:.3} end={end}",
-        account.name,
-        s.proto,
-        s.target,
-        started.elapsed().as_secs_f64()
-    );
+    EndLine {
+        id,
+        peer,
+        user: &account.name,
+        proto: s.proto,
+        dest: &s.target,
+        started,
+    }
+    .info(up, down, end);
 }
 
 /// A connection's handshake slot (see `admission.rs`): given back once its login succeeds.
@@ -203,7 +203,7 @@ fn socks5_handshake(
         refused(format!("command {:?} not supported", req.command));
         return None;
     }
-    match admit_and_dial(&req.target, &account, "socks5", peer, id, sh) {
+    match admit_and_dial(&req.target, &account, Proto::Socks5, peer, id, sh) {
         Ok((dest, slot)) => {
             let bound = dest.local_addr().ok();
             let dest = Stream::plain(dest);
@@ -213,7 +213,7 @@ fn socks5_handshake(
             }
             Some(Session {
                 slot,
-                proto: "socks5",
+                proto: Proto::Socks5,
                 target: req.target,
                 dest,
                 prefix: Vec::new(),
@@ -264,7 +264,7 @@ impl Denied {
 fn admit_and_dial(
     target: &Target,
     account: &Arc<Account>,
-    proto: &'static str,
+    proto: Proto,
     peer: SocketAddr,
     id: u64,
     sh: &Shared,
@@ -282,23 +282,27 @@ fn admit_and_dial(
                 "conn#{id} {peer} {proto} user={} refused: {r}",
                 account.name
             );
-            sh.counters.connection(proto, "refused");
+            sh.counters.connection(proto.name(), "refused");
             return Err(Denied::Refused(r));
         }
     };
     let t = Instant::now();
     match dial::dial(target, &sh.policy) {
         Ok(d) => {
-            sh.counters.connection(proto, "ok");
+            sh.counters.connection(proto.name(), "ok");
             Ok((d, slot))
         }
         Err(e) => {
-            sh.counters.connection(proto, "dial_failed");
-            info!(
-                "conn#{id} {peer} user={} proto={proto} dest={target} up=0 down=0 secs={:.3} end=dial failed: {e}",
-                account.name,
-                t.elapsed().as_secs_f64()
-            );
+            sh.counters.connection(proto.name(), "dial_failed");
+            EndLine {
+                id,
+                peer,
+                user: &account.name,
+                proto,
+                dest: target,
+                started: t,
+            }
+            .info(0, 0, format_args!("dial failed: {e}"));
             Err(Denied::Dial(e))
         }
     }
@@ -372,7 +376,7 @@ fn http_handshake(
             }
         }
     };
-    let proto = "http-connect";
+    let proto = Proto::HttpConnect;
     let target = match req.connect_target() {
         Ok(t) => t,
         Err(e) => return refuse(e.status(), e.to_string()),
