@@ -8,7 +8,7 @@
 //! read did not use, so parallel connections cannot overshoot it.
 
 use crate::net::stream::Stream;
-use crate::store::sqlite::QuotaPeriod;
+use crate::store::QuotaPeriod;
 use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
