@@ -175,3 +175,155 @@ fn apply_unbans(store: &dyn UserStore, unban: &Unban) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Result;
+    use crate::flow::limiter::Limiter;
+    use crate::store::{BadRow, QuotaPeriod, Usage, UsageDelta, UserChange, UserRow};
+    use parking_lot::Mutex;
+    use std::collections::VecDeque;
+
+    /// What the fake store was asked and answers.
+    #[derive(Default)]
+    struct Script {
+        changes: VecDeque<Changed>,
+        users: Vec<UserRow>,
+        fail_load: bool,
+        looks: usize,
+        loads: usize,
+        flushes: usize,
+    }
+
+    /// A store that is not SQLite: the watcher works through the trait alone.
+    struct Fake(Arc<Mutex<Script>>);
+
+    fn nope<T>() -> Result<T> {
+        Err(Error::Invalid("not in this fake".into()))
+    }
+
+    impl UserStore for Fake {
+        fn location(&self) -> String {
+            "fake".into()
+        }
+        fn changes(&mut self) -> Result<Changed> {
+            let mut s = self.0.lock();
+            s.looks += 1;
+            Ok(s.changes.pop_front().unwrap_or(Changed::None))
+        }
+        fn load(&self) -> Result<(Vec<UserRow>, Vec<BadRow>)> {
+            let mut s = self.0.lock();
+            s.loads += 1;
+            if s.fail_load {
+                return Err(Error::database("fake", "down"));
+            }
+            Ok((s.users.clone(), Vec::new()))
+        }
+        fn load_usage(&self) -> Result<Vec<Usage>> {
+            Ok(Vec::new())
+        }
+        fn add_with(&self, _: &str, _: &str, _: u64, _: &UserChange) -> Result<()> {
+            nope()
+        }
+        fn change(&self, _: &str, _: &UserChange) -> Result<()> {
+            nope()
+        }
+        fn delete(&self, _: &str) -> Result<()> {
+            nope()
+        }
+        fn reset_usage(&self, _: &str) -> Result<()> {
+            nope()
+        }
+        fn flush_usage(&self, _: &[UsageDelta], _: u64) -> Result<()> {
+            self.0.lock().flushes += 1;
+            Ok(())
+        }
+        fn request_unban(&self, _: &str) -> Result<()> {
+            nope()
+        }
+        fn take_unbans(&self) -> Result<Vec<String>> {
+            Ok(Vec::new())
+        }
+    }
+
+    fn user(name: &str) -> UserRow {
+        UserRow {
+            id: 1,
+            username: name.into(),
+            password_hash: "h".into(),
+            bandwidth: 0,
+            quota_bytes: 0,
+            quota_period: QuotaPeriod::None,
+            max_connections: 0,
+        }
+    }
+
+    fn start(script: &Arc<Mutex<Script>>, stop: &Stop) -> (Arc<Directory>, thread::JoinHandle<()>) {
+        let dir = Directory::new(Limiter::new(Duration::from_millis(10))).unwrap();
+        let h = spawn(
+            Box::new(Fake(script.clone())),
+            dir.clone(),
+            stop,
+            Arc::new(|_| 0),
+        )
+        .unwrap();
+        (dir, h)
+    }
+
+    fn wait_until(mut ok: impl FnMut() -> bool) -> bool {
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(5) {
+            if ok() {
+                return true;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+
+    #[test]
+    fn a_stop_ends_the_watcher_at_once_with_a_last_flush() {
+        let script = Arc::new(Mutex::new(Script::default()));
+        let stop = Stop::new();
+        stop.stop();
+        let (_dir, h) = start(&script, &stop);
+        h.join().unwrap();
+        let s = script.lock();
+        assert_eq!((s.looks, s.flushes), (0, 1), "a round ran before the stop");
+    }
+
+    #[test]
+    fn a_change_naming_users_reloads_the_directory() {
+        let script = Arc::new(Mutex::new(Script::default()));
+        script.lock().users = vec![user("a")];
+        script
+            .lock()
+            .changes
+            .push_back(Changed::Users(vec!["a".into()]));
+        let stop = Stop::new();
+        let (dir, h) = start(&script, &stop);
+        assert!(wait_until(|| dir.len() == 1), "the change was not applied");
+        stop.stop();
+        h.join().unwrap();
+        assert!(script.lock().flushes >= 1);
+    }
+
+    #[test]
+    fn a_failed_reload_is_tried_again_without_another_change() {
+        let script = Arc::new(Mutex::new(Script::default()));
+        script.lock().users = vec![user("a")];
+        script.lock().fail_load = true;
+        script.lock().changes.push_back(Changed::All);
+        let stop = Stop::new();
+        let (dir, h) = start(&script, &stop);
+        assert!(wait_until(|| script.lock().loads >= 1));
+        script.lock().fail_load = false;
+        assert!(
+            wait_until(|| dir.len() == 1),
+            "the change was forgotten after a failed reload"
+        );
+        stop.stop();
+        h.join().unwrap();
+    }
+}
