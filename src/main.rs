@@ -9,7 +9,7 @@ use sluice::net::os;
 use sluice::net::tls::{self, Trust};
 use sluice::server::stats;
 use sluice::server::{self, ServerConfig};
-use sluice::store::sqlite::{QuotaPeriod, UserChange, UserStore};
+use sluice::store::{self, QuotaPeriod, UserChange};
 use sluice::units::{format_rate, format_size, parse_rate, parse_size};
 use std::ffi::OsString;
 use std::io::BufRead;
@@ -471,7 +471,7 @@ fn limits(args: &mut Arguments) -> Result<UserChange> {
     Ok(UserChange {
         quota_bytes: quota.map(|q| parse_size(&q).map_err(usage)).transpose()?,
         quota_period: period
-            .map(|p| QuotaPeriod::parse(&p).map_err(usage))
+            .map(|p| QuotaPeriod::parse(&p).map_err(|e| usage(e.to_string())))
             .transpose()?,
         max_connections: maxc,
         ..UserChange::default()
@@ -488,7 +488,7 @@ fn user_add(mut args: Arguments) -> Result<()> {
     let pw = pw.ok_or_else(|| {
         usage("a password is required: --password-stdin, SLUICE_PASSWORD, or --password P")
     })?;
-    let store = UserStore::open_or_create(&db)?;
+    let store = store::open(&db, true)?;
     // One statement: a running server never sees the user without its limits.
     store.add_with(&n, &hash_password(&pw)?, bw, &lim)?;
     println!("added user {n} at {}", format_rate(bw));
@@ -514,7 +514,7 @@ fn user_set(mut args: Arguments) -> Result<()> {
             "nothing to change: give --bandwidth, a password, --quota, --quota-period or --max-connections",
         ));
     }
-    UserStore::open(&db)?.change(&n, &change)?;
+    store::open(&db, false)?.change(&n, &change)?;
     println!("updated user {n}");
     Ok(())
 }
@@ -523,7 +523,7 @@ fn user_reset_usage(mut args: Arguments) -> Result<()> {
     let db = db_path(&mut args, HELP_USER)?;
     let n = name(&mut args, HELP_USER)?;
     finish(args, HELP_USER)?;
-    UserStore::open(&db)?.reset_usage(&n)?;
+    store::open(&db, false)?.reset_usage(&n)?;
     println!("usage of user {n} reset");
     Ok(())
 }
@@ -532,7 +532,7 @@ fn cmd_stats(mut args: Arguments) -> Result<()> {
     let db = db_path(&mut args, HELP_STATS)?;
     let json = args.contains("--json");
     finish(args, HELP_STATS)?;
-    let store = UserStore::open(&db)?;
+    let store = store::open(&db, false)?;
     let (users, _) = store.load()?;
     let usage = store.load_usage()?;
     let report = stats::Report::build(&users, &usage, sluice::flow::usage::unix_now());
@@ -554,7 +554,7 @@ fn cmd_unban(mut args: Arguments) -> Result<()> {
         .map_err(|_| usage(format!("a SOURCE is required\n{HELP_UNBAN}")))?;
     finish(args, HELP_UNBAN)?;
     let src = Source::parse(&src).map_err(usage)?;
-    UserStore::open(&db)?.request_unban(&src.to_string())?;
+    store::open(&db, false)?.request_unban(&src.to_string())?;
     println!("asked the server to lift the login blocks on {src}");
     Ok(())
 }
@@ -563,7 +563,7 @@ fn user_del(mut args: Arguments) -> Result<()> {
     let db = db_path(&mut args, HELP_USER)?;
     let n = name(&mut args, HELP_USER)?;
     finish(args, HELP_USER)?;
-    UserStore::open(&db)?.delete(&n)?;
+    store::open(&db, false)?.delete(&n)?;
     println!("deleted user {n}");
     Ok(())
 }
@@ -571,7 +571,7 @@ fn user_del(mut args: Arguments) -> Result<()> {
 fn user_list(mut args: Arguments) -> Result<()> {
     let db = db_path(&mut args, HELP_USER)?;
     finish(args, HELP_USER)?;
-    let (rows, bad) = UserStore::open(&db)?.load()?;
+    let (rows, bad) = store::open(&db, false)?.load()?;
     println!(
         "{:<32} {:>12} {:>14} {:>9}",
         "USER", "BANDWIDTH", "QUOTA", "MAX-CONNS"

@@ -244,7 +244,7 @@ mod tests {
     use crate::auth::hash_password;
     use crate::auth::throttle::PAIR_FREE_FAILURES;
     use crate::flow::limiter::Limiter;
-    use crate::store::sqlite::{QuotaPeriod, UserRow};
+    use crate::store::{QuotaPeriod, UserRow};
 
     fn gate() -> Logins {
         let dir = Directory::new(Limiter::new(Duration::from_millis(10))).unwrap();

@@ -1,14 +1,14 @@
-//! Who may log in: the in-memory snapshot of the users, password checks with a verified-credential
-//! cache, and the watcher thread that keeps the snapshot in step with the database.
+//! Who may log in: the in-memory snapshot of the users and password checks with a
+//! verified-credential cache.
 //!
 //! The cache is keyed by user and source and keeps an HMAC of the password under a per-process
 //! random key, never the password. How many checks run at once, and who may try, is `login.rs`'s
 //! and `throttle.rs`'s business.
 //!
 //! Logins and limits read only the snapshot, so a database locked by a long write never stalls a
-//! relay or a login. The watcher polls `PRAGMA data_version`, reloads on a change, and applies the
-//! difference: new rates to the limiter and the accounts, deleted users revoked, changed password
-//! hashes dropped from the cache. SQL stays in `users.rs`.
+//! relay or a login. [`reload`] applies the store to it: new rates to the limiter and the
+//! accounts, deleted users revoked, changed password hashes dropped from the cache. The server's
+//! watcher (`server::watcher`) calls it when the store changes; the store itself is `store`'s.
 
 pub mod login;
 pub mod throttle;
@@ -17,26 +17,22 @@ use self::throttle::Source;
 use crate::error::{Error, Result};
 use crate::flow::account::Account;
 use crate::flow::limiter::Limiter;
-use crate::flow::usage::{self, Accountant};
-use crate::store::sqlite::{UserRow, UserStore};
+use crate::flow::usage;
+use crate::store::{UserRow, UserStore};
 use argon2::Argon2;
 use argon2::password_hash::{PasswordHasher, PasswordVerifier, phc::PasswordHash};
-use log::{info, warn};
+use log::warn;
 use parking_lot::{Mutex, RwLock};
 use ring::hmac;
 use ring::rand::SystemRandom;
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::thread;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// Longest username or password accepted (the RFC 1929 limit).
 pub const MAX_CREDENTIAL_LEN: usize = 255;
-/// How often the watcher looks for changes to the database.
-pub const WATCH_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Checks a username or password against the rules: 1..=255 bytes, no control characters.
 ///
@@ -385,7 +381,7 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 ///
 /// # Errors
 /// The tables cannot be read.
-pub fn reload(store: &UserStore, dir: &Directory) -> Result<Changes> {
+pub fn reload(store: &dyn UserStore, dir: &Directory) -> Result<Changes> {
     let (rows, bad) = store.load()?;
     let usage = store.load_usage()?;
     for b in bad {
@@ -394,220 +390,6 @@ pub fn reload(store: &UserStore, dir: &Directory) -> Result<Changes> {
     let changes = dir.apply(rows);
     usage::apply_usage(&dir.accounts(), &usage, usage::unix_now());
     Ok(changes)
-}
-
-/// How often usage counters are sampled and flushed to the database.
-pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
-
-/// Starts the database thread: it notices database changes within [`WATCH_INTERVAL`] and
-/// applies them, and samples and flushes usage every [`FLUSH_INTERVAL`] and once more when `stop`
-/// is set. If the file is deleted or replaced, it logs that and keeps the last good snapshot
-/// (reopening a replacement).
-///
-/// # Errors
-/// The thread could not be spawned.
-/// `version` is the `data_version` read *before* the snapshot was loaded, so a commit made
-/// between that load and this thread's first look is not missed.
-pub fn spawn_watcher(
-    store: UserStore,
-    version: Option<i64>,
-    dir: Arc<Directory>,
-    stop: Arc<AtomicBool>,
-) -> std::io::Result<thread::JoinHandle<()>> {
-    spawn_watcher_with(store, version, dir, stop, Arc::new(|_| 0))
-}
-
-/// Lifts the login blocks on a source; returns how many records it dropped.
-pub type Unban = Arc<dyn Fn(Source) -> usize + Send + Sync>;
-
-/// As [`spawn_watcher`], also taking `sluice unban` requests from the database and handing each
-/// to `unban` (then deleting it).
-///
-/// # Errors
-/// The thread could not be spawned.
-pub fn spawn_watcher_with(
-    store: UserStore,
-    version: Option<i64>,
-    dir: Arc<Directory>,
-    stop: Arc<AtomicBool>,
-    unban: Unban,
-) -> std::io::Result<thread::JoinHandle<()>> {
-    thread::Builder::new()
-        .name("user watcher".into())
-        .stack_size(256 * 1024)
-        .spawn(move || {
-            let mut w = Watcher::new(store, version);
-            w.unban = Some(unban);
-            w.run(&dir, &stop)
-        })
-}
-
-struct Watcher {
-    accountant: Accountant,
-    last_flush: std::time::Instant,
-    flush_failing: bool,
-    /// `None` while the file is gone: holding a connection to a deleted file would keep its
-    /// `-wal`/`-shm` files alive at the path, where a re-created database would pick them up.
-    store: Option<UserStore>,
-    path: PathBuf,
-    identity: Option<(u64, u64)>,
-    /// A file seen at the path that could not be opened (logged once).
-    unreadable: Option<(u64, u64)>,
-    version: Option<i64>,
-    missing_logged: bool,
-    /// Where `sluice unban` requests go.
-    unban: Option<Unban>,
-}
-
-fn file_identity(path: &Path) -> Option<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
-}
-
-impl Watcher {
-    fn new(store: UserStore, version: Option<i64>) -> Watcher {
-        let path = store.path().to_path_buf();
-        Watcher {
-            accountant: Accountant::new(),
-            last_flush: std::time::Instant::now(),
-            flush_failing: false,
-            identity: file_identity(&path),
-            version,
-            store: Some(store),
-            unreadable: None,
-            path,
-            missing_logged: false,
-            unban: None,
-        }
-    }
-
-    fn run(mut self, dir: &Directory, stop: &AtomicBool) {
-        while !stop.load(Ordering::Relaxed) {
-            thread::sleep(WATCH_INTERVAL);
-            self.poll(dir);
-            if self.last_flush.elapsed() >= FLUSH_INTERVAL {
-                self.flush(dir);
-            }
-        }
-        self.flush(dir);
-    }
-
-    /// Samples live figures and writes the usage deltas; on failure they wait for the next flush.
-    fn flush(&mut self, dir: &Directory) {
-        let now = std::time::Instant::now();
-        self.last_flush = now;
-        let accounts = dir.accounts();
-        self.accountant.sample(&accounts, now);
-        let (deltas, marks) = self.accountant.deltas(&accounts, usage::unix_now());
-        // No file: the counts wait in memory (deltas are taken against the last commit).
-        let Some(store) = &self.store else { return };
-        match store.flush_usage(&deltas, usage::unix_now()) {
-            Ok(()) => {
-                self.accountant.commit(marks);
-                if self.flush_failing {
-                    info!("usage flushes work again");
-                    self.flush_failing = false;
-                }
-            }
-            Err(e) if !self.flush_failing => {
-                warn!("cannot write usage ({e}); counting on in memory and retrying every second");
-                self.flush_failing = true;
-            }
-            Err(_) => {}
-        }
-    }
-
-    fn poll(&mut self, dir: &Directory) {
-        let now_id = file_identity(&self.path);
-        if now_id.is_none() {
-            if !self.missing_logged {
-                warn!(
-                    "database {} is gone; keeping the last snapshot of {} users and counting usage in memory",
-                    self.path.display(),
-                    dir.len()
-                );
-                self.missing_logged = true;
-            }
-            // Let go of the deleted file at once (see `store`).
-            self.store = None;
-            self.identity = None;
-            return;
-        }
-        self.missing_logged = false;
-        if now_id == self.unreadable {
-            return; // said so once; wait for the file to change again
-        }
-        if now_id != self.identity || self.store.is_none() {
-            // Drop the old connection before opening the new file, for the same reason.
-            self.store = None;
-            match UserStore::open(&self.path) {
-                Ok(s) => {
-                    info!(
-                        "database {} was replaced; reloading it",
-                        self.path.display()
-                    );
-                    self.store = Some(s);
-                    self.identity = now_id;
-                    self.version = None;
-                }
-                Err(e) => {
-                    warn!(
-                        "database {} was replaced by something unreadable ({e}); keeping the last snapshot",
-                        self.path.display()
-                    );
-                    self.unreadable = now_id;
-                    return;
-                }
-            }
-        }
-        let Some(store) = &self.store else { return };
-        let v = match store.data_version() {
-            Ok(v) => v,
-            Err(e) => {
-                warn!("cannot read database: {e}; keeping the last snapshot");
-                return;
-            }
-        };
-        if Some(v) == self.version {
-            return;
-        }
-        if let Some(unban) = &self.unban {
-            apply_unbans(store, unban);
-        }
-        match reload(store, dir) {
-            Ok(c) => {
-                self.version = Some(v);
-                if c != Changes::default() {
-                    info!(
-                        "users reloaded: {} added, {} changed, {} removed",
-                        c.added, c.changed, c.removed
-                    );
-                }
-            }
-            Err(e) => warn!("cannot reload users: {e}; keeping the last snapshot"),
-        }
-    }
-}
-
-/// Takes the pending `sluice unban` requests and applies them (a bad row is logged and dropped).
-fn apply_unbans(store: &UserStore, unban: &Unban) {
-    let sources = match store.take_unbans() {
-        Ok(s) => s,
-        Err(e) => {
-            warn!("cannot read unban requests: {e}; trying again at the next change");
-            return;
-        }
-    };
-    for s in sources {
-        match Source::parse(&s) {
-            Ok(src) => {
-                // Not inside the macro: its arguments are not evaluated when info is filtered.
-                let n = unban(src);
-                info!("unban {src}: {n} login records dropped");
-            }
-            Err(e) => warn!("unban request ignored: {e}"),
-        }
-    }
 }
 
 #[cfg(test)]
@@ -621,7 +403,7 @@ mod tests {
             password_hash: hash.into(),
             bandwidth: bw,
             quota_bytes: 0,
-            quota_period: crate::store::sqlite::QuotaPeriod::None,
+            quota_period: crate::store::QuotaPeriod::None,
             max_connections: 0,
         }
     }

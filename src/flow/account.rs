@@ -7,7 +7,7 @@
 //! where tokens are taken (`relay::Budget::take`), by reserving before a read and returning what the
 //! read did not use, so parallel connections cannot overshoot it.
 
-use crate::store::sqlite::QuotaPeriod;
+use crate::store::QuotaPeriod;
 use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;

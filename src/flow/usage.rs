@@ -8,7 +8,7 @@
 //! the old account's marks never apply to it. SQL stays in `users.rs`.
 
 use crate::flow::account::{Account, HISTORY_SECS};
-use crate::store::sqlite::{Usage, UsageDelta};
+use crate::store::{Usage, UsageDelta};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -176,7 +176,7 @@ pub fn apply_usage(accounts: &[Arc<Account>], rows: &[Usage], now_unix: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::sqlite::QuotaPeriod;
+    use crate::store::QuotaPeriod;
     use std::time::Duration;
 
     #[test]

@@ -376,13 +376,13 @@ mod tests {
         let lim = Limiter::new(Duration::from_millis(10));
         let dir = Directory::new(lim.clone()).unwrap();
         let hash = crate::auth::hash_password("p").unwrap();
-        dir.apply(vec![crate::store::sqlite::UserRow {
+        dir.apply(vec![crate::store::UserRow {
             id: 1,
             username: "we\"ird\\user".into(),
             password_hash: hash,
             bandwidth: 1024,
             quota_bytes: 0,
-            quota_period: crate::store::sqlite::QuotaPeriod::None,
+            quota_period: crate::store::QuotaPeriod::None,
             max_connections: 0,
         }]);
         let counters = Arc::new(Counters::default());

@@ -10,6 +10,7 @@ pub mod login;
 pub mod metrics;
 pub mod shared;
 pub mod stats;
+pub mod watcher;
 
 use self::metrics::{Counters, Sources};
 use self::shared::Shared;
@@ -24,7 +25,8 @@ use crate::net::os;
 use crate::net::own_addrs::OwnAddrs;
 use crate::net::relay;
 use crate::net::tls;
-use crate::store::sqlite::{self, UserStore};
+use crate::stop::Stop;
+use crate::store;
 use log::{info, warn};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -97,7 +99,9 @@ pub struct ServerHandle {
     metrics_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
     /// Tells the database thread to flush one last time and stop (after the relays ended).
-    db_stop: Arc<AtomicBool>,
+    db_stop: Stop,
+    /// Given by a [`Stopper`]: what [`ServerHandle::wait`] waits for.
+    asked: Arc<Stop>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -114,7 +118,7 @@ impl ServerHandle {
 
     /// A handle that can stop this server from another thread (a signal handler's).
     pub fn stopper(&self) -> Stopper {
-        Stopper(self.shared.intake.stop_flag())
+        Stopper(self.shared.intake.stop_flag(), self.asked.clone())
     }
 
     /// Connection threads alive now.
@@ -155,7 +159,7 @@ impl ServerHandle {
         while self.shared.intake.active() > 0 && t.elapsed() < Duration::from_secs(2) {
             thread::sleep(Duration::from_millis(10));
         }
-        self.db_stop.store(true, Ordering::SeqCst);
+        self.db_stop.stop();
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -164,9 +168,8 @@ impl ServerHandle {
     /// Blocks until a [`Stopper`] asks the server to stop, then stops it as
     /// [`ServerHandle::shutdown`] does (usage flushed).
     pub fn wait(mut self) {
-        while !self.shared.intake.stopping() {
-            thread::sleep(Duration::from_millis(100));
-        }
+        // Disconnected, not sent: `recv` returns (with an error) once the stop is given.
+        let _ = self.asked.receiver().recv();
         info!("stopping: no new connections; closing relays and flushing usage");
         self.stop_all();
         info!("stopped");
@@ -175,12 +178,13 @@ impl ServerHandle {
 
 /// Asks a running server to stop; cheap to clone and safe to use from any thread.
 #[derive(Clone)]
-pub struct Stopper(Arc<AtomicBool>);
+pub struct Stopper(Arc<AtomicBool>, Arc<Stop>);
 
 impl Stopper {
     /// Asks the server to stop; [`ServerHandle::wait`] then does the stopping.
     pub fn stop(&self) {
         self.0.store(true, Ordering::SeqCst);
+        self.1.stop();
     }
 }
 
@@ -202,13 +206,12 @@ pub fn start(config: &ServerConfig) -> Result<ServerHandle> {
         Some((cert, key)) => Some(tls::server_config(cert, key)?),
         None => None,
     };
-    let store = UserStore::open(&config.db)?;
-    warn_if_readable(&config.db);
-    // Read before loading, so a commit between the load and the watcher's start is noticed.
-    let version = store.data_version().ok();
+    // Opened before the load: a change between the load and the watcher's start is noticed.
+    let store = store::open(&config.db, false)?;
+    warn_if_readable(&store.readable_by_others());
     let limiter = Limiter::new(config.tick);
     let directory = Directory::new(limiter.clone())?;
-    auth::reload(&store, &directory)?;
+    auth::reload(&*store, &directory)?;
     let listener = TcpListener::bind(config.listen)
         .map_err(|e| Error::Io(format!("cannot listen on {}", config.listen), e))?;
     let local_addr = listener
@@ -242,13 +245,12 @@ pub fn start(config: &ServerConfig) -> Result<ServerHandle> {
     });
     let spawn_err = |e| Error::Io("cannot start a server thread".into(), e);
     let mut threads = vec![limiter.spawn_refill().map_err(spawn_err)?];
-    let db_stop = Arc::new(AtomicBool::new(false));
+    let db_stop = Stop::new();
     threads.push(
-        auth::spawn_watcher_with(
+        watcher::spawn(
             store,
-            version,
             directory.clone(),
-            db_stop.clone(),
+            &db_stop,
             Arc::new(move |src| logins.unban(src)),
         )
         .map_err(spawn_err)?,
@@ -304,14 +306,14 @@ pub fn start(config: &ServerConfig) -> Result<ServerHandle> {
         metrics_addr,
         shared,
         db_stop,
+        asked: Arc::new(Stop::new()),
         threads,
     })
 }
 
 /// Warns when group or others can read the database or its `-wal`/`-shm` files (they hold the
 /// password hashes), naming the `chmod` that fixes it.
-fn warn_if_readable(db: &std::path::Path) {
-    let loose = sqlite::readable_by_others(db);
+fn warn_if_readable(loose: &[(PathBuf, u32)]) {
     if loose.is_empty() {
         return;
     }

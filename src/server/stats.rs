@@ -3,7 +3,7 @@
 //! server's last flush and are shown only while it is fresh.
 
 use crate::server::metrics::escape_json;
-use crate::store::sqlite::{QuotaPeriod, Usage, UserRow};
+use crate::store::{QuotaPeriod, Usage, UserRow};
 use crate::units::{format_rate, format_size, human_bytes};
 use std::fmt::Write as _;
 

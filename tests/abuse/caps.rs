@@ -4,14 +4,17 @@
 
 use super::process::ServerProcess;
 use super::*;
-use sluice::store::sqlite::{UserChange, UserStore};
+use sluice::store::{self, UserChange};
 
 fn cap(db: &std::path::Path, user: &str, n: u64) {
     let change = UserChange {
         max_connections: Some(n),
         ..UserChange::default()
     };
-    UserStore::open(db).unwrap().change(user, &change).unwrap();
+    store::open(db, false)
+        .unwrap()
+        .change(user, &change)
+        .unwrap();
 }
 
 #[test]

@@ -9,7 +9,7 @@ use super::process::ServerProcess;
 use super::*;
 use rusqlite::Connection;
 use sluice::auth::hash_password;
-use sluice::store::sqlite::UserStore;
+use sluice::store;
 use std::net::Ipv4Addr;
 use std::path::Path;
 use std::thread;
@@ -37,7 +37,7 @@ impl Lock {
 
 /// Bytes down recorded in the usage table for `user` (a fresh connection, waiting for locks).
 fn usage_down(db: &Path, user: &str) -> u64 {
-    UserStore::open(db)
+    store::open(db, false)
         .and_then(|s| s.load_usage())
         .map(|rows| {
             rows.iter()
@@ -122,7 +122,7 @@ fn logins_and_relays_carry_on_while_another_writer_holds_the_database() {
         wait_until(SETTLE, || usage_down(&srv.db, "fresh") >= 200_000),
         "usage from the locked period never reached the database"
     );
-    UserStore::open(&srv.db)
+    store::open(&srv.db, false)
         .unwrap()
         .add("later", &hash_password("pw").unwrap(), 0)
         .unwrap();
@@ -144,7 +144,7 @@ fn soak_a_database_locked_for_30_s_does_not_stop_logins_or_relays() {
         .map(|(n, bw)| (n.as_str(), "pw", *bw))
         .collect();
     make_db(&db, &refs);
-    UserStore::open(&db)
+    store::open(&db, false)
         .unwrap()
         .add("slow", &hash_password("pw").unwrap(), 64 * 1024)
         .unwrap();
@@ -211,7 +211,7 @@ fn replace_by_rename(db: &Path, users: &[(&str, &str, u64)]) {
 
 /// Usernames in the file, read by a fresh connection.
 fn users_in(db: &Path) -> Vec<String> {
-    let mut v: Vec<String> = UserStore::open(db)
+    let mut v: Vec<String> = store::open(db, false)
         .and_then(|s| s.load())
         .map(|(rows, _)| rows.into_iter().map(|r| r.username).collect())
         .unwrap_or_default();
@@ -245,7 +245,7 @@ fn a_deleted_database_keeps_the_snapshot_and_a_replacement_is_loaded() {
         "a user of the old file"
     );
     // The server follows the new file from then on.
-    UserStore::open(&srv.db)
+    store::open(&srv.db, false)
         .unwrap()
         .add("third", &hash_password("pw3").unwrap(), 0)
         .unwrap();
@@ -463,7 +463,7 @@ fn soak_kill_9_during_user_set_and_usage_flushes_leaves_a_sound_database() {
     // The last round's file still serves.
     let srv = ServerProcess::start(&db, &[]);
     fetch(srv.addr, "user0", "pw", origin.addr, 1000, false);
-    let usage = UserStore::open(&db).unwrap().load_usage().unwrap();
+    let usage = store::open(&db, false).unwrap().load_usage().unwrap();
     let total: u64 = usage.iter().map(|u| u.bytes_down).sum();
     report(&format!(
         "{ROUNDS} kill -9 rounds in {:?}: {sets} `user set` runs ({killed_sets} killed too), \

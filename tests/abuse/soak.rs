@@ -5,7 +5,7 @@
 use super::faults::{self, FaultOrigin};
 use super::process::ServerProcess;
 use super::*;
-use sluice::store::sqlite::{UserChange, UserStore};
+use sluice::store::{self, UserChange};
 use std::net::{Ipv4Addr, Shutdown};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
@@ -226,7 +226,7 @@ fn soak_10000_bad_connections_leave_no_thread_file_or_memory_behind() {
         max_connections: Some(1),
         ..UserChange::default()
     };
-    UserStore::open(&db)
+    store::open(&db, false)
         .unwrap()
         .change("capped", &cap)
         .unwrap();

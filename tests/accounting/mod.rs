@@ -13,7 +13,7 @@
 use crate::support::json::Json;
 use crate::support::prometheus::{Exposition, parse_prometheus};
 use crate::support::*;
-use sluice::store::sqlite::{QuotaPeriod, Usage, UserChange, UserStore};
+use sluice::store::{self, QuotaPeriod, Usage, UserChange};
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::Path;
@@ -119,7 +119,7 @@ fn wait_idle(srv: &TestServer) {
 
 /// The user's usage row, if it has one.
 fn usage_of(db: &Path, user: &str) -> Option<Usage> {
-    UserStore::open(db)
+    store::open(db, false)
         .unwrap()
         .load_usage()
         .unwrap()
@@ -219,7 +219,10 @@ fn set_limits(db: &Path, user: &str, quota: Option<(u64, QuotaPeriod)>, max_conn
         max_connections: max_conns,
         ..UserChange::default()
     };
-    UserStore::open(db).unwrap().change(user, &change).unwrap();
+    store::open(db, false)
+        .unwrap()
+        .change(user, &change)
+        .unwrap();
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@
 use crate::client::Route;
 use crate::procs::{Proc, TempDir, free_addr};
 use sluice::auth::hash_password;
-use sluice::store::sqlite::UserStore;
+use sluice::store;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -42,7 +42,7 @@ pub fn sluice_bin() -> Result<PathBuf, String> {
 /// # Errors
 /// The store cannot be created or a user added.
 pub fn make_db(path: &Path, users: &[User]) -> Result<(), String> {
-    let store = UserStore::open_or_create(path).map_err(|e| e.to_string())?;
+    let store = store::open(path, true).map_err(|e| e.to_string())?;
     let hash = hash_password(PASSWORD).map_err(|e| e.to_string())?;
     for (name, bw) in users {
         store

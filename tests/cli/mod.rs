@@ -124,7 +124,7 @@ fn unban_takes_an_address_or_an_ipv6_prefix_and_refuses_anything_else() {
     }
     let out = sluice(&["unban", "--db", db]);
     assert_eq!(out.status.code(), Some(2), "no SOURCE: {out:?}");
-    let mut pending = sluice::store::sqlite::UserStore::open(Path::new(db))
+    let mut pending = sluice::store::open(Path::new(db), false)
         .unwrap()
         .take_unbans()
         .unwrap();

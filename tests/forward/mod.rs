@@ -7,7 +7,7 @@
 
 use crate::support::*;
 use sluice::local::{self, LocalConfig, LocalHandle};
-use sluice::store::sqlite::{UserChange, UserStore};
+use sluice::store::{self, UserChange};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
@@ -396,7 +396,7 @@ fn a_connection_moves_its_slot_when_the_user_changes() {
             max_connections: Some(1),
             ..UserChange::default()
         };
-        UserStore::open(db).unwrap().change(USER, &c).unwrap();
+        store::open(db, false).unwrap().change(USER, &c).unwrap();
     };
     let p = Proxy::server_with(cap_alice);
     let a = HttpOrigin::start("A");

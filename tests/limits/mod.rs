@@ -612,28 +612,29 @@ fn waiters_are_not_fed_crumbs_between_ticks() {
     );
 }
 
-/// `server::start` loads the users, then starts the watcher thread. This replays that order
-/// through the public API with a commit in between (on a loaded machine a `sluice user add` right
-/// after start lands there): the version read before the load must make the watcher see it.
+/// `server::start` opens the store, loads the users, then starts the watcher thread. This replays
+/// that order through the public API with a commit in between (on a loaded machine a `sluice user
+/// add` right after start lands there): the store's first look must report it.
 #[test]
 fn a_change_committed_while_the_watcher_starts_is_not_lost() {
     use sluice::auth::{self, Directory};
     use sluice::flow::limiter::Limiter;
-    use sluice::store::sqlite::UserStore;
+    use sluice::server::watcher;
+    use sluice::stop::Stop;
+    use sluice::store;
     let dir = TempDir::new("watch");
     let db = dir.path("users.db");
     make_db(&db, &[("early", "p", 0)]);
-    let store = UserStore::open(&db).unwrap();
-    let version = store.data_version().ok();
+    let store = store::open(&db, false).unwrap();
     let users = Directory::new(Limiter::new(Duration::from_millis(10))).unwrap();
-    auth::reload(&store, &users).unwrap();
+    auth::reload(&*store, &users).unwrap();
     make_db(&db, &[("late", "p", 0)]);
-    let stop = Arc::new(AtomicBool::new(false));
-    let watcher = auth::spawn_watcher(store, version, users.clone(), stop.clone()).unwrap();
+    let stop = Stop::new();
+    let watcher = watcher::spawn(store, users.clone(), &stop, Arc::new(|_| 0)).unwrap();
     let seen = wait_until(Duration::from_secs(2), || {
         users.verify(b"late", b"p").is_some()
     });
-    stop.store(true, Ordering::SeqCst);
+    stop.stop();
     watcher.join().unwrap();
     assert!(users.verify(b"early", b"p").is_some());
     assert!(

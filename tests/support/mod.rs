@@ -7,7 +7,7 @@ pub mod prometheus;
 
 use sluice::auth::hash_password;
 use sluice::server::{self, ServerConfig, ServerHandle};
-use sluice::store::sqlite::UserStore;
+use sluice::store::{self, UserStore};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -46,7 +46,7 @@ impl Drop for TempDir {
 
 /// Creates a database at `path` with `(name, password, bandwidth)` users.
 pub fn make_db(path: &Path, users: &[(&str, &str, u64)]) {
-    let store = UserStore::open_or_create(path).unwrap();
+    let store = store::open(path, true).unwrap();
     for (n, p, bw) in users {
         store.add(n, &hash_password(p).unwrap(), *bw).unwrap();
     }
@@ -90,8 +90,8 @@ impl TestServer {
         }
     }
 
-    pub fn store(&self) -> UserStore {
-        UserStore::open(&self.db).unwrap()
+    pub fn store(&self) -> Box<dyn UserStore> {
+        store::open(&self.db, false).unwrap()
     }
 }
 
