@@ -366,7 +366,7 @@ fn local_tls(args: &mut Arguments) -> Result<Option<LocalTls>> {
     let trust = match (ca, pin) {
         (Some(_), Some(_)) => return Err(usage("give --ca or --pin-sha256, not both")),
         (Some(c), None) => Trust::Ca(c),
-        (None, Some(p)) => Trust::Pin(tls::parse_pin(&p).map_err(usage)?),
+        (None, Some(p)) => Trust::Pin(tls::parse_pin(&p)?),
         (None, None) => Trust::System,
     };
     Ok(Some(LocalTls { trust, server_name }))
@@ -445,7 +445,7 @@ fn name(args: &mut Arguments, help: &str) -> Result<String> {
 
 fn rate(args: &mut Arguments) -> Result<Option<u64>> {
     let r: Option<String> = opt(args, "--bandwidth", HELP_USER)?;
-    r.map(|s| parse_rate(&s).map_err(usage)).transpose()
+    r.map(|s| parse_rate(&s).map_err(Error::from)).transpose()
 }
 
 fn cmd_user(mut args: Arguments) -> Result<()> {
@@ -469,7 +469,7 @@ fn limits(args: &mut Arguments) -> Result<UserChange> {
     let period: Option<String> = opt(args, "--quota-period", HELP_USER)?;
     let maxc: Option<u64> = opt(args, "--max-connections", HELP_USER)?;
     Ok(UserChange {
-        quota_bytes: quota.map(|q| parse_size(&q).map_err(usage)).transpose()?,
+        quota_bytes: quota.map(|q| parse_size(&q)).transpose()?,
         quota_period: period
             .map(|p| QuotaPeriod::parse(&p).map_err(|e| usage(e.to_string())))
             .transpose()?,

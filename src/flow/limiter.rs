@@ -12,8 +12,17 @@
 //! wakes first cannot take the whole refill, and a newly joined connection is served after at most
 //! one pass over the queue. Invariant: a bucket with waiters has no tokens left over.
 //!
+//! Two ways to take, for two kinds of traffic. A byte stream (`acquire`) can be cut anywhere, so
+//! it takes what is there and reads no more. A datagram (`acquire_whole`) is never split: it
+//! takes all its `n` bytes at once, even past what the bucket holds, and the bucket goes into
+//! debt by the difference. It waits only while the bucket is empty or already in debt (or others
+//! are queued ahead), and later refills pay the debt back before anyone else is served, so the
+//! long-run rate stays exact and a stream queued behind a datagram waits its turn. Debt is at
+//! most one datagram: a bucket in debt lends nothing more.
+//!
 //! The lock is never held across I/O: callers do their reads and writes between `acquire` and
-//! `give_back`. Unlimited users never reach this file (see `Budget` in `relay.rs`).
+//! `give_back`. Nothing here knows about sockets; a user is a name. Unlimited users never reach
+//! this file (see `Budget` in `net/relay.rs`).
 
 use crate::stop::Stop;
 use crossbeam_channel::{select, tick};
@@ -84,6 +93,8 @@ impl Waiter {
 struct Queued {
     waiter: Arc<Waiter>,
     want: u64,
+    /// A datagram: all of `want` at once (maybe into debt), never a part of it.
+    whole: bool,
 }
 
 /// A token bucket for one user. Pure arithmetic plus a queue; time is passed in.
@@ -93,6 +104,9 @@ pub struct Bucket {
     /// The smallest grant worth waking a relay for: half a tick's worth (or all it asked for).
     min_grant: u64,
     tokens: u64,
+    /// Bytes a datagram took beyond the tokens there were; refills pay it back first. While it
+    /// is above 0, `tokens` is 0.
+    debt: u64,
     /// Nanobytes not yet worth a whole byte (always < 1e9).
     frac: u64,
     last: Instant,
@@ -117,6 +131,7 @@ impl Bucket {
             capacity: capacity_for(rate, tick),
             min_grant: min_grant_for(rate, tick),
             tokens: 0,
+            debt: 0,
             frac: 0,
             last: now,
             queue: VecDeque::new(),
@@ -133,6 +148,11 @@ impl Bucket {
         self.tokens
     }
 
+    /// Bytes owed from a datagram taken past the tokens on hand.
+    pub fn debt(&self) -> u64 {
+        self.debt
+    }
+
     /// How many relays are queued for a grant.
     pub fn waiting(&self) -> usize {
         self.queue.len()
@@ -147,7 +167,7 @@ impl Bucket {
         let whole = u64::try_from(nanobytes / NANOS).unwrap_or(u64::MAX);
         // frac < 1e9 always fits; the remainder of a division by 1e9.
         self.frac = (nanobytes % NANOS) as u64;
-        self.tokens = self.tokens.saturating_add(whole);
+        self.add(whole);
         let served = self.serve();
         if self.tokens > self.capacity {
             self.tokens = self.capacity;
@@ -168,11 +188,35 @@ impl Bucket {
         n
     }
 
-    /// Returns tokens a short read left unused; they go to the queue first. Returns the waiters
-    /// served.
+    /// Takes all of `n` at once if nobody is queued ahead and the bucket is neither empty nor in
+    /// debt; what `n` exceeds the tokens by becomes debt. Returns whether it was taken.
+    pub fn try_take_whole(&mut self, n: u64) -> bool {
+        if !self.queue.is_empty() || self.tokens == 0 {
+            return false;
+        }
+        self.take_whole(n);
+        true
+    }
+
+    /// Returns tokens a short read left unused; they pay any debt, then go to the queue.
+    /// Returns the waiters served.
     pub fn give_back(&mut self, n: u64) -> Vec<Arc<Waiter>> {
-        self.tokens = self.tokens.saturating_add(n);
+        self.add(n);
         self.serve()
+    }
+
+    /// New tokens: debt first, the rest on hand.
+    fn add(&mut self, n: u64) {
+        let paid = n.min(self.debt);
+        self.debt -= paid;
+        self.tokens = self.tokens.saturating_add(n - paid);
+    }
+
+    /// Takes `n` whole, going into debt for what is not there.
+    fn take_whole(&mut self, n: u64) {
+        let have = n.min(self.tokens);
+        self.tokens -= have;
+        self.debt = self.debt.saturating_add(n - have);
     }
 
     /// Changes the rate; the next refill accrues at the new rate. Going to 0 (unlimited) releases
@@ -185,6 +229,7 @@ impl Bucket {
         self.min_grant = min_grant_for(rate, tick);
         self.tokens = self.tokens.min(self.capacity);
         if rate == 0 {
+            self.debt = 0;
             served.extend(self.queue.drain(..).map(|q| {
                 q.waiter.granted.store(q.want, Ordering::Release);
                 q.waiter
@@ -194,22 +239,46 @@ impl Bucket {
     }
 
     fn enqueue(&mut self, waiter: Arc<Waiter>, want: u64) {
-        self.queue.push_back(Queued { waiter, want });
+        self.queue.push_back(Queued {
+            waiter,
+            want,
+            whole: false,
+        });
     }
 
-    /// Hands tokens to queued waiters in FIFO order, each at most what it asked for, and only
-    /// while there is at least a minimum grant for the one in front.
+    fn enqueue_whole(&mut self, waiter: Arc<Waiter>, n: u64) {
+        self.queue.push_back(Queued {
+            waiter,
+            want: n,
+            whole: true,
+        });
+    }
+
+    /// Hands tokens to queued waiters in FIFO order: a stream at most what it asked for, and
+    /// only while there is at least a minimum grant for it; a datagram all it asked for, once
+    /// the bucket is out of debt and not empty.
     fn serve(&mut self) -> Vec<Arc<Waiter>> {
         let mut served = Vec::new();
         while let Some(front) = self.queue.front() {
-            if self.tokens == 0 || self.tokens < front.want.min(self.min_grant) {
+            let ready = if front.whole {
+                self.tokens > 0
+            } else {
+                self.tokens > 0 && self.tokens >= front.want.min(self.min_grant)
+            };
+            if !ready {
                 break;
             }
             let Some(q) = self.queue.pop_front() else {
                 break;
             };
-            let n = q.want.min(self.tokens);
-            self.tokens -= n;
+            let n = if q.whole {
+                self.take_whole(q.want);
+                q.want
+            } else {
+                let n = q.want.min(self.tokens);
+                self.tokens -= n;
+                n
+            };
             q.waiter.granted.store(n, Ordering::Release);
             served.push(q.waiter);
         }
@@ -314,6 +383,30 @@ impl Limiter {
     /// # Errors
     /// [`Closed`] when the user is gone or the limiter stops.
     pub fn acquire(&self, user: &str, waiter: &Arc<Waiter>, want: u64) -> Result<u64, Closed> {
+        self.acquire_as(user, waiter, want, false)
+    }
+
+    /// Blocks until all `n` bytes are granted at once, for a datagram that cannot be split: the
+    /// bucket may go into debt by what it lacks, which later refills pay back before anyone
+    /// else is served. Waits only while the bucket is empty or in debt, or others are queued.
+    /// Returns at once when `n` is 0 or the user's rate is 0.
+    ///
+    /// # Errors
+    /// [`Closed`] when the user is gone or the limiter stops.
+    pub fn acquire_whole(&self, user: &str, waiter: &Arc<Waiter>, n: u64) -> Result<(), Closed> {
+        if n == 0 {
+            return Ok(());
+        }
+        self.acquire_as(user, waiter, n, true).map(|_| ())
+    }
+
+    fn acquire_as(
+        &self,
+        user: &str,
+        waiter: &Arc<Waiter>,
+        want: u64,
+        whole: bool,
+    ) -> Result<u64, Closed> {
         let mut map = self.buckets.lock();
         if self.stopping.load(Ordering::Relaxed) {
             return Err(Closed::Stopping);
@@ -331,7 +424,11 @@ impl Limiter {
         } else {
             Vec::new()
         };
-        let n = b.try_take(want);
+        let n = if whole {
+            if b.try_take_whole(want) { want } else { 0 }
+        } else {
+            b.try_take(want)
+        };
         if n > 0 {
             drop(map);
             self.wake(served);
@@ -339,7 +436,11 @@ impl Limiter {
         }
         waiter.granted.store(0, Ordering::Release);
         waiter.closed.store(false, Ordering::Release);
-        b.enqueue(waiter.clone(), want);
+        if whole {
+            b.enqueue_whole(waiter.clone(), want);
+        } else {
+            b.enqueue(waiter.clone(), want);
+        }
         drop(map);
         self.wake(served);
         waiter.wait(&self.stopping)
@@ -591,6 +692,75 @@ mod tests {
         assert!(b.give_back(3).is_empty());
         assert_eq!(b.refill(ms(t0, 10)).len(), 1);
         assert_eq!(w.granted.load(Ordering::Relaxed), 1003);
+    }
+
+    #[test]
+    fn a_datagram_takes_all_at_once_and_the_debt_is_paid_from_later_refills() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(100_000, TICK, t0); // 1000 bytes a tick
+        assert!(!b.try_take_whole(1500), "an empty bucket lends nothing");
+        b.refill(ms(t0, 10));
+        assert!(b.try_take_whole(1500), "never split: 1500 of 1000 tokens");
+        assert_eq!((b.tokens(), b.debt()), (0, 500));
+        assert!(!b.try_take_whole(1), "a bucket in debt lends no more");
+        assert_eq!(b.try_take(u64::MAX), 0, "nor does a stream get a byte");
+        b.give_back(200); // a stream's short read pays the debt too
+        assert_eq!((b.tokens(), b.debt()), (0, 300));
+        b.refill(ms(t0, 20));
+        assert_eq!((b.tokens(), b.debt()), (700, 0));
+        // Over a second the datagrams get the rate, not a byte more.
+        let mut sent = 1500;
+        for i in 3..=100 {
+            b.refill(ms(t0, 10 * i));
+            while b.try_take_whole(1500) {
+                sent += 1500;
+            }
+        }
+        assert!((100_000..=100_000 + 1500).contains(&sent), "sent {sent}");
+    }
+
+    #[test]
+    fn a_stream_queued_behind_a_datagram_waits_until_the_debt_is_paid() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(100_000, TICK, t0); // 1000 bytes a tick, least grant 500
+        let (dgram, stream, late) = (Waiter::new(), Waiter::new(), Waiter::new());
+        b.enqueue_whole(dgram.clone(), 1800);
+        b.enqueue(stream.clone(), 64 * 1024);
+        b.enqueue_whole(late.clone(), 100);
+        let served = b.refill(ms(t0, 10));
+        assert_eq!(served.len(), 1);
+        assert!(Arc::ptr_eq(&served[0], &dgram));
+        assert_eq!(dgram.granted.load(Ordering::Relaxed), 1800);
+        assert_eq!(b.debt(), 800);
+        // The next tick pays 800 of debt; 200 left is a crumb for the stream, and the datagram
+        // behind it must not jump the queue.
+        assert!(b.refill(ms(t0, 20)).is_empty());
+        assert_eq!((b.tokens(), b.debt()), (200, 0));
+        let served = b.refill(ms(t0, 30));
+        assert_eq!(served.len(), 1, "the stream first, with all there is");
+        assert!(Arc::ptr_eq(&served[0], &stream));
+        assert_eq!(stream.granted.load(Ordering::Relaxed), 1200);
+        assert_eq!(late.granted.load(Ordering::Relaxed), 0);
+        assert_eq!(b.refill(ms(t0, 40)).len(), 1, "then the datagram behind it");
+        assert_eq!(late.granted.load(Ordering::Relaxed), 100);
+        assert_eq!((b.tokens(), b.debt()), (900, 0));
+    }
+
+    #[test]
+    fn acquire_whole_returns_the_whole_datagram() {
+        let lim = Limiter::new(Duration::from_millis(5));
+        let user: Arc<str> = Arc::from("d");
+        lim.set_rate(&user, 10_000);
+        let h = lim.spawn_refill().unwrap();
+        let w = Waiter::new();
+        for _ in 0..3 {
+            lim.acquire_whole("d", &w, 1200).unwrap();
+        }
+        assert_eq!(lim.acquire_whole("d", &w, 0), Ok(()));
+        lim.remove("d");
+        assert_eq!(lim.acquire_whole("d", &w, 1), Err(Closed::Revoked));
+        lim.shutdown();
+        h.join().unwrap();
     }
 
     #[test]

@@ -3,9 +3,10 @@
 //! always have room. A slot is a guard that gives itself back when dropped.
 //!
 //! The cap on all connections is the accept loop's (`server.rs`); this file only counts
-//! handshakes. Sources are as the login throttle sees them (an IPv4 address or an IPv6 /64).
+//! handshakes. Sources (an IPv4 address or an IPv6 /64) are `source.rs`'s, shared with the login
+//! throttle.
 
-use crate::auth::throttle::Source;
+use crate::net::source::Source;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::fmt;

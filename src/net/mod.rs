@@ -10,5 +10,6 @@ pub mod handshake;
 pub mod os;
 pub mod own_addrs;
 pub mod relay;
+pub mod source;
 pub mod stream;
 pub mod tls;

@@ -9,6 +9,11 @@
 //! never holds tokens while blocked and never reads past its grant. Between two plain sockets the
 //! bytes move through a pipe with `splice(2)`, never through user space. Pipes and buffers are
 //! made only once data arrives, so an idle tunnel costs two sleeping threads and nothing else.
+//!
+//! A datagram relay (SOCKS5 UDP ASSOCIATE) goes beside this one, in `net/datagram.rs`: it shares
+//! [`Budget`] and charges each datagram whole before sending it with
+//! [`Budget::take_datagram`] (the limiter's `acquire_whole`, which may leave the bucket in debt),
+//! where a stream takes what it may read and settles after the read.
 
 use crate::flow::account::{Account, Reserve};
 use crate::flow::limiter::{Closed, Limiter, Waiter};
@@ -77,10 +82,7 @@ impl Budget {
             let g = if a.rate() == 0 {
                 want as u64
             } else {
-                let t = Instant::now();
-                let g = self.limiter.acquire(&a.name, waiter, want as u64);
-                let waited = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
-                a.throttled_ns.fetch_add(waited, Ordering::Relaxed);
+                let g = self.throttled(|| self.limiter.acquire(&a.name, waiter, want as u64));
                 // A grant never exceeds `want`, which came from a usize.
                 g.map_err(End::from)?.min(want as u64)
             };
@@ -101,6 +103,51 @@ impl Budget {
                 }
             }
         }
+    }
+
+    /// Charges one whole datagram of `n` bytes toward `dir`, before it is sent: bandwidth all at
+    /// once (never split; the bucket may go into debt, see `Limiter::acquire_whole`; the wait is
+    /// added to the account), then quota. A datagram that crosses the end of the quota is charged
+    /// whole and may be sent, overshooting by less than one datagram as the bucket's debt does;
+    /// the next one finds the quota used up. Blocking.
+    ///
+    /// # Errors
+    /// [`End::Revoked`] or [`End::Stopping`] from the limiter; [`End::Quota`] once the quota is
+    /// used up (the user's other connections are closed too).
+    pub fn take_datagram(&self, waiter: &Arc<Waiter>, n: usize, dir: Direction) -> Result<(), End> {
+        let a = &self.account;
+        if n == 0 {
+            return Ok(());
+        }
+        if a.rate() != 0 {
+            self.throttled(|| self.limiter.acquire_whole(&a.name, waiter, n as u64))?;
+        }
+        loop {
+            match a.reserve_quota(n as u64) {
+                Reserve::Granted(m) => {
+                    a.settle_quota(m, n as u64);
+                    self.count(dir, n);
+                    return Ok(());
+                }
+                Reserve::Busy => thread::sleep(self.limiter.tick()),
+                Reserve::Exhausted => {
+                    self.limiter_back(n as u64);
+                    a.close_all();
+                    return Err(End::Quota);
+                }
+            }
+        }
+    }
+
+    /// Runs a limiter wait, adding its time to the account's throttled total.
+    fn throttled<T>(&self, wait: impl FnOnce() -> T) -> T {
+        let t = Instant::now();
+        let r = wait();
+        let waited = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.account
+            .throttled_ns
+            .fetch_add(waited, Ordering::Relaxed);
+        r
     }
 
     /// Settles a grant after the read: `used` bytes were read of `granted`; the rest goes back
@@ -503,4 +550,57 @@ pub fn relay_idle(
         down,
         end,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::sqlite::QuotaPeriod;
+
+    fn budget(rate: u64, quota: u64) -> Budget {
+        let account = Account::new(1, "u", rate);
+        account.set_limits(quota, QuotaPeriod::None, 0);
+        let limiter = Limiter::new(Duration::from_millis(5));
+        limiter.set_rate(&account.name, rate);
+        Budget { account, limiter }
+    }
+
+    #[test]
+    fn datagrams_are_charged_whole_against_the_quota() {
+        let b = budget(0, 1000);
+        let w = Waiter::new();
+        for _ in 0..3 {
+            // The third crosses the end of the quota: charged whole, not cut to 200.
+            b.take_datagram(&w, 400, Direction::Up).unwrap();
+        }
+        assert_eq!(b.account.quota_used(), 1200);
+        assert_eq!(b.account.bytes_up.load(Ordering::Relaxed), 1200);
+        assert!(matches!(
+            b.take_datagram(&w, 400, Direction::Up),
+            Err(End::Quota)
+        ));
+        b.take_datagram(&w, 0, Direction::Down).unwrap();
+        assert_eq!(b.account.bytes_down.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn datagrams_wait_for_the_bucket_and_count_the_wait() {
+        let b = budget(200_000, 0); // 1000 bytes a 5 ms tick
+        let refill = b.limiter.spawn_refill().unwrap();
+        let w = Waiter::new();
+        let t = Instant::now();
+        for _ in 0..8 {
+            b.take_datagram(&w, 1500, Direction::Down).unwrap();
+        }
+        // 12,000 bytes at 200,000 B/s: at least ~55 ms, whatever the debt lent at the end.
+        assert!(
+            t.elapsed() >= Duration::from_millis(40),
+            "{:?}",
+            t.elapsed()
+        );
+        assert_eq!(b.account.bytes_down.load(Ordering::Relaxed), 12_000);
+        assert!(b.account.throttled_ns.load(Ordering::Relaxed) > 0);
+        b.limiter.shutdown();
+        refill.join().unwrap();
+    }
 }

@@ -15,6 +15,7 @@ use rustls::{
     ClientConfig, ClientConnection, DigitallySignedStruct, RootCertStore, ServerConfig,
     ServerConnection, SignatureScheme,
 };
+use std::fmt;
 use std::io;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -77,21 +78,54 @@ pub enum Trust {
     Pin([u8; 32]),
 }
 
+/// Why a `--pin-sha256` value was refused; each names the text it was given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PinError {
+    /// Not 64 digits once colons are dropped (the count is of characters).
+    Length(String, usize),
+    /// A character that is not a hex digit.
+    NotHex(String),
+}
+
+impl fmt::Display for PinError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const WANT: &str = "expected 64 hex digits as printed by `sluice cert`";
+        match self {
+            PinError::Length(s, n) => write!(f, "bad --pin-sha256 {s:?}: {WANT}, got {n}"),
+            PinError::NotHex(s) => {
+                write!(f, "bad --pin-sha256 {s:?}: {WANT}, got a non-hex character")
+            }
+        }
+    }
+}
+
+impl std::error::Error for PinError {}
+
+/// A pin comes from the command line (`--pin-sha256`): a bad one is a usage error (exit 2).
+impl From<PinError> for Error {
+    fn from(e: PinError) -> Error {
+        Error::Usage(e.to_string())
+    }
+}
+
 /// Parses a pin: 64 hex digits, colons allowed between pairs.
 ///
 /// # Errors
-/// Anything else, with the expected form.
-pub fn parse_pin(s: &str) -> std::result::Result<[u8; 32], String> {
+/// [`PinError`] for anything else.
+pub fn parse_pin(s: &str) -> std::result::Result<[u8; 32], PinError> {
     let hex: String = s.chars().filter(|c| *c != ':').collect();
-    let bad =
-        || format!("bad --pin-sha256 {s:?}: expected 64 hex digits as printed by `sluice cert`");
+    let count = hex.chars().count();
+    if count != 64 {
+        return Err(PinError::Length(s.to_string(), count));
+    }
     // All ASCII hex first: slicing pairs below must never cut a multi-byte character.
-    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(bad());
+    if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(PinError::NotHex(s.to_string()));
     }
     let mut out = [0u8; 32];
     for (i, o) in out.iter_mut().enumerate() {
-        *o = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+        *o = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
+            .map_err(|_| PinError::NotHex(s.to_string()))?;
     }
     Ok(out)
 }
@@ -158,6 +192,15 @@ pub fn connect(
     Ok(Stream::Tls(Arc::new(t)))
 }
 
+/// Compares two byte strings in time that depends only on their lengths (the pin check need not
+/// be secret, but a compare that leaks nothing costs nothing).
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// Trusts exactly one certificate, by the SHA-256 of its DER; signatures are still checked, so
 /// the server must hold the certificate's key.
 #[derive(Debug)]
@@ -176,7 +219,7 @@ impl ServerCertVerifier for PinVerifier {
         _now: UnixTime,
     ) -> std::result::Result<ServerCertVerified, rustls::Error> {
         let d = ring::digest::digest(&ring::digest::SHA256, end_entity.as_ref());
-        if crate::auth::constant_time_eq(d.as_ref(), &self.pin) {
+        if constant_time_eq(d.as_ref(), &self.pin) {
             Ok(ServerCertVerified::assertion())
         } else {
             Err(rustls::Error::General(format!(
@@ -231,13 +274,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn pin_compare_needs_equal_bytes_and_length() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+
+    #[test]
     fn pins_parse_with_or_without_colons() {
         let hex = "ab".repeat(32);
         assert_eq!(parse_pin(&hex), Ok([0xab; 32]));
         let colons = vec!["AB"; 32].join(":");
         assert_eq!(parse_pin(&colons), Ok([0xab; 32]));
-        assert!(parse_pin("abc").is_err());
-        assert!(parse_pin(&"zz".repeat(32)).is_err());
+        assert_eq!(parse_pin("abc"), Err(PinError::Length("abc".into(), 3)));
+        let zz = "zz".repeat(32);
+        assert_eq!(parse_pin(&zz), Err(PinError::NotHex(zz.clone())));
+        assert_eq!(
+            PinError::Length("abc".into(), 3).to_string(),
+            "bad --pin-sha256 \"abc\": expected 64 hex digits as printed by `sluice cert`, got 3"
+        );
         // 64 bytes, but not 64 ASCII characters: refused, never sliced inside a character.
         let euros = format!("{}a", "€".repeat(21));
         assert_eq!(euros.len(), 64);

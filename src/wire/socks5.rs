@@ -750,8 +750,15 @@ mod tests {
         }
     }
 
+    fn ip(addr: SocketAddr) -> Target {
+        Target {
+            host: Host::Ip(addr.ip()),
+            port: addr.port(),
+        }
+    }
+
     fn v4(a: u8, b: u8, c: u8, d: u8, port: u16) -> Target {
-        Target::from_socket_addr(SocketAddr::from(([a, b, c, d], port)))
+        ip(SocketAddr::from(([a, b, c, d], port)))
     }
 
     fn domain(name: &str, port: u16) -> Target {
@@ -1023,7 +1030,7 @@ mod tests {
         let targets = [
             v4(1, 2, 3, 4, 5),
             v4(0, 0, 0, 0, 0),
-            Target::from_socket_addr(SocketAddr::V6(SocketAddrV6::new(
+            ip(SocketAddr::V6(SocketAddrV6::new(
                 "2001:db8::1".parse().unwrap(),
                 65535,
                 0,
@@ -1090,7 +1097,7 @@ mod tests {
                     msg,
                     ReplyMsg {
                         reply,
-                        bound: Target::from_socket_addr(want)
+                        bound: ip(want)
                     }
                 );
             }

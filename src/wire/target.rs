@@ -3,7 +3,7 @@
 //! Shared by the SOCKS and HTTP decoders and by the dialer. Pure: no sockets, no DNS.
 
 use std::fmt;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr};
 
 /// Longest domain name accepted anywhere (the SOCKS5 length byte allows 255).
 pub const MAX_DOMAIN_LEN: usize = 255;
@@ -39,14 +39,6 @@ impl fmt::Display for TargetError {
 impl std::error::Error for TargetError {}
 
 impl Target {
-    /// A destination from a socket address.
-    pub fn from_socket_addr(addr: SocketAddr) -> Target {
-        Target {
-            host: Host::Ip(addr.ip()),
-            port: addr.port(),
-        }
-    }
-
     /// Parses `host:port`, `[v6]:port`, or (when `default_port` is given) a bare host or `[v6]`.
     ///
     /// # Errors
