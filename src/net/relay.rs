@@ -555,7 +555,7 @@ pub fn relay_idle(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::sqlite::QuotaPeriod;
+    use crate::store::QuotaPeriod;
 
     fn budget(rate: u64, quota: u64) -> Budget {
         let account = Account::new(1, "u", rate);
