@@ -7,6 +7,7 @@ mod abuse;
 mod accounting;
 mod cli;
 mod forward;
+mod layers;
 mod limits;
 mod local;
 mod server;

@@ -7,8 +7,8 @@
 //! The counting rules are in `throttle.rs` (pure); the users, the cache and argon2 in `auth.rs`.
 //! This file holds the one lock over the throttle, the slots and the joins, and the waiting.
 
+use crate::auth::directory::{Cached, Digest, Directory, MAX_CONCURRENT_ARGON2};
 use crate::auth::throttle::{NewBlocks, Outcome, Refusal, Source, Standing, Throttle, Ticket};
-use crate::auth::{Cached, Digest, Directory, MAX_CONCURRENT_ARGON2};
 use crate::flow::account::Account;
 use parking_lot::{Condvar, Mutex};
 use std::collections::HashMap;
@@ -241,7 +241,7 @@ impl Logins {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::hash_password;
+    use crate::auth::directory::hash_password;
     use crate::auth::throttle::PAIR_FREE_FAILURES;
     use crate::flow::limiter::Limiter;
     use crate::store::{QuotaPeriod, UserRow};
