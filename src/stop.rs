@@ -1,7 +1,7 @@
 //! A stop signal for the periodic threads (the limiter's refill tick, the database watcher):
 //! each waits in `crossbeam_channel::select!` on its `tick(..)` and on [`Stop::receiver`], so it
 //! says what it waits for and ends at once when [`Stop::stop`] is called, instead of sleeping and
-//! polling a flag. (A blocked `accept` is still woken by connecting to it; see `server.rs`.)
+//! polling a flag. (A blocked `accept` is still woken by connecting to it; see `net::accept`.)
 
 use crossbeam_channel::{Receiver, Sender, bounded};
 use parking_lot::Mutex;

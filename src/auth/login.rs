@@ -4,7 +4,7 @@
 //! [`MAX_CONCURRENT_ARGON2`] at once, at most [`MAX_ARGON2_PER_SOURCE`] of them for one source,
 //! queued or running, and no wait past the connection's handshake deadline.
 //!
-//! The counting rules are in `throttle.rs` (pure); the users, the cache and argon2 in `auth.rs`.
+//! The counting rules are in `throttle.rs` (pure); the users, the cache and argon2 in `directory.rs`.
 //! This file holds the one lock over the throttle, the slots and the joins, and the waiting.
 
 use crate::auth::directory::{Cached, Digest, Directory, MAX_CONCURRENT_ARGON2};

@@ -1,6 +1,6 @@
 //! The failed-login throttle: counts failures per source and per (source, user), and answers
 //! whether a login may be checked. Pure over an injected `now`, so it is unit-tested without
-//! sleeping; the waiting, the argon2 slots and the verify cache are `login.rs`'s and `auth.rs`'s.
+//! sleeping; the waiting, the argon2 slots and the verify cache are `login.rs`'s and `directory.rs`'s.
 //!
 //! A source is an IPv4 address or an IPv6 /64 (one host holds a whole /64). Each key may fail
 //! a few times for free, then every further failure blocks it for a step that doubles, from

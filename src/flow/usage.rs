@@ -5,7 +5,7 @@
 //! Deltas are measured against the last *committed* flush, so a flush that fails (database locked)
 //! loses nothing: the next one carries the difference. Everything is kept per account id, never
 //! per name: a user deleted and added again is a new account whose counts start from zero, and
-//! the old account's marks never apply to it. SQL stays in `users.rs`.
+//! the old account's marks never apply to it. SQL stays in `store::sqlite`.
 
 use crate::flow::account::{Account, HISTORY_SECS};
 use crate::store::{Usage, UsageDelta};

@@ -3,7 +3,7 @@
 //!
 //! A destination name is sent unresolved (ATYP 3): the user's machine never looks it up. Only the
 //! server's own name is resolved here. The whole exchange runs under the app's handshake deadline.
-//! The codec is `socks5.rs`; how each failure is told to the app (SOCKS5 reply, SOCKS4 reject,
+//! The codec is `wire::socks5`; how each failure is told to the app (SOCKS5 reply, SOCKS4 reject,
 //! HTTP status) is [`UpstreamError::reply`] and [`UpstreamError::status`], pure and tested below.
 
 use crate::net::dial::{self, DialError, DialPolicy};

@@ -2,7 +2,7 @@
 //! all, so idle or slow handshakes cannot fill the global connection cap and logged-in users
 //! always have room. A slot is a guard that gives itself back when dropped.
 //!
-//! The cap on all connections is the accept loop's (`server.rs`); this file only counts
+//! The cap on all connections is the accept loop's (`accept.rs`); this file only counts
 //! handshakes. Sources (an IPv4 address or an IPv6 /64) are `source.rs`'s, shared with the login
 //! throttle.
 

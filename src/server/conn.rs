@@ -1,9 +1,10 @@
 //! One server connection: tell the protocol by its first byte, run the SOCKS5 or HTTP handshake
 //! under a deadline, authenticate, dial, then hand the two sockets to the relay.
 //!
-//! Protocol parsing is in `socks5.rs` / `http.rs`, credentials in `auth.rs`, dialing in `dial.rs`;
-//! this file only sequences them and answers the client. Refusals are logged at warn with the
-//! client address; every connection that got past authentication ends with one info line.
+//! Protocol parsing is in `wire::socks5` / `wire::http`, credentials in `login.rs` (over `auth`),
+//! dialing in `net::dial`; this file only sequences them and answers the client. Refusals are
+//! logged at warn with the client address; every connection that got past authentication ends
+//! with one info line.
 
 use crate::flow::account::{Account, Refusal, Slot};
 use crate::net::admission::HandshakeSlot;
@@ -138,7 +139,7 @@ fn run_relay(client: Stream, s: Session, peer: SocketAddr, id: u64, sh: &Shared,
     .info(up, down, end);
 }
 
-/// A connection's handshake slot (see `admission.rs`): given back once its login succeeds.
+/// A connection's handshake slot (see `net::admission`): given back once its login succeeds.
 type Admitted<'a> = Option<HandshakeSlot<'a>>;
 
 fn socks5_handshake(

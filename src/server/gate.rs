@@ -1,4 +1,4 @@
-//! The server's side of plain-HTTP forwarding (`forward.rs`): each request carries its own Basic
+//! The server's side of plain-HTTP forwarding (`net::forward`): each request carries its own Basic
 //! credentials and is charged to its own user; the connection holds one `max_connections` slot,
 //! for the user of its current request, and moves it when the user changes; origins are dialed
 //! under the server's destination policy.

@@ -1,8 +1,8 @@
-//! The listener: start-up, the accept loop (one thread per connection), and the `ServerHandle`
-//! tests and `main` use to stop it.
+//! The listener: start-up and the `ServerHandle` tests and `main` use to stop it.
 //!
 //! The accept loop only accepts and spawns, so a slow or silent client never blocks anyone else.
-//! The handshake, dialing and relaying happen on the connection's thread (`conn.rs`).
+//! The handshake, dialing and relaying happen on the connection's thread (`conn.rs`); the accept
+//! loop itself is `net::accept`, shared with `sluice local`.
 
 pub mod conn;
 pub mod gate;

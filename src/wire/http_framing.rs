@@ -4,7 +4,7 @@
 //! a `Via` entry added).
 //!
 //! Like `http.rs`, nothing here touches a socket: parsers take the bytes read so far and answer
-//! "need more" or "done after N bytes". `forward.rs` does the reading, writing and charging.
+//! "need more" or "done after N bytes". `net::forward` does the reading, writing and charging.
 
 use crate::wire::http::{
     self, BODY_FRAMING, DEFAULT_HTTP_PORT, HOP_BY_HOP, HttpError, MAX_HEAD_BYTES, MAX_HEADERS,
