@@ -197,22 +197,10 @@ pub fn try_parse_request(buf: &[u8]) -> Result<Option<(usize, Request)>, HttpErr
         return need_more(buf);
     };
     let (method, target, minor_version) = parse_request_line(line)?;
-    let mut headers = Vec::new();
-    loop {
-        let Some((line, next)) = next_line(window, pos) else {
-            return need_more(buf);
-        };
-        pos = next;
-        if line.is_empty() {
-            break;
-        }
-        if headers.len() >= MAX_HEADERS {
-            return Err(HttpError::TooManyHeaders);
-        }
-        let (name, value) = parse_header_line(line)?;
-        // A token is ASCII, so this never loses anything.
-        headers.push((String::from_utf8_lossy(name).into_owned(), value.to_vec()));
-    }
+    let Some((headers, end)) = parse_fields(window, pos)? else {
+        return need_more(buf);
+    };
+    pos = end;
     check_body_framing(&headers)?;
     let request = Request {
         method,
@@ -224,7 +212,38 @@ pub fn try_parse_request(buf: &[u8]) -> Result<Option<(usize, Request)>, HttpErr
 }
 
 /// The answer when no complete head was found in the first [`MAX_HEAD_BYTES`] of `buf`.
-fn need_more<T>(buf: &[u8]) -> Result<Option<T>, HttpError> {
+/// Header fields in the order they came: names as sent (compare them ignoring case), trimmed values.
+pub(crate) type Fields = Vec<(String, Vec<u8>)>;
+
+/// Reads the header fields of a head from `pos` up to and including the empty line that ends
+/// them: `Ok(None)` while that line has not arrived, else the fields and where the head ends.
+/// Shared by requests (here) and responses (`http_framing`).
+///
+/// # Errors
+/// [`HttpError::TooManyHeaders`] past [`MAX_HEADERS`]; [`HttpError::Malformed`] for a bad line.
+pub(crate) fn parse_fields(
+    window: &[u8],
+    mut pos: usize,
+) -> Result<Option<(Fields, usize)>, HttpError> {
+    let mut headers = Vec::new();
+    loop {
+        let Some((line, next)) = next_line(window, pos) else {
+            return Ok(None);
+        };
+        pos = next;
+        if line.is_empty() {
+            return Ok(Some((headers, pos)));
+        }
+        if headers.len() >= MAX_HEADERS {
+            return Err(HttpError::TooManyHeaders);
+        }
+        let (name, value) = parse_header_line(line)?;
+        // A token is ASCII, so this never loses anything.
+        headers.push((String::from_utf8_lossy(name).into_owned(), value.to_vec()));
+    }
+}
+
+pub(crate) fn need_more<T>(buf: &[u8]) -> Result<Option<T>, HttpError> {
     if buf.len() > MAX_HEAD_BYTES {
         Err(HttpError::HeadTooLarge)
     } else {

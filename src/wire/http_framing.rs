@@ -7,8 +7,8 @@
 //! "need more" or "done after N bytes". `net::forward` does the reading, writing and charging.
 
 use crate::wire::http::{
-    self, BODY_FRAMING, DEFAULT_HTTP_PORT, HOP_BY_HOP, HttpError, MAX_HEAD_BYTES, MAX_HEADERS,
-    Request, is_one_of, next_line, parse_header_line, push_header, push_visible, trim_ows,
+    self, BODY_FRAMING, DEFAULT_HTTP_PORT, HOP_BY_HOP, HttpError, MAX_HEAD_BYTES, Request,
+    is_one_of, need_more, next_line, parse_header_line, push_header, push_visible, trim_ows,
 };
 use crate::wire::target::Target;
 use std::fmt;
@@ -48,21 +48,10 @@ pub fn try_parse_response(buf: &[u8]) -> Result<Option<(usize, Response)>, HttpE
     };
     let (minor_version, code, reason) = http::parse_status_line_parts(line)?;
     let reason = reason.to_vec();
-    let mut headers = Vec::new();
-    loop {
-        let Some((line, next)) = next_line(window, pos) else {
-            return need_more(buf);
-        };
-        pos = next;
-        if line.is_empty() {
-            break;
-        }
-        if headers.len() >= MAX_HEADERS {
-            return Err(HttpError::TooManyHeaders);
-        }
-        let (name, value) = parse_header_line(line)?;
-        headers.push((String::from_utf8_lossy(name).into_owned(), value.to_vec()));
-    }
+    let Some((headers, end)) = http::parse_fields(window, pos)? else {
+        return need_more(buf);
+    };
+    pos = end;
     let resp = Response {
         minor_version,
         code,
@@ -70,14 +59,6 @@ pub fn try_parse_response(buf: &[u8]) -> Result<Option<(usize, Response)>, HttpE
         headers,
     };
     Ok(Some((pos, resp)))
-}
-
-fn need_more<T>(buf: &[u8]) -> Result<Option<T>, HttpError> {
-    if buf.len() > MAX_HEAD_BYTES {
-        Err(HttpError::HeadTooLarge)
-    } else {
-        Ok(None)
-    }
 }
 
 /// How a message body ends (RFC 9112 §6.3).
@@ -611,7 +592,7 @@ mod tests {
         big.resize(MAX_HEAD_BYTES + 1, b'a');
         assert_eq!(try_parse_response(&big), Err(HttpError::HeadTooLarge));
         let mut many = String::from("HTTP/1.1 200 OK\r\n");
-        for i in 0..=MAX_HEADERS {
+        for i in 0..=http::MAX_HEADERS {
             many.push_str(&format!("X{i}: v\r\n"));
         }
         many.push_str("\r\n");
