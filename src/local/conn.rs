@@ -223,26 +223,10 @@ fn socks5_ask(r: &mut DeadlineReader<'_>, peer: SocketAddr, id: u64) -> Option<A
             return None;
         }
     }
-    let req = match socks5::read_request(r) {
-        Ok(req) => req,
-        Err(e) => {
-            if let Some(reply) = socks5::request_error_reply(&e) {
-                send(client, &socks5::encode_reply(reply, None));
-            }
-            return socks_fail(&refused, e);
-        }
-    };
-    if req.command != Command::Connect {
-        send(
-            client,
-            &socks5::encode_reply(Reply::CommandNotSupported, None),
-        );
-        refused(format!("command {:?} not supported", req.command));
-        return None;
-    }
+    let target = handshake::read_socks5_connect(r, &refused)?;
     Some(Ask {
         proto: Proto::Socks5,
-        target: req.target,
+        target,
         prefix: Vec::new(),
     })
 }

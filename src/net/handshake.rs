@@ -122,6 +122,34 @@ pub(crate) fn socks_fail<T>(refused: &dyn Fn(String), e: SocksError) -> Option<T
     None
 }
 
+/// Reads a SOCKS5 request after the login, for both proxies: a request that does not decode is
+/// answered with the reply RFC 1928 §6 gives it (one mapping, `socks5::request_error_reply`), a
+/// command other than CONNECT with "command not supported"; each is logged through `refused` and
+/// ends the handshake. Returns where the client wants to go.
+pub(crate) fn read_socks5_connect(
+    r: &mut DeadlineReader<'_>,
+    refused: &dyn Fn(String),
+) -> Option<Target> {
+    let req = match socks5::read_request(r) {
+        Ok(req) => req,
+        Err(e) => {
+            if let Some(reply) = socks5::request_error_reply(&e) {
+                send(r.stream, &socks5::encode_reply(reply, None));
+            }
+            return socks_fail(refused, e);
+        }
+    };
+    if req.command != socks5::Command::Connect {
+        send(
+            r.stream,
+            &socks5::encode_reply(socks5::Reply::CommandNotSupported, None),
+        );
+        refused(format!("command {:?} not supported", req.command));
+        return None;
+    }
+    Some(req.target)
+}
+
 /// The protocol a connection spoke, as log lines (and metrics labels) name it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Proto {

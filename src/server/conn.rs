@@ -22,7 +22,7 @@ use crate::server::gate::ServerGate;
 use crate::server::login::{Login, login};
 use crate::server::shared::Shared;
 use crate::wire::http::{self, ProxyAuth, Status, credential_text};
-use crate::wire::socks5::{self, Command, Reply};
+use crate::wire::socks5::{self, Reply};
 use crate::wire::target::Target;
 use log::{info, warn};
 use std::io;
@@ -186,25 +186,8 @@ fn socks5_handshake(
     if !send(client, &socks5::encode_userpass_status(true)) {
         return None;
     }
-    let req = match socks5::read_request(r) {
-        Ok(req) => req,
-        Err(e) => {
-            // The same reply `sluice local` gives (RFC 1928 §6), then close.
-            if let Some(reply) = socks5::request_error_reply(&e) {
-                send(client, &socks5::encode_reply(reply, None));
-            }
-            return socks_fail(&refused, e);
-        }
-    };
-    if req.command != Command::Connect {
-        send(
-            client,
-            &socks5::encode_reply(Reply::CommandNotSupported, None),
-        );
-        refused(format!("command {:?} not supported", req.command));
-        return None;
-    }
-    match admit_and_dial(&req.target, &account, Proto::Socks5, peer, id, sh) {
+    let target = handshake::read_socks5_connect(r, &refused)?;
+    match admit_and_dial(&target, &account, Proto::Socks5, peer, id, sh) {
         Ok((dest, slot)) => {
             let bound = dest.local_addr().ok();
             let dest = Stream::plain(dest);
@@ -215,7 +198,7 @@ fn socks5_handshake(
             Some(Session {
                 slot,
                 proto: Proto::Socks5,
-                target: req.target,
+                target,
                 dest,
                 prefix: Vec::new(),
             })
