@@ -28,6 +28,7 @@ mod stage;
 mod table;
 mod throughput;
 mod tls;
+mod users;
 
 pub use stage::{Config, Ctx};
 
@@ -44,7 +45,7 @@ use table::Table;
 const USAGE: &str = "usage: sluice-bench [--quick] [--runs N] [--only 1,5,12] [--no-peers]
   --quick      every scenario once, with short windows (a smoke test)
   --runs N     runs per figure (default 3; the median is reported)
-  --only LIST  scenario numbers to run (1-15)
+  --only LIST  scenario numbers to run (1-16)
   --no-peers   skip the reference proxies
   SLUICE_BENCH_KEEP=1 keeps the scratch directory (logs, configs)";
 
@@ -107,7 +108,7 @@ fn main() -> ExitCode {
 
 /// Scenarios in the order they run; the number is the one `--only` takes.
 type Scenario = fn(&mut Ctx) -> Result<(), String>;
-const SCENARIOS: [(u32, &str, Scenario); 14] = [
+const SCENARIOS: [(u32, &str, Scenario); 15] = [
     (1, "1 · unlimited, 1 conn", throughput::single),
     (2, "2 · unlimited, 8 conns", throughput::eight),
     // Before 4, after which the peers are stopped.
@@ -123,6 +124,7 @@ const SCENARIOS: [(u32, &str, Scenario); 14] = [
     (11, "11 · limiter cost", scale::cost),
     (13, "13 · TLS between local and server", tls::run),
     (15, "15 · logins under a flood", logins::run),
+    (16, "16 · users", users::run),
 ];
 
 fn run(args: &Args) -> Result<(), String> {
@@ -198,7 +200,7 @@ fn run(args: &Args) -> Result<(), String> {
 }
 
 /// How the figures were taken, printed under the table.
-const NOTES: [&str; 6] = [
+const NOTES: [&str; 7] = [
     "Everything runs on 127.0.0.1 and shares the 2 cores: origin and clients in the benchmark \
      process, `sluice server` (default log level, to a file) and the peers as child processes. \
      \"direct\" is the client straight to the origin, measured in the same run: the ceiling, and \
@@ -220,6 +222,8 @@ const NOTES: [&str; 6] = [
      from 127.0.0.1, then log in at once as an unknown user, each with its own password; 20 ms \
      later a never-used user logs in from 127.0.0.x (the client socket bound before connecting), \
      timed from connect to the login status. As deployed: the default handshake caps apply.",
+    "Users (16): servers of their own, one per table size (100,000 and 1,000,000 users) and a \
+     10-user baseline; see its note above for how each figure is taken.",
 ];
 
 /// Every user any scenario needs, created before the server starts.
