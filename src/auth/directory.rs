@@ -204,51 +204,87 @@ impl Directory {
         let mut users = self.users.write();
         let mut fresh: HashMap<String, Entry> = HashMap::with_capacity(rows.len());
         for row in rows {
-            let entry = match users.remove(&row.username) {
-                Some(old) if old.account.id == row.id => {
-                    let moved =
-                        old.account.rate() != row.bandwidth || old.hash != row.password_hash;
-                    changes.changed += usize::from(moved);
-                    if old.hash != row.password_hash {
-                        self.forget(&row.username);
-                    }
-                    old.account.set_rate(row.bandwidth);
-                    old.account
-                        .set_limits(row.quota_bytes, row.quota_period, row.max_connections);
-                    Entry {
-                        hash: row.password_hash,
-                        account: old.account,
-                    }
-                }
-                replaced => {
-                    // Same name, new id: the user was deleted and added again. The old account
-                    // goes like any deleted one (its bucket, keyed by name, is reused).
-                    if let Some(old) = replaced {
-                        changes.removed += 1;
-                        self.forget(&row.username);
-                        old.account.revoke();
-                    }
-                    changes.added += 1;
-                    let account = Account::new(row.id, &row.username, row.bandwidth);
-                    account.set_limits(row.quota_bytes, row.quota_period, row.max_connections);
-                    Entry {
-                        account,
-                        hash: row.password_hash,
-                    }
-                }
-            };
-            self.limiter
-                .set_rate(&entry.account.name, entry.account.rate());
-            fresh.insert(row.username, entry);
+            let old = users.remove(&row.username);
+            let (name, entry) = self.update(old, row, &mut changes);
+            fresh.insert(name, entry);
         }
         for (name, gone) in users.drain() {
-            changes.removed += 1;
-            self.forget(&name);
-            gone.account.revoke();
-            self.limiter.remove(&name);
+            self.remove(&name, &gone, &mut changes);
         }
         *users = fresh;
         changes
+    }
+
+    /// Applies `rows` and the deletion of `deleted` to those users alone, each exactly as
+    /// [`Directory::apply`] would; everyone else's entry is left as it is. A name in both
+    /// counts as its row.
+    pub fn apply_users(&self, rows: Vec<UserRow>, deleted: &[String]) -> Changes {
+        let mut changes = Changes::default();
+        let mut users = self.users.write();
+        for name in deleted {
+            if rows.iter().any(|r| &r.username == name) {
+                continue;
+            }
+            if let Some(gone) = users.remove(name) {
+                self.remove(name, &gone, &mut changes);
+            }
+        }
+        for row in rows {
+            let old = users.remove(&row.username);
+            let (name, entry) = self.update(old, row, &mut changes);
+            users.insert(name, entry);
+        }
+        changes
+    }
+
+    /// One user's step of a reload: `row` over the entry it had (if any). The same id keeps
+    /// its account (new rate and limits, the cache dropped if the hash changed); a new id is a
+    /// new account and the old one goes like a deleted one.
+    fn update(&self, old: Option<Entry>, row: UserRow, changes: &mut Changes) -> (String, Entry) {
+        let entry = match old {
+            Some(old) if old.account.id == row.id => {
+                let moved = old.account.rate() != row.bandwidth || old.hash != row.password_hash;
+                changes.changed += usize::from(moved);
+                if old.hash != row.password_hash {
+                    self.forget(&row.username);
+                }
+                old.account.set_rate(row.bandwidth);
+                old.account
+                    .set_limits(row.quota_bytes, row.quota_period, row.max_connections);
+                Entry {
+                    hash: row.password_hash,
+                    account: old.account,
+                }
+            }
+            replaced => {
+                // Same name, new id: the user was deleted and added again. The old account
+                // goes like any deleted one (its bucket, keyed by name, is reused).
+                if let Some(old) = replaced {
+                    changes.removed += 1;
+                    self.forget(&row.username);
+                    old.account.revoke();
+                }
+                changes.added += 1;
+                let account = Account::new(row.id, &row.username, row.bandwidth);
+                account.set_limits(row.quota_bytes, row.quota_period, row.max_connections);
+                Entry {
+                    account,
+                    hash: row.password_hash,
+                }
+            }
+        };
+        self.limiter
+            .set_rate(&entry.account.name, entry.account.rate());
+        (row.username, entry)
+    }
+
+    /// One user's step of a reload for a user gone from the store: its connections closed, its
+    /// bucket and cached logins dropped.
+    fn remove(&self, name: &str, gone: &Entry, changes: &mut Changes) {
+        changes.removed += 1;
+        self.forget(name);
+        gone.account.revoke();
+        self.limiter.remove(name);
     }
 
     /// The keyed digest of a password (cheap: one HMAC).
@@ -389,6 +425,34 @@ pub fn reload(store: &dyn UserStore, dir: &Directory) -> Result<Changes> {
     Ok(changes)
 }
 
+/// Loads the users `names` from the store into the directory, as [`reload`] would for them
+/// (a name without a usable row is a deleted user), and applies their usage rows.
+///
+/// # Errors
+/// The tables cannot be read.
+pub fn reload_users(store: &dyn UserStore, dir: &Directory, names: &[String]) -> Result<Changes> {
+    let (rows, bad) = store.load_users(names)?;
+    let usage = store.load_usage_of(names)?;
+    for b in bad {
+        warn!("user {:?} ignored: {}", b.username, b.reason);
+    }
+    let deleted: Vec<String> = names
+        .iter()
+        .filter(|n| !rows.iter().any(|r| &r.username == *n))
+        .cloned()
+        .collect();
+    let changes = dir.apply_users(rows, &deleted);
+    let touched: Vec<Arc<Account>> = {
+        let users = dir.users.read();
+        names
+            .iter()
+            .filter_map(|n| users.get(n).map(|e| e.account.clone()))
+            .collect()
+    };
+    usage::apply_usage(&touched, &usage, usage::unix_now());
+    Ok(changes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -472,6 +536,104 @@ mod tests {
         let new = dir.verify(b"dz", b"p").unwrap();
         assert!(!Arc::ptr_eq(&old, &new) && !new.is_revoked());
         assert_eq!(new.id, old.id + 1);
+    }
+
+    /// Each touched user's account: id, rate, revoked, and whether `before` still is it.
+    fn outcome(
+        dir: &Directory,
+        name: &str,
+        before: &Arc<Account>,
+    ) -> (Option<(u64, u64)>, bool, bool) {
+        let now = dir.accounts().into_iter().find(|a| &*a.name == name);
+        (
+            now.as_ref().map(|a| (a.id, a.rate())),
+            before.is_revoked(),
+            now.is_some_and(|a| Arc::ptr_eq(&a, before)),
+        )
+    }
+
+    #[test]
+    fn apply_users_does_to_the_users_named_what_apply_does_and_nothing_else() {
+        let h = hash_password("p").unwrap();
+        let h2 = hash_password("q").unwrap();
+        let start = || {
+            vec![
+                row("keep", &h, 1),
+                row("rate", &h, 1),
+                row("pw", &h, 1),
+                row("del", &h, 1),
+                row("again", &h, 1),
+            ]
+        };
+        let touched = ["rate", "pw", "del", "again", "new"];
+        let new_rows = || {
+            vec![
+                row("rate", &h, 9),
+                row("pw", &h2, 1),
+                UserRow {
+                    id: 999,
+                    ..row("again", &h, 1)
+                },
+                row("new", &h, 3),
+            ]
+        };
+        let (whole, part) = (
+            Directory::new(Limiter::new(Duration::from_millis(10))).unwrap(),
+            Directory::new(Limiter::new(Duration::from_millis(10))).unwrap(),
+        );
+        whole.apply(start());
+        part.apply(start());
+        let olds = |d: &Directory| {
+            let v: Vec<Arc<Account>> = ["keep", "rate", "pw", "del", "again"]
+                .iter()
+                .map(|n| d.verify(n.as_bytes(), b"p").unwrap())
+                .collect();
+            v
+        };
+        let (whole_old, part_old) = (olds(&whole), olds(&part));
+        let mut everyone = new_rows();
+        everyone.push(row("keep", &h, 1));
+        let c1 = whole.apply(everyone);
+        let deleted = vec!["del".to_string()];
+        let c2 = part.apply_users(new_rows(), &deleted);
+        assert_eq!(c1, c2);
+        assert_eq!(
+            c2,
+            Changes {
+                added: 2,
+                changed: 2,
+                removed: 2
+            }
+        );
+        for (i, name) in ["keep", "rate", "pw", "del", "again"].iter().enumerate() {
+            assert_eq!(
+                outcome(&whole, name, &whole_old[i]),
+                outcome(&part, name, &part_old[i]),
+                "{name}"
+            );
+        }
+        for name in touched {
+            assert_eq!(
+                whole
+                    .verify(name.as_bytes(), b"p")
+                    .map(|a| (a.id, a.rate())),
+                part.verify(name.as_bytes(), b"p").map(|a| (a.id, a.rate())),
+                "{name}"
+            );
+        }
+        // The untouched user keeps the very same account.
+        let keep = part
+            .accounts()
+            .into_iter()
+            .find(|a| &*a.name == "keep")
+            .unwrap();
+        assert!(Arc::ptr_eq(&keep, &part_old[0]));
+        assert!(
+            part.verify(b"pw", b"p").is_none(),
+            "the old password still works"
+        );
+        assert!(part_old[3].is_revoked() && part_old[4].is_revoked());
+        assert_eq!(part.len(), 5);
     }
 
     #[test]

@@ -7,4 +7,4 @@ pub mod directory;
 pub mod login;
 pub mod throttle;
 
-pub use directory::{Changes, Directory, check_credential, hash_password, reload};
+pub use directory::{Changes, Directory, check_credential, hash_password, reload, reload_users};

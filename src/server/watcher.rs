@@ -1,8 +1,9 @@
 //! The database thread: the server's link between the user store and what runs in memory. It
-//! asks the store what changed every [`WATCH_INTERVAL`] and reloads the directory (rates, limits,
-//! revocations, the verify cache) and applies `sluice unban` requests when something did; it
-//! samples the accounts and flushes usage to the store every [`FLUSH_INTERVAL`], and once more
-//! when it is stopped.
+//! asks the store what changed every [`WATCH_INTERVAL`] and applies `sluice unban` requests and
+//! the changed users to the directory (rates, limits, revocations, the verify cache) when
+//! something did: only the users named when the store can name them, everyone otherwise. It
+//! samples the accounts and flushes usage to the store every [`FLUSH_INTERVAL`] (trimming the
+//! store's record of applied changes then), and once more when it is stopped.
 //!
 //! How a change is noticed (SQLite's `data_version`, a file replaced or deleted) is the store's
 //! business; what a reload does to the snapshot is `auth`'s. A store that is gone or failing
@@ -58,7 +59,7 @@ struct Watcher {
     flush_failing: bool,
     /// The store's being gone was logged (once until it is back).
     gone_logged: bool,
-    /// A change was seen but its reload failed: try again next round.
+    /// A change was seen but its reload failed: reload everything next round.
     reload_due: bool,
     unban: Unban,
 }
@@ -88,7 +89,19 @@ impl Watcher {
     }
 
     /// Samples live figures and writes the usage deltas; on failure they wait for the next flush.
+    /// Then trims the store's record of changes already applied.
     fn flush(&mut self, dir: &Directory) {
+        self.write_usage(dir);
+        // Only changes already applied are trimmed; a failure is retried at the next flush.
+        if !self.reload_due
+            && let Err(e) = self.store.trim_changes()
+            && !matches!(e, Error::NoDatabase(_))
+        {
+            warn!("cannot trim the change log: {e}");
+        }
+    }
+
+    fn write_usage(&mut self, dir: &Directory) {
         let accounts = dir.accounts();
         self.accountant.sample(&accounts, Instant::now());
         let (deltas, marks) = self.accountant.deltas(&accounts, usage::unix_now());
@@ -131,18 +144,29 @@ impl Watcher {
             }
         };
         self.gone_logged = false;
-        // A store that names the users that changed is still reloaded whole: the snapshot is
-        // replaced in one step, so every login sees one consistent version of the users.
-        if changed == Changed::None && !self.reload_due {
-            return;
-        }
-        apply_unbans(&*self.store, &self.unban);
-        match auth::reload(&*self.store, dir) {
+        let (result, what) = match changed {
+            Changed::None if !self.reload_due => return,
+            // A few users changed: reread just them. A failure is made good by a whole reload.
+            Changed::Users(names) if !self.reload_due => {
+                apply_unbans(&*self.store, &self.unban);
+                if names.is_empty() {
+                    return;
+                }
+                let what = format!("{} users reread", names.len());
+                (auth::reload_users(&*self.store, dir, &names), what)
+            }
+            _ => {
+                apply_unbans(&*self.store, &self.unban);
+                let what = "users reloaded".to_string();
+                (auth::reload(&*self.store, dir), what)
+            }
+        };
+        match result {
             Ok(c) => {
                 self.reload_due = false;
                 if c != Changes::default() {
                     info!(
-                        "users reloaded: {} added, {} changed, {} removed",
+                        "{what}: {} added, {} changed, {} removed",
                         c.added, c.changed, c.removed
                     );
                 }

@@ -19,7 +19,7 @@ pub enum Changed {
     /// Nothing.
     None,
     /// These users were added, changed, deleted or had their usage reset; nobody else changed.
-    /// (A store that can tell, like one with per-key notifications.)
+    /// Empty when something was written that touched no user (an unban request).
     Users(Vec<String>),
     /// Anything may have changed: read everything again (SQLite: another connection committed,
     /// or the file was replaced).
@@ -47,11 +47,51 @@ pub trait UserStore: Send {
     /// The store cannot be read at all.
     fn load(&self) -> Result<(Vec<UserRow>, Vec<BadRow>)>;
 
+    /// The rows of the users named (a name with no row is a deleted user and is simply not
+    /// there); rows that cannot be read come back as [`BadRow`]s. The default filters
+    /// [`UserStore::load`]; a store that can read single users does better.
+    ///
+    /// # Errors
+    /// The store cannot be read.
+    fn load_users(&self, names: &[String]) -> Result<(Vec<UserRow>, Vec<BadRow>)> {
+        let (good, bad) = self.load()?;
+        Ok((
+            good.into_iter()
+                .filter(|r| names.contains(&r.username))
+                .collect(),
+            bad.into_iter()
+                .filter(|b| names.contains(&b.username))
+                .collect(),
+        ))
+    }
+
     /// Every account's usage, with its user's name (users never seen have none).
     ///
     /// # Errors
     /// The store cannot be read.
     fn load_usage(&self) -> Result<Vec<Usage>>;
+
+    /// The usage of the users named, as [`UserStore::load_usage`] has it. The default filters
+    /// that.
+    ///
+    /// # Errors
+    /// The store cannot be read.
+    fn load_usage_of(&self, names: &[String]) -> Result<Vec<Usage>> {
+        let all = self.load_usage()?;
+        Ok(all
+            .into_iter()
+            .filter(|u| names.contains(&u.username))
+            .collect())
+    }
+
+    /// Drops bookkeeping of changes this store has already reported (SQLite: the change log's
+    /// applied rows, once there are enough to matter). Called by the server now and then.
+    ///
+    /// # Errors
+    /// The write failed; the rows stay until the next try.
+    fn trim_changes(&mut self) -> Result<()> {
+        Ok(())
+    }
 
     /// Adds a user with the quota, period and connection cap of `limits` (its other fields are
     /// ignored) in one write, so a running server never sees the user without its limits.

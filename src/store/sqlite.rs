@@ -7,9 +7,13 @@
 //! fatal. Password hashing and the in-memory snapshot live in `auth`.
 //!
 //! Changes are noticed with `PRAGMA data_version`, which moves when another connection commits
-//! (this one's own writes, the server's usage flushes, do not move it). The file being deleted or
-//! replaced (`mv new.db users.db`) is noticed by its device and inode: a deleted file is let go at
-//! once, a replacement is opened and reported as a change to everything.
+//! (this one's own writes, the server's usage flushes, do not move it). Which users changed is
+//! read from the `user_changes` log, filled by triggers on `users` (and on a usage reset), so a
+//! change made in the sqlite3 shell is logged like one made by `sluice user`. A reader remembers
+//! the last sequence number it saw; a log trimmed past it, or too long to be worth reading, is
+//! a change to everything. The file being deleted or replaced (`mv new.db users.db`) is noticed
+//! by its device and inode: a deleted file is let go at once, a replacement is opened and
+//! reported as a change to everything.
 //!
 //! Each account has an id that is never reused (`AUTOINCREMENT`): usage rows belong to an id, not
 //! to a name, so a user deleted and added again under the same name starts from zero and nothing
@@ -24,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 /// How long a statement waits for another writer before giving up.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -106,6 +110,38 @@ DROP TABLE usage;
 DROP TABLE users;
 ALTER TABLE users_v3 RENAME TO users;
 ALTER TABLE usage_v3 RENAME TO usage;";
+/// Version 4: the change log. Every insert, update or delete of a user, and every usage reset,
+/// logs the user's name (an update that renames logs both names), whoever made it. Usage
+/// flushes change neither `users` nor `reset_epoch` and log nothing. `seq` is AUTOINCREMENT so a
+/// number is never given out twice, even after the log is trimmed empty.
+const SCHEMA_V4: &str = "
+CREATE TABLE user_changes (
+    seq      INTEGER PRIMARY KEY AUTOINCREMENT,
+    username TEXT
+);
+CREATE TRIGGER user_changes_insert AFTER INSERT ON users BEGIN
+    INSERT INTO user_changes (username) VALUES (new.username);
+END;
+CREATE TRIGGER user_changes_update AFTER UPDATE ON users BEGIN
+    INSERT INTO user_changes (username) VALUES (new.username);
+    INSERT INTO user_changes (username) SELECT old.username WHERE old.username IS NOT new.username;
+END;
+CREATE TRIGGER user_changes_delete AFTER DELETE ON users BEGIN
+    INSERT INTO user_changes (username) VALUES (old.username);
+END;
+CREATE TRIGGER user_changes_reset AFTER UPDATE OF reset_epoch ON usage BEGIN
+    INSERT INTO user_changes (username) SELECT username FROM users WHERE id = new.account_id;
+END;
+CREATE TRIGGER user_changes_reset_new AFTER INSERT ON usage WHEN new.reset_epoch <> 0 BEGIN
+    INSERT INTO user_changes (username) SELECT username FROM users WHERE id = new.account_id;
+END;";
+/// Log rows past which a read of the log is not worth it: more changes than this since the last
+/// look (a bulk edit) are reported as a change to everything.
+pub const MAX_LOGGED_CHANGES: i64 = 1000;
+/// The log is trimmed (rows already applied deleted) once this many have been applied since the
+/// last trim.
+pub const TRIM_AFTER: i64 = 1000;
+
 /// Unban requests from `sluice unban`, applied and deleted by a running server. Not part of the
 /// versioned schema: created on open by any build that knows it, ignored by one that does not.
 const UNBANS: &str = "
@@ -127,6 +163,11 @@ pub struct SqliteStore {
     unreadable: Option<(u64, u64)>,
     /// `PRAGMA data_version` at the last look (`None`: not known, the next look is a change).
     version: Option<i64>,
+    /// The last `user_changes` sequence number seen (read at open, before anyone loads the
+    /// users).
+    seen_seq: i64,
+    /// `seen_seq` at the last trim of the log by this store (0: never trimmed).
+    trimmed_seq: i64,
 }
 
 fn db_err(path: &Path, e: rusqlite::Error) -> Error {
@@ -210,6 +251,7 @@ impl SqliteStore {
         prepare(&conn, path)?;
         // Read now, before anyone loads the users, so a commit after the load is a change.
         let version = data_version(&conn, path)?;
+        let seen_seq = last_seq(&conn, path)?;
         let s = path.to_string_lossy();
         let is_file = !(s.starts_with("file:") || s == ":memory:");
         Ok(SqliteStore {
@@ -218,6 +260,8 @@ impl SqliteStore {
             identity: if is_file { file_identity(path) } else { None },
             unreadable: None,
             version: Some(version),
+            seen_seq,
+            trimmed_seq: 0,
         })
     }
 
@@ -312,8 +356,32 @@ fn prepare(conn: &Connection, path: &Path) -> Result<()> {
         let sql = format!("BEGIN; {SCHEMA_V3} PRAGMA user_version = 3; COMMIT;");
         conn.execute_batch(&sql).map_err(e)?;
     }
+    if version < 4 {
+        let sql = format!("BEGIN; {SCHEMA_V4} PRAGMA user_version = 4; COMMIT;");
+        conn.execute_batch(&sql).map_err(e)?;
+    }
     conn.execute_batch(UNBANS).map_err(e)?;
     Ok(())
+}
+
+/// The highest sequence number the change log ever gave out (0 for none): AUTOINCREMENT keeps
+/// it in `sqlite_sequence`, which trimming the log leaves alone.
+fn last_seq(conn: &Connection, path: &Path) -> Result<i64> {
+    conn.query_row(
+        "SELECT coalesce(max(seq), 0) FROM sqlite_sequence WHERE name = 'user_changes'",
+        [],
+        |r| r.get(0),
+    )
+    .map_err(|e| db_err(path, e))
+}
+
+/// A name as the log or a hand edit left it (SQLite columns are loosely typed).
+fn name_of(v: Value) -> Option<String> {
+    match v {
+        Value::Text(s) => Some(s),
+        Value::Integer(i) => Some(i.to_string()),
+        _ => None,
+    }
 }
 
 /// A number that moves whenever another connection commits to the file.
@@ -327,18 +395,112 @@ impl UserStore for SqliteStore {
         self.path.display().to_string()
     }
 
-    /// `All` when another connection committed (`sluice user …`, the sqlite3 shell) or the file
-    /// was replaced; SQLite cannot say which rows moved.
+    /// When another connection committed (`sluice user …`, the sqlite3 shell), the users the
+    /// change log names since the last look (none for a commit that touched no user, such as
+    /// `sluice unban`); `All` when the file was replaced, the log was trimmed past the last
+    /// look, or it holds more than [`MAX_LOGGED_CHANGES`] new rows.
     fn changes(&mut self) -> Result<Changed> {
         if !self.follow_file()? {
             return Ok(Changed::None);
         }
-        let v = data_version(self.conn()?, &self.path)?;
+        let e = |e| db_err(&self.path, e);
+        let conn = self.conn()?;
+        let v = data_version(conn, &self.path)?;
         if Some(v) == self.version {
             return Ok(Changed::None);
         }
+        let known = self.version.is_some();
+        // Log and high-water mark read in one transaction: a commit between them cannot slip by.
+        let tx = conn.unchecked_transaction().map_err(e)?;
+        let hi = last_seq(&tx, &self.path)?;
+        let from = self.seen_seq;
+        let mut all = !known || hi < from || hi - from > MAX_LOGGED_CHANGES;
+        let mut names = Vec::new();
+        if !all && hi > from {
+            let mut st = tx
+                .prepare_cached(
+                    "SELECT username FROM user_changes WHERE seq > ?1 AND seq <= ?2 ORDER BY seq",
+                )
+                .map_err(e)?;
+            let mut rows = st.query(params![from, hi]).map_err(e)?;
+            let mut count = 0;
+            while let Some(row) = rows.next().map_err(e)? {
+                count += 1;
+                match name_of(row.get(0).map_err(e)?) {
+                    Some(n) if !names.contains(&n) => names.push(n),
+                    Some(_) => {}
+                    None => all = true, // a name no user can have: read everything
+                }
+            }
+            // Numbers are given out without gaps (a rolled-back insert gives its number back),
+            // so a missing row was deleted before it was seen: trimmed past the last look.
+            all |= count != hi - from;
+        }
+        drop(tx);
         self.version = Some(v);
-        Ok(Changed::All)
+        self.seen_seq = hi;
+        Ok(if all {
+            Changed::All
+        } else {
+            Changed::Users(names)
+        })
+    }
+
+    fn load_users(&self, names: &[String]) -> Result<(Vec<UserRow>, Vec<BadRow>)> {
+        let e = |e| db_err(&self.path, e);
+        let conn = self.conn()?;
+        let tx = conn.unchecked_transaction().map_err(e)?;
+        let (mut good, mut bad) = (Vec::new(), Vec::new());
+        {
+            let mut st = tx
+                .prepare_cached(
+                    "SELECT username, password_hash, bandwidth, quota_bytes, quota_period,
+                            max_connections, id
+                     FROM users WHERE username = ?1",
+                )
+                .map_err(e)?;
+            for name in names {
+                let mut rows = st.query(params![name]).map_err(e)?;
+                while let Some(row) = rows.next().map_err(e)? {
+                    match row_from_values(values(row).map_err(e)?) {
+                        Ok(u) => good.push(u),
+                        Err(b) => bad.push(b),
+                    }
+                }
+            }
+        }
+        drop(tx);
+        Ok((good, bad))
+    }
+
+    fn load_usage_of(&self, names: &[String]) -> Result<Vec<Usage>> {
+        let e = |e| db_err(&self.path, e);
+        let mut st = self
+            .conn()?
+            .prepare_cached(&format!("{USAGE_SELECT} WHERE u.username = ?1"))
+            .map_err(e)?;
+        let mut out = Vec::new();
+        for name in names {
+            let rows = st.query_map(params![name], usage_from_row).map_err(e)?;
+            for r in rows {
+                out.push(r.map_err(e)?);
+            }
+        }
+        Ok(out)
+    }
+
+    fn trim_changes(&mut self) -> Result<()> {
+        if self.seen_seq - self.trimmed_seq < TRIM_AFTER {
+            return Ok(());
+        }
+        self.conn()?
+            .execute(
+                "DELETE FROM user_changes WHERE seq <= ?1",
+                params![self.seen_seq],
+            )
+            .map_err(|e| db_err(&self.path, e))?;
+        self.trimmed_seq = self.seen_seq;
+        Ok(())
     }
 
     fn readable_by_others(&self) -> Vec<(PathBuf, u32)> {
@@ -524,38 +686,9 @@ impl UserStore for SqliteStore {
         let e = |e| db_err(&self.path, e);
         let mut st = self
             .conn()?
-            .prepare(
-                "SELECT u.username, g.bytes_up, g.bytes_down, g.connections, g.throttled_ms,
-                        g.active_ms, g.last_seen, g.period_start, g.period_bytes, g.reset_epoch,
-                        g.open_now, g.rate_now, g.throttled_now, g.live_at, g.account_id
-                 FROM usage g JOIN users u ON u.id = g.account_id ORDER BY u.username",
-            )
+            .prepare(&format!("{USAGE_SELECT} ORDER BY u.username"))
             .map_err(e)?;
-        let rows = st
-            .query_map([], |r| {
-                let n = |i: usize| {
-                    r.get::<_, Option<i64>>(i)
-                        .map(|v| v.unwrap_or(0).max(0) as u64)
-                };
-                Ok(Usage {
-                    account_id: n(14)?,
-                    username: r.get(0)?,
-                    bytes_up: n(1)?,
-                    bytes_down: n(2)?,
-                    connections: n(3)?,
-                    throttled_ms: n(4)?,
-                    active_ms: n(5)?,
-                    last_seen: r.get::<_, Option<i64>>(6)?.map(|v| v.max(0) as u64),
-                    period_start: n(7)?,
-                    period_bytes: n(8)?,
-                    reset_epoch: n(9)?,
-                    open_now: n(10)?,
-                    rate_now: n(11)?,
-                    throttled_now: r.get::<_, Option<f64>>(12)?.unwrap_or(0.0),
-                    live_at: n(13)?,
-                })
-            })
-            .map_err(e)?;
+        let rows = st.query_map([], usage_from_row).map_err(e)?;
         rows.collect::<std::result::Result<Vec<_>, _>>().map_err(e)
     }
 
@@ -572,17 +705,54 @@ impl UserStore for SqliteStore {
         let mut rows = stmt.query([]).map_err(e)?;
         let (mut good, mut bad) = (Vec::new(), Vec::new());
         while let Some(row) = rows.next().map_err(e)? {
-            let mut v: [Value; 7] = std::array::from_fn(|_| Value::Null);
-            for (i, slot) in v.iter_mut().enumerate() {
-                *slot = row.get(i).map_err(e)?;
-            }
-            match row_from_values(v) {
+            match row_from_values(values(row).map_err(e)?) {
                 Ok(u) => good.push(u),
                 Err(b) => bad.push(b),
             }
         }
         Ok((good, bad))
     }
+}
+
+/// The usage columns [`usage_from_row`] reads, with the user's name; a caller adds the rest.
+const USAGE_SELECT: &str =
+    "SELECT u.username, g.bytes_up, g.bytes_down, g.connections, g.throttled_ms,
+            g.active_ms, g.last_seen, g.period_start, g.period_bytes, g.reset_epoch,
+            g.open_now, g.rate_now, g.throttled_now, g.live_at, g.account_id
+     FROM usage g JOIN users u ON u.id = g.account_id";
+
+/// One row of [`USAGE_SELECT`]; counters a hand edit left negative read as 0.
+fn usage_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Usage> {
+    let n = |i: usize| {
+        r.get::<_, Option<i64>>(i)
+            .map(|v| v.unwrap_or(0).max(0) as u64)
+    };
+    Ok(Usage {
+        account_id: n(14)?,
+        username: r.get(0)?,
+        bytes_up: n(1)?,
+        bytes_down: n(2)?,
+        connections: n(3)?,
+        throttled_ms: n(4)?,
+        active_ms: n(5)?,
+        last_seen: r.get::<_, Option<i64>>(6)?.map(|v| v.max(0) as u64),
+        period_start: n(7)?,
+        period_bytes: n(8)?,
+        reset_epoch: n(9)?,
+        open_now: n(10)?,
+        rate_now: n(11)?,
+        throttled_now: r.get::<_, Option<f64>>(12)?.unwrap_or(0.0),
+        live_at: n(13)?,
+    })
+}
+
+/// The seven user columns of a row, as stored, for [`row_from_values`].
+fn values(row: &rusqlite::Row<'_>) -> rusqlite::Result<[Value; 7]> {
+    let mut v: [Value; 7] = std::array::from_fn(|_| Value::Null);
+    for (i, slot) in v.iter_mut().enumerate() {
+        *slot = row.get(i)?;
+    }
+    Ok(v)
 }
 
 /// A number as SQLite's signed 64-bit integer.
@@ -737,8 +907,123 @@ mod tests {
         assert_eq!(s.changes().unwrap(), Changed::None);
         let other = SqliteStore::open(&path).unwrap();
         other.add("x", "h", 5).unwrap();
-        assert_eq!(s.changes().unwrap(), Changed::All);
+        // Our own user writes are logged too and come with the next commit of another
+        // connection (harmless: the server writes no users).
+        assert_eq!(
+            s.changes().unwrap(),
+            Changed::Users(vec!["mine".into(), "x".into()])
+        );
         assert_eq!(s.changes().unwrap(), Changed::None, "told twice");
+    }
+
+    #[test]
+    fn the_change_log_names_users_changed_by_any_connection() {
+        let path = temp_db("log");
+        let mut s = SqliteStore::open_or_create(&path).unwrap();
+        let other = SqliteStore::open(&path).unwrap();
+        other.add("a", "h", 0).unwrap();
+        other.add("b", "h", 0).unwrap();
+        assert_eq!(
+            s.changes().unwrap(),
+            Changed::Users(vec!["a".into(), "b".into()])
+        );
+        // A hand edit in the sqlite3 shell: another connection, plain SQL.
+        let hand = Connection::open(&path).unwrap();
+        hand.execute("UPDATE users SET bandwidth = 7 WHERE username = 'a'", [])
+            .unwrap();
+        assert_eq!(s.changes().unwrap(), Changed::Users(vec!["a".into()]));
+        // A rename names both; repeats come once.
+        hand.execute_batch(
+            "UPDATE users SET username = 'c' WHERE username = 'b';
+             UPDATE users SET bandwidth = 1 WHERE username = 'c';",
+        )
+        .unwrap();
+        assert_eq!(
+            s.changes().unwrap(),
+            Changed::Users(vec!["c".into(), "b".into()])
+        );
+        hand.execute("DELETE FROM users WHERE username = 'a'", [])
+            .unwrap();
+        assert_eq!(s.changes().unwrap(), Changed::Users(vec!["a".into()]));
+        // A usage reset is a change to its user; unban requests and usage flushes by another
+        // connection are commits that name nobody.
+        other.reset_usage("c").unwrap();
+        assert_eq!(s.changes().unwrap(), Changed::Users(vec!["c".into()]));
+        other.reset_usage("c").unwrap();
+        assert_eq!(s.changes().unwrap(), Changed::Users(vec!["c".into()]));
+        other.request_unban("192.0.2.1").unwrap();
+        assert_eq!(s.changes().unwrap(), Changed::Users(vec![]));
+        let (rows, _) = other.load().unwrap();
+        let delta = UsageDelta {
+            account_id: rows[0].id,
+            bytes_up: 5,
+            ..UsageDelta::default()
+        };
+        other
+            .flush_usage(std::slice::from_ref(&delta), 100)
+            .unwrap();
+        other.flush_usage(&[delta], 101).unwrap();
+        assert_eq!(s.changes().unwrap(), Changed::Users(vec![]));
+        assert_eq!(s.changes().unwrap(), Changed::None);
+    }
+
+    #[test]
+    fn a_log_trimmed_past_the_last_look_or_too_long_is_a_change_to_everything() {
+        let path = temp_db("trim");
+        let mut s = SqliteStore::open_or_create(&path).unwrap();
+        let mut other = SqliteStore::open(&path).unwrap();
+        other.add("a", "h", 0).unwrap();
+        other.add("b", "h", 0).unwrap();
+        // Another reader trims rows this one has not seen.
+        assert_eq!(
+            other.changes().unwrap(),
+            Changed::None,
+            "its own writes are no change"
+        );
+        other.trimmed_seq = -TRIM_AFTER;
+        other.seen_seq = 1;
+        other.trim_changes().unwrap();
+        assert_eq!(s.changes().unwrap(), Changed::All);
+        // Trimming what was seen costs nothing to the reader that saw it.
+        other.add("c", "h", 0).unwrap();
+        assert_eq!(s.changes().unwrap(), Changed::Users(vec!["c".into()]));
+        s.trimmed_seq = -TRIM_AFTER;
+        s.trim_changes().unwrap();
+        let left: i64 = s
+            .conn()
+            .unwrap()
+            .query_row("SELECT count(*) FROM user_changes", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(left, 0, "applied rows were not trimmed");
+        other.add("d", "h", 0).unwrap();
+        assert_eq!(s.changes().unwrap(), Changed::Users(vec!["d".into()]));
+        // A bulk edit past the cap is not read row by row.
+        let hand = Connection::open(&path).unwrap();
+        hand.execute_batch(&format!(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {})
+             INSERT INTO users (username, password_hash) SELECT 'bulk' || i, 'h' FROM n;",
+            MAX_LOGGED_CHANGES + 1
+        ))
+        .unwrap();
+        assert_eq!(s.changes().unwrap(), Changed::All);
+        assert_eq!(s.changes().unwrap(), Changed::None);
+    }
+
+    #[test]
+    fn load_users_reads_just_the_names_given() {
+        let path = temp_db("some");
+        let s = SqliteStore::open_or_create(&path).unwrap();
+        s.add("a", "h", 1).unwrap();
+        s.add("b", "h", 2).unwrap();
+        s.reset_usage("b").unwrap();
+        let names = vec!["b".to_string(), "gone".to_string()];
+        let (rows, bad) = s.load_users(&names).unwrap();
+        assert!(bad.is_empty());
+        assert_eq!(rows.len(), 1);
+        assert_eq!((rows[0].username.as_str(), rows[0].bandwidth), ("b", 2));
+        let usage = s.load_usage_of(&names).unwrap();
+        assert_eq!(usage.len(), 1);
+        assert_eq!((usage[0].username.as_str(), usage[0].reset_epoch), ("b", 1));
     }
 
     #[test]
@@ -747,7 +1032,7 @@ mod tests {
         drop(SqliteStore::open_or_create(&path).unwrap());
         let mut s = SqliteStore::open(&path).unwrap();
         SqliteStore::open(&path).unwrap().add("x", "h", 5).unwrap();
-        assert_eq!(s.changes().unwrap(), Changed::All);
+        assert_eq!(s.changes().unwrap(), Changed::Users(vec!["x".into()]));
     }
 
     #[test]
@@ -954,6 +1239,32 @@ mod tests {
         s.add("b", "hb2", 0).unwrap();
         let (rows, _) = s.load().unwrap();
         assert!(rows[1].id > a.id.max(rows[0].id));
+    }
+
+    #[test]
+    fn a_version_3_database_is_upgraded_in_place_and_logs_changes() {
+        let path = temp_db("v3");
+        {
+            let raw = Connection::open(&path).unwrap();
+            raw.execute_batch(&format!(
+                "{SCHEMA_V1} {SCHEMA_V2} {SCHEMA_V3} PRAGMA user_version = 3;
+                 INSERT INTO users (username, password_hash, bandwidth) VALUES ('a', 'ha', 5);"
+            ))
+            .unwrap();
+        }
+        let mut s = SqliteStore::open(&path).unwrap();
+        let v: i64 = s
+            .conn()
+            .unwrap()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
+        let (rows, _) = s.load().unwrap();
+        assert_eq!((rows[0].username.as_str(), rows[0].bandwidth), ("a", 5));
+        let hand = Connection::open(&path).unwrap();
+        hand.execute("UPDATE users SET bandwidth = 6 WHERE username = 'a'", [])
+            .unwrap();
+        assert_eq!(s.changes().unwrap(), Changed::Users(vec!["a".into()]));
     }
 
     #[test]

@@ -642,3 +642,62 @@ fn a_change_committed_while_the_watcher_starts_is_not_lost() {
         "a user added between the load and the watcher's start never appeared"
     );
 }
+
+#[test]
+fn a_change_to_one_user_of_many_rereads_that_user_alone() {
+    let (before, after) = (32 * KIB, 256 * KIB);
+    let dir = TempDir::new("many");
+    let db = dir.path("users.db");
+    make_db(&db, &[("u", "p", before), ("gone", "p", 64 * KIB)]);
+    // 2,000 more users by plain SQL, sharing one hash (argon2 per user would take minutes).
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .execute_batch(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2000)
+             INSERT INTO users (username, password_hash, bandwidth)
+                SELECT 'user' || i, (SELECT password_hash FROM users WHERE username = 'u'), 1000
+                FROM n;",
+        )
+        .unwrap();
+    let mut srv = server_process(&db);
+    let origin = Origin::start();
+    let port = origin.addr.port();
+    let flow = Flow::download(socks5(srv.addr, "u", "p", "127.0.0.1", port).unwrap());
+    let mut idle = socks5(srv.addr, "gone", "p", "127.0.0.1", port).unwrap();
+    idle.write_all(b"ECHO\n").unwrap();
+    thread::sleep(WARM_UP);
+    let (got, took) = window(&[&flow.count], Duration::from_secs(1));
+    assert_rate("before the change", got[0], took, before, 0.2);
+
+    sluice_set_bandwidth(&db, "u", "256K");
+    let changed = Instant::now();
+    let seen = time_until_rate(&flow.count, changed, Duration::from_secs(3), |r| {
+        r > (after / 2) as f64
+    });
+    let seen = seen.expect("the new bandwidth never reached the open connection");
+    assert!(seen <= Duration::from_millis(1500), "took {seen:?}");
+    let line = srv.wait_for_line("users re", Duration::from_secs(2));
+    assert!(
+        line.is_some_and(|l| l.ends_with("1 users reread: 0 added, 1 changed, 0 removed")),
+        "not applied as a change to one user: {:?}",
+        srv.log
+    );
+
+    let out = sluice(&["user", "del", "gone", "--db", db.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    let t = Instant::now();
+    idle.set_read_timeout(Some(SHORT_TIMEOUT)).unwrap();
+    assert_eq!(read_to_close(&mut idle), b"");
+    assert!(
+        t.elapsed() <= Duration::from_millis(1500),
+        "took {:?}",
+        t.elapsed()
+    );
+    let line = srv.wait_for_line("users re", Duration::from_secs(2));
+    assert!(
+        line.is_some_and(|l| l.ends_with("1 users reread: 0 added, 0 changed, 1 removed")),
+        "not applied as a change to one user: {:?}",
+        srv.log
+    );
+    assert!(!flow.is_closed(), "the changed user lost its connection");
+}
