@@ -25,7 +25,8 @@ run: build $(DEMO_DB)
 
 # System packages the integration tests drive as real clients; installed with apt-get when missing
 # (as root), so `make test` passes on a fresh machine without `.ci/run`.
-TEST_PACKAGES := curl:curl wget:wget python3:python3 unshare:util-linux ip:iproute2
+TEST_PACKAGES := curl:curl wget:wget python3:python3 unshare:util-linux ip:iproute2 \
+	redis-server:redis-server redis-cli:redis-tools
 
 test: test-packages
 	$(CARGO) test --release

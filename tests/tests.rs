@@ -6,6 +6,7 @@ mod support;
 mod abuse;
 mod accounting;
 mod cli;
+mod fleet;
 mod forward;
 mod layers;
 mod limits;

@@ -4,6 +4,7 @@
 
 pub mod json;
 pub mod prometheus;
+pub mod redis;
 
 use sluice::auth::hash_password;
 use sluice::server::{self, ServerConfig, ServerHandle};
