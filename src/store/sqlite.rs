@@ -692,6 +692,43 @@ impl UserStore for SqliteStore {
         rows.collect::<std::result::Result<Vec<_>, _>>().map_err(e)
     }
 
+    /// A table scan in rowid order (no sort: the directory is a hash map), one row in memory at
+    /// a time. One statement, so one consistent read; WAL lets writers commit meanwhile.
+    fn each_user(&self, f: &mut dyn FnMut(std::result::Result<UserRow, BadRow>)) -> Result<()> {
+        let e = |e| db_err(&self.path, e);
+        let mut stmt = self
+            .conn()?
+            .prepare(
+                "SELECT username, password_hash, bandwidth, quota_bytes, quota_period,
+                        max_connections, id
+                 FROM users",
+            )
+            .map_err(e)?;
+        let mut rows = stmt.query([]).map_err(e)?;
+        while let Some(row) = rows.next().map_err(e)? {
+            f(row_from_values(values(row).map_err(e)?));
+        }
+        Ok(())
+    }
+
+    fn count_users(&self) -> Result<usize> {
+        let n: i64 = self
+            .conn()?
+            .query_row("SELECT count(*) FROM users", [], |r| r.get(0))
+            .map_err(|e| db_err(&self.path, e))?;
+        Ok(usize::try_from(n).unwrap_or(0))
+    }
+
+    fn each_usage(&self, f: &mut dyn FnMut(Usage)) -> Result<()> {
+        let e = |e| db_err(&self.path, e);
+        let mut st = self.conn()?.prepare(USAGE_SELECT).map_err(e)?;
+        let mut rows = st.query([]).map_err(e)?;
+        while let Some(row) = rows.next().map_err(e)? {
+            f(usage_from_row(row).map_err(e)?);
+        }
+        Ok(())
+    }
+
     fn load(&self) -> Result<(Vec<UserRow>, Vec<BadRow>)> {
         let e = |e| db_err(&self.path, e);
         let mut stmt = self
