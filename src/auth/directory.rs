@@ -830,6 +830,107 @@ mod tests {
     }
 
     #[test]
+    fn the_snapshot_is_compact_and_accounts_come_with_logins() {
+        // Per user resident: the entry and its key in the map; everything else on login.
+        assert!(
+            std::mem::size_of::<Entry>() + std::mem::size_of::<Box<str>>() <= 80,
+            "entry {} bytes",
+            std::mem::size_of::<Entry>()
+        );
+        let lim = Limiter::new(Duration::from_millis(10));
+        let dir = Directory::new(lim.clone()).unwrap();
+        let h = hash_password("p").unwrap();
+        let rows: Vec<UserRow> = (0..1000)
+            .map(|i| UserRow {
+                id: i + 1,
+                ..row(&format!("u{i}"), &h, 1024)
+            })
+            .collect();
+        assert_eq!(dir.apply(rows).added, 1000);
+        {
+            let users = dir.users.read();
+            let first = users.get("u0").unwrap().hash.clone();
+            assert!(
+                users.values().all(|e| Arc::ptr_eq(&e.hash, &first)),
+                "one hash loaded 1000 times is not shared"
+            );
+            assert!(users.values().all(|e| e.account.is_none()));
+        }
+        assert!(dir.accounts().is_empty());
+        assert_eq!((lim.buckets(), dir.roster().active().len()), (0, 0));
+        let a = dir.verify(b"u7", b"p").unwrap();
+        assert_eq!(dir.accounts().len(), 1);
+        assert_eq!(lim.buckets(), 0, "a login is not a connection");
+        let (slot, _) = a.admit(1).unwrap();
+        assert_eq!((lim.buckets(), dir.roster().active().len()), (1, 1));
+        // A change reaches the connected user's bucket, and makes none for anyone else.
+        dir.apply_users(
+            vec![
+                UserRow {
+                    id: 8,
+                    ..row("u7", &h, 2048)
+                },
+                UserRow {
+                    id: 9,
+                    ..row("u8", &h, 4096)
+                },
+            ],
+            &[],
+        );
+        assert_eq!(a.rate(), 2048);
+        assert_eq!(lim.buckets(), 1);
+        drop(slot);
+        assert_eq!(lim.buckets(), 0);
+        assert!(Arc::ptr_eq(&dir.verify(b"u7", b"p").unwrap(), &a));
+    }
+
+    #[test]
+    fn an_account_built_at_login_starts_from_the_stored_usage() {
+        let path = std::env::temp_dir().join(format!(
+            "sluice-dir-seed-{}-{:?}.db",
+            std::process::id(),
+            Instant::now()
+        ));
+        let store = crate::store::open(&path, true).unwrap();
+        let h = hash_password("p").unwrap();
+        let day = crate::store::UserChange {
+            quota_bytes: Some(1 << 30),
+            quota_period: Some(QuotaPeriod::Day),
+            ..Default::default()
+        };
+        store.add_with("q", &h, 0, &day).unwrap();
+        store.add_with("r", &h, 0, &day).unwrap();
+        let (rows, _) = store.load().unwrap();
+        let now = usage::unix_now();
+        let deltas: Vec<crate::store::UsageDelta> = rows
+            .iter()
+            .map(|r| crate::store::UsageDelta {
+                account_id: r.id,
+                bytes_down: 5000,
+                period_start: QuotaPeriod::Day.start_of(now),
+                ..Default::default()
+            })
+            .collect();
+        store.flush_usage(&deltas, now).unwrap();
+        let dir = Directory::new(Limiter::new(Duration::from_millis(10))).unwrap();
+        reload(&*store, &dir).unwrap();
+        assert_eq!(dir.verify(b"q", b"p").unwrap().quota_used(), 5000);
+        // Reset while "r" has no account: the seed follows, and its first login starts at 0.
+        store.reset_usage("r").unwrap();
+        store.reset_usage("q").unwrap();
+        let names = vec!["q".to_string(), "r".to_string()];
+        reload_users(&*store, &dir, &names).unwrap();
+        assert_eq!(dir.verify(b"q", b"p").unwrap().quota_used(), 0);
+        assert_eq!(dir.verify(b"r", b"p").unwrap().quota_used(), 0);
+        drop(store);
+        for suffix in ["", "-wal", "-shm"] {
+            let mut p = path.clone().into_os_string();
+            p.push(suffix);
+            let _ = std::fs::remove_file(p);
+        }
+    }
+
+    #[test]
     fn a_corrupt_hash_refuses_without_panicking() {
         let dir = Directory::new(Limiter::new(Duration::from_millis(10))).unwrap();
         dir.apply(vec![row("x", "not-a-phc-string", 0)]);

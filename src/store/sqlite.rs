@@ -1064,6 +1064,35 @@ mod tests {
     }
 
     #[test]
+    fn each_user_streams_what_load_reads() {
+        let path = temp_db("each");
+        let s = SqliteStore::open_or_create(&path).unwrap();
+        s.add("a", "h", 1).unwrap();
+        s.add("b", "h", 2).unwrap();
+        s.reset_usage("b").unwrap();
+        s.conn()
+            .unwrap()
+            .execute(
+                "INSERT INTO users (username, password_hash, bandwidth) VALUES ('bad', 'h', 'x')",
+                [],
+            )
+            .unwrap();
+        let (mut good, mut bad) = (Vec::new(), Vec::new());
+        s.each_user(&mut |r| match r {
+            Ok(u) => good.push(u),
+            Err(b) => bad.push(b),
+        })
+        .unwrap();
+        good.sort_by(|x, y| x.username.cmp(&y.username));
+        assert_eq!((good, bad), s.load().unwrap());
+        assert_eq!(s.count_users().unwrap(), 3);
+        let mut usage = Vec::new();
+        s.each_usage(&mut |u| usage.push(u)).unwrap();
+        assert_eq!(usage, s.load_usage().unwrap());
+        assert_eq!(usage.len(), 1);
+    }
+
+    #[test]
     fn a_commit_between_open_and_the_first_look_is_a_change() {
         let path = temp_db("dv0");
         drop(SqliteStore::open_or_create(&path).unwrap());
