@@ -163,6 +163,10 @@ impl Interner {
 /// The snapshot: one [`Entry`] per user, by name.
 type Snapshot = HashMap<Box<str>, Entry>;
 
+/// Rows handed from the store's reader to the snapshot's builder at once, and batches in flight.
+const LOAD_BATCH: usize = 4096;
+const LOAD_BATCHES: usize = 4;
+
 /// A keyed digest of a password: what the verify cache keeps instead of the password.
 pub type Digest = [u8; 32];
 
@@ -608,18 +612,43 @@ pub fn reload(store: &dyn UserStore, dir: &Directory) -> Result<Changes> {
             seeds.insert(u.account_id, s);
         }
     })?;
-    let mut fresh: Snapshot = HashMap::with_capacity(store.count_users()?);
-    let mut interner = Interner::default();
-    store.each_user(&mut |r| match r {
-        Ok(mut row) => {
-            let seed = seeds.remove(&row.id);
-            let hash = interner.intern(std::mem::take(&mut row.password_hash));
-            let (name, entry) = Entry::of(row, hash, seed);
-            fresh.insert(name, entry);
-        }
-        Err(b) => warn!("user {:?} ignored: {}", b.username, b.reason),
+    let capacity = store.count_users()?;
+    // Two stages on two threads: this one reads rows from the store (which stays on it), a
+    // scoped helper puts them into the snapshot, batch by batch; each is about half the work.
+    let (tx, rx) = crossbeam_channel::bounded::<Vec<UserRow>>(LOAD_BATCHES);
+    let fresh = std::thread::scope(|s| -> Result<Snapshot> {
+        let builder = s.spawn(move || {
+            let mut fresh: Snapshot = HashMap::with_capacity(capacity);
+            let mut interner = Interner::default();
+            for batch in rx {
+                for mut row in batch {
+                    let seed = seeds.remove(&row.id);
+                    let hash = interner.intern(std::mem::take(&mut row.password_hash));
+                    let (name, entry) = Entry::of(row, hash, seed);
+                    fresh.insert(name, entry);
+                }
+            }
+            fresh
+        });
+        let mut batch = Vec::with_capacity(LOAD_BATCH);
+        let read = store.each_user(&mut |r| match r {
+            Ok(row) => {
+                batch.push(row);
+                if batch.len() == LOAD_BATCH {
+                    let full = std::mem::replace(&mut batch, Vec::with_capacity(LOAD_BATCH));
+                    // The builder only stops early by panicking, which the join reports.
+                    let _ = tx.send(full);
+                }
+            }
+            Err(b) => warn!("user {:?} ignored: {}", b.username, b.reason),
+        });
+        let _ = tx.send(batch);
+        drop(tx);
+        let fresh = builder
+            .join()
+            .map_err(|_| Error::Invalid("the user snapshot could not be built".into()))?;
+        read.map(|()| fresh)
     })?;
-    drop((seeds, interner));
     Ok(dir.replace(fresh))
 }
 
