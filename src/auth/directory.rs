@@ -140,28 +140,79 @@ impl Entry {
 
 /// Shares identical password hashes between the users of one load: a table filled by script
 /// often gives many users one hash. It stops taking new hashes past [`INTERNED_MAX`], so a table
-/// of distinct hashes (the usual case) costs it a bounded set, not a second copy of each.
+/// of distinct hashes (the usual case) costs it a bounded set, not a second copy of each. A hash
+/// equal to the one before is shared without a lookup.
 #[derive(Default)]
-struct Interner(std::collections::HashSet<Arc<str>>);
+struct Interner {
+    set: std::collections::HashSet<Arc<str>, BuildNameHasher>,
+    last: Option<Arc<str>>,
+}
 
 /// Distinct hashes an [`Interner`] holds at most.
 const INTERNED_MAX: usize = 4096;
 
 impl Interner {
     fn intern(&mut self, hash: String) -> Arc<str> {
-        if let Some(h) = self.0.get(hash.as_str()) {
-            return h.clone();
+        if let Some(last) = &self.last
+            && **last == *hash
+        {
+            return last.clone();
         }
-        let h: Arc<str> = Arc::from(hash);
-        if self.0.len() < INTERNED_MAX {
-            self.0.insert(h.clone());
-        }
+        let h = match self.set.get(hash.as_str()) {
+            Some(h) => h.clone(),
+            None => {
+                let h: Arc<str> = Arc::from(hash);
+                if self.set.len() < INTERNED_MAX {
+                    self.set.insert(h.clone());
+                }
+                h
+            }
+        };
+        self.last = Some(h.clone());
         h
     }
 }
 
+/// A fast hash for the snapshot's names: the table is filled from the store (by the operator, not
+/// by clients), so it needs no keyed hash against crafted collisions, and a million inserts at
+/// start-up are a third cheaper without SipHash. Eight bytes at a time, then a 64-bit finalizer.
+#[derive(Default, Clone, Copy)]
+struct NameHasher(u64);
+
+impl std::hash::Hasher for NameHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        const K: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+        let mut h = self.0;
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            h = (h.rotate_left(5) ^ u64::from_le_bytes(w)).wrapping_mul(K);
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut w = [0u8; 8];
+            w[..rest.len()].copy_from_slice(rest);
+            h = (h.rotate_left(5) ^ u64::from_le_bytes(w)).wrapping_mul(K);
+        }
+        self.0 = h;
+    }
+
+    fn finish(&self) -> u64 {
+        // MurmurHash3's fmix64: every input bit moves the low bits the table indexes by.
+        let mut h = self.0;
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+        h ^ (h >> 33)
+    }
+}
+
+type BuildNameHasher = std::hash::BuildHasherDefault<NameHasher>;
+
 /// The snapshot: one [`Entry`] per user, by name.
-type Snapshot = HashMap<Box<str>, Entry>;
+type Snapshot = HashMap<Box<str>, Entry, BuildNameHasher>;
 
 /// Rows handed from the store's reader to the snapshot's builder at once, and batches in flight.
 const LOAD_BATCH: usize = 4096;
@@ -265,7 +316,7 @@ impl Directory {
         let digest_key = hmac::Key::generate(hmac::HMAC_SHA256, &SystemRandom::new())
             .map_err(|_| Error::Invalid("cannot make a random key for the verify cache".into()))?;
         Ok(Arc::new(Directory {
-            users: RwLock::new(HashMap::new()),
+            users: RwLock::new(Snapshot::default()),
             built: Mutex::new(HashMap::new()),
             cache: Mutex::new(HashMap::new()),
             roster: Roster::new(limiter),
@@ -618,7 +669,8 @@ pub fn reload(store: &dyn UserStore, dir: &Directory) -> Result<Changes> {
     let (tx, rx) = crossbeam_channel::bounded::<Vec<UserRow>>(LOAD_BATCHES);
     let fresh = std::thread::scope(|s| -> Result<Snapshot> {
         let builder = s.spawn(move || {
-            let mut fresh: Snapshot = HashMap::with_capacity(capacity);
+            let mut fresh =
+                Snapshot::with_capacity_and_hasher(capacity, BuildNameHasher::default());
             let mut interner = Interner::default();
             for batch in rx {
                 for mut row in batch {
@@ -957,6 +1009,26 @@ mod tests {
             p.push(suffix);
             let _ = std::fs::remove_file(p);
         }
+    }
+
+    #[test]
+    fn the_interner_shares_repeats_and_holds_a_bounded_set() {
+        let mut i = Interner::default();
+        let a = i.intern("x".repeat(97));
+        let b = i.intern("y".repeat(97));
+        assert!(Arc::ptr_eq(&a, &i.intern("x".repeat(97))), "not shared");
+        assert!(Arc::ptr_eq(&b, &i.intern("y".repeat(97))));
+        for n in 0..INTERNED_MAX * 2 {
+            i.intern(format!("distinct {n}"));
+        }
+        assert_eq!(i.set.len(), INTERNED_MAX);
+        assert!(Arc::ptr_eq(&a, &i.intern("x".repeat(97))), "forgotten");
+        // Names hash apart, short or long, in the low bits a table indexes by.
+        use std::hash::BuildHasher;
+        let low: std::collections::HashSet<u64> = (0..4096)
+            .map(|n| BuildNameHasher::default().hash_one(format!("u{n}")) & 0xffff)
+            .collect();
+        assert!(low.len() > 3800, "{} distinct of 4096", low.len());
     }
 
     #[test]
