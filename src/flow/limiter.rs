@@ -392,7 +392,16 @@ impl Limiter {
         let mut map = self.buckets.lock();
         if let Some(b) = map.get_mut(&**user) {
             b.holders = b.holders.saturating_add(1);
-            return b.serial;
+            let serial = b.serial;
+            // Still held by connections of an account deleted and added again under this name:
+            // the newest account's rate governs.
+            let rate = rate.load(Ordering::Relaxed);
+            if b.rate != rate {
+                let served = b.set_rate(rate, self.tick, Instant::now());
+                drop(map);
+                self.wake(served);
+            }
+            return serial;
         }
         let mut b = Bucket::new(rate.load(Ordering::Relaxed), self.tick, Instant::now());
         b.holders = 1;
@@ -857,6 +866,17 @@ mod tests {
         let m = lim.buckets.lock();
         let bk = m.get("a").unwrap();
         assert_eq!((bk.rate(), bk.tokens()), (3000, 0));
+    }
+
+    #[test]
+    fn the_newest_account_under_a_name_sets_the_rate_of_a_bucket_still_held() {
+        let lim = Limiter::new(Duration::from_secs(3600));
+        let u: Arc<str> = Arc::from("re");
+        let old = lim.open(&u, &AtomicU64::new(1000)); // the deleted account's last connection
+        lim.open(&u, &AtomicU64::new(5000)); // the account added again
+        assert_eq!(lim.buckets.lock().get("re").map(Bucket::rate), Some(5000));
+        lim.close("re", old);
+        assert_eq!(lim.buckets(), 1);
     }
 
     #[test]
