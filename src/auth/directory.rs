@@ -9,13 +9,20 @@
 //! relay or a login. [`reload`] applies the store to it: new rates to the limiter and the
 //! accounts, deleted users revoked, changed password hashes dropped from the cache. The server's
 //! watcher (`server::watcher`) calls it when the store changes; the store itself is `store`'s.
+//!
+//! The snapshot is compact, for tables of a million users: per user its name, id, limits and
+//! password hash (users loaded with one hash share it), and nothing else until the user logs in.
+//! The first login builds the user's [`Account`] (counters, connections, history) from the
+//! snapshot and the usage seed loaded with it — never from the store — and the account stays for
+//! the server's life; the metrics list these accounts. Per-second work is the roster's: only
+//! accounts with connections or unsettled counts are sampled and flushed.
 
 use crate::error::{Error, Result};
-use crate::flow::account::Account;
+use crate::flow::account::{Account, Roster};
 use crate::flow::limiter::Limiter;
 use crate::flow::usage;
 use crate::net::source::Source;
-use crate::store::{UserRow, UserStore};
+use crate::store::{QuotaPeriod, Usage, UserRow, UserStore};
 use argon2::Argon2;
 use argon2::password_hash::{PasswordHasher, PasswordVerifier, phc::PasswordHash};
 use log::warn;
@@ -58,17 +65,165 @@ pub fn hash_password(password: &str) -> Result<String> {
         .map_err(|e| Error::Invalid(format!("cannot hash password: {e}")))
 }
 
+/// A user as the snapshot keeps it: what a login and the limits need, and compact, since a
+/// million of these stay resident. The counters and the rest of an [`Account`] exist only once
+/// the user has logged in.
 struct Entry {
-    hash: String,
-    account: Arc<Account>,
+    id: u64,
+    /// The PHC string; users loaded with the same one share it (see [`Interner`]).
+    hash: Arc<str>,
+    bandwidth: u64,
+    quota: u64,
+    /// The connection cap (0 = none); past `u32::MAX` it is held there, which caps nothing.
+    max_connections: u32,
+    period: QuotaPeriod,
+    /// The stored usage an account built for this user starts from; none when the user has no
+    /// usage row worth keeping, or has an account (which holds the count itself).
+    seed: Option<Box<Seed>>,
+    account: Option<Arc<Account>>,
 }
+
+/// What a stored usage row means to an account yet to be built: its quota count and the reset
+/// epoch it belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Seed {
+    period_start: u64,
+    period_bytes: u64,
+    reset_epoch: u64,
+}
+
+impl Seed {
+    /// The part of `u` worth keeping; none when it reads like no row at all (nothing counted, never
+    /// reset).
+    fn of(u: &Usage) -> Option<Box<Seed>> {
+        (u.period_bytes > 0 || u.reset_epoch > 0).then(|| {
+            Box::new(Seed {
+                period_start: u.period_start,
+                period_bytes: u.period_bytes,
+                reset_epoch: u.reset_epoch,
+            })
+        })
+    }
+
+    /// As the usage row it came from, for `usage::apply_usage`.
+    fn row(&self, id: u64) -> Usage {
+        Usage {
+            account_id: id,
+            period_start: self.period_start,
+            period_bytes: self.period_bytes,
+            reset_epoch: self.reset_epoch,
+            ..Usage::default()
+        }
+    }
+}
+
+impl Entry {
+    fn of(row: UserRow, hash: Arc<str>, seed: Option<Box<Seed>>) -> (Box<str>, Entry) {
+        let entry = Entry {
+            id: row.id,
+            hash,
+            bandwidth: row.bandwidth,
+            quota: row.quota_bytes,
+            max_connections: u32::try_from(row.max_connections).unwrap_or(u32::MAX),
+            period: row.quota_period,
+            seed,
+            account: None,
+        };
+        (row.username.into_boxed_str(), entry)
+    }
+
+    /// The entry's usage seed as rows for `usage::apply_usage` (none: the user has no row).
+    fn seed_rows(&self) -> Vec<Usage> {
+        self.seed.iter().map(|s| s.row(self.id)).collect()
+    }
+}
+
+/// Shares identical password hashes between the users of one load: a table filled by script
+/// often gives many users one hash. It stops taking new hashes past [`INTERNED_MAX`], so a table
+/// of distinct hashes (the usual case) costs it a bounded set, not a second copy of each. A hash
+/// equal to the one before is shared without a lookup.
+#[derive(Default)]
+struct Interner {
+    set: std::collections::HashSet<Arc<str>, BuildNameHasher>,
+    last: Option<Arc<str>>,
+}
+
+/// Distinct hashes an [`Interner`] holds at most.
+const INTERNED_MAX: usize = 4096;
+
+impl Interner {
+    fn intern(&mut self, hash: String) -> Arc<str> {
+        if let Some(last) = &self.last
+            && **last == *hash
+        {
+            return last.clone();
+        }
+        let h = match self.set.get(hash.as_str()) {
+            Some(h) => h.clone(),
+            None => {
+                let h: Arc<str> = Arc::from(hash);
+                if self.set.len() < INTERNED_MAX {
+                    self.set.insert(h.clone());
+                }
+                h
+            }
+        };
+        self.last = Some(h.clone());
+        h
+    }
+}
+
+/// A fast hash for the snapshot's names: the table is filled from the store (by the operator, not
+/// by clients), so it needs no keyed hash against crafted collisions, and a million inserts at
+/// start-up are a third cheaper without SipHash. Eight bytes at a time, then a 64-bit finalizer.
+#[derive(Default, Clone, Copy)]
+struct NameHasher(u64);
+
+impl std::hash::Hasher for NameHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        const K: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+        let mut h = self.0;
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            h = (h.rotate_left(5) ^ u64::from_le_bytes(w)).wrapping_mul(K);
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut w = [0u8; 8];
+            w[..rest.len()].copy_from_slice(rest);
+            h = (h.rotate_left(5) ^ u64::from_le_bytes(w)).wrapping_mul(K);
+        }
+        self.0 = h;
+    }
+
+    fn finish(&self) -> u64 {
+        // MurmurHash3's fmix64: every input bit moves the low bits the table indexes by.
+        let mut h = self.0;
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+        h ^ (h >> 33)
+    }
+}
+
+type BuildNameHasher = std::hash::BuildHasherDefault<NameHasher>;
+
+/// The snapshot: one [`Entry`] per user, by name.
+type Snapshot = HashMap<Box<str>, Entry, BuildNameHasher>;
+
+/// Rows handed from the store's reader to the snapshot's builder at once, and batches in flight.
+const LOAD_BATCH: usize = 4096;
+const LOAD_BATCHES: usize = 4;
 
 /// A keyed digest of a password: what the verify cache keeps instead of the password.
 pub type Digest = [u8; 32];
 
 /// A verification remembered for one user at one source.
 struct Verified {
-    hash: String,
+    hash: Arc<str>,
     digest: Digest,
     at: Instant,
 }
@@ -101,10 +256,13 @@ pub const MAX_CACHED: usize = 65_536;
 
 /// The in-memory snapshot of the users and the verified-credential cache.
 pub struct Directory {
-    users: RwLock<HashMap<String, Entry>>,
+    users: RwLock<Snapshot>,
+    /// The accounts built so far (users that logged in since start), by id.
+    built: Mutex<HashMap<u64, Arc<Account>>>,
     /// Keyed by user and source: a verification from one address is no use to another.
     cache: Mutex<HashMap<(String, Source), Verified>>,
-    limiter: Arc<Limiter>,
+    /// The limiter the accounts' connections hold buckets in, and the active accounts.
+    roster: Arc<Roster>,
     /// A hash to verify against for unknown users, so they cost the same time as known ones.
     dummy_hash: String,
     /// HMAC-SHA256 under a random per-process key: the cache holds no password.
@@ -158,9 +316,10 @@ impl Directory {
         let digest_key = hmac::Key::generate(hmac::HMAC_SHA256, &SystemRandom::new())
             .map_err(|_| Error::Invalid("cannot make a random key for the verify cache".into()))?;
         Ok(Arc::new(Directory {
-            users: RwLock::new(HashMap::new()),
+            users: RwLock::new(Snapshot::default()),
+            built: Mutex::new(HashMap::new()),
             cache: Mutex::new(HashMap::new()),
-            limiter,
+            roster: Roster::new(limiter),
             dummy_hash: dummy_hash(hasher)?,
             digest_key,
             argon2_runs: AtomicU64::new(0),
@@ -182,16 +341,18 @@ impl Directory {
         self.argon2_runs.load(Ordering::Relaxed)
     }
 
-    /// Every account in the snapshot, sorted by name.
+    /// The accounts built so far, sorted by name: the users that logged in since start (a user
+    /// of the table who never did has none). What the metrics list.
     pub fn accounts(&self) -> Vec<Arc<Account>> {
-        let mut v: Vec<_> = self
-            .users
-            .read()
-            .values()
-            .map(|e| e.account.clone())
-            .collect();
+        let mut v: Vec<_> = self.built.lock().values().cloned().collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
+    }
+
+    /// The accounts with something to sample or flush (a connection open, or counts not yet
+    /// settled), in no particular order; see [`Roster`].
+    pub fn roster(&self) -> &Arc<Roster> {
+        &self.roster
     }
 
     fn forget(&self, name: &str) {
@@ -200,16 +361,33 @@ impl Directory {
 
     /// Replaces the snapshot with `rows`, applying rate changes, revocations and cache drops.
     pub fn apply(&self, rows: Vec<UserRow>) -> Changes {
+        let mut interner = Interner::default();
+        let fresh: Snapshot = rows
+            .into_iter()
+            .map(|mut row| {
+                let hash = interner.intern(std::mem::take(&mut row.password_hash));
+                Entry::of(row, hash, None)
+            })
+            .collect();
+        self.replace(fresh)
+    }
+
+    /// Puts `fresh` in place of the snapshot: a user with the same id keeps its account (new
+    /// rate, limits and usage seed applied), anyone else's account goes like a deleted one.
+    fn replace(&self, mut fresh: Snapshot) -> Changes {
         let mut changes = Changes::default();
         let mut users = self.users.write();
-        let mut fresh: HashMap<String, Entry> = HashMap::with_capacity(rows.len());
-        for row in rows {
-            let old = users.remove(&row.username);
-            let (name, entry) = self.update(old, row, &mut changes);
-            fresh.insert(name, entry);
-        }
-        for (name, gone) in users.drain() {
-            self.remove(&name, &gone, &mut changes);
+        if users.is_empty() {
+            // The start: nobody to compare with.
+            changes.added = fresh.len();
+        } else {
+            for (name, new) in &mut fresh {
+                let old = users.remove(name);
+                self.update(name, old, new, &mut changes);
+            }
+            for (name, gone) in users.drain() {
+                self.remove(&name, gone, &mut changes);
+            }
         }
         *users = fresh;
         changes
@@ -225,35 +403,65 @@ impl Directory {
             if rows.iter().any(|r| &r.username == name) {
                 continue;
             }
-            if let Some(gone) = users.remove(name) {
-                self.remove(name, &gone, &mut changes);
+            if let Some(gone) = users.remove(name.as_str()) {
+                self.remove(name, gone, &mut changes);
             }
         }
         for row in rows {
-            let old = users.remove(&row.username);
-            let (name, entry) = self.update(old, row, &mut changes);
-            users.insert(name, entry);
+            let old = users.remove(row.username.as_str());
+            // The same hash as before stays shared with whoever shares it.
+            let hash = match &old {
+                Some(o) if *o.hash == *row.password_hash => o.hash.clone(),
+                _ => Arc::from(row.password_hash.as_str()),
+            };
+            let (name, mut new) = Entry::of(row, hash, None);
+            self.update(&name, old, &mut new, &mut changes);
+            users.insert(name, new);
         }
         changes
     }
 
-    /// One user's step of a reload: `row` over the entry it had (if any). The same id keeps
-    /// its account (new rate and limits, the cache dropped if the hash changed); a new id is a
-    /// new account and the old one goes like a deleted one.
-    fn update(&self, old: Option<Entry>, row: UserRow, changes: &mut Changes) -> (String, Entry) {
-        let entry = match old {
-            Some(old) if old.account.id == row.id => {
-                let moved = old.account.rate() != row.bandwidth || old.hash != row.password_hash;
+    /// Applies usage rows of the users `names` (a name without a row has none): a built account
+    /// gets them as a reload gives them (a reset restarts its quota count), anyone else keeps
+    /// them as the seed its account will start from.
+    fn apply_usage_of(&self, names: &[String], rows: &[Usage]) {
+        let now = usage::unix_now();
+        let mut users = self.users.write();
+        for name in names {
+            let Some(e) = users.get_mut(name.as_str()) else {
+                continue;
+            };
+            let mine: Vec<Usage> = rows
+                .iter()
+                .filter(|u| u.account_id == e.id)
+                .cloned()
+                .collect();
+            match &e.account {
+                Some(a) => usage::apply_usage(std::slice::from_ref(a), &mine, now),
+                None => e.seed = mine.first().and_then(Seed::of),
+            }
+        }
+    }
+
+    /// One user's step of a reload: `new` (made from its row) over the entry it had (if any).
+    /// The same id keeps its account (new rate and limits, the usage seed applied, the cache
+    /// dropped if the hash changed); a new id starts without one, and the old one goes like a
+    /// deleted one.
+    fn update(&self, name: &str, old: Option<Entry>, new: &mut Entry, changes: &mut Changes) {
+        match old {
+            Some(old) if old.id == new.id => {
+                let moved = old.bandwidth != new.bandwidth || old.hash != new.hash;
                 changes.changed += usize::from(moved);
-                if old.hash != row.password_hash {
-                    self.forget(&row.username);
+                if old.hash != new.hash {
+                    self.forget(name);
                 }
-                old.account.set_rate(row.bandwidth);
-                old.account
-                    .set_limits(row.quota_bytes, row.quota_period, row.max_connections);
-                Entry {
-                    hash: row.password_hash,
-                    account: old.account,
+                if let Some(a) = old.account {
+                    a.set_rate(new.bandwidth);
+                    a.set_limits(new.quota, new.period, u64::from(new.max_connections));
+                    let seed = new.seed_rows();
+                    usage::apply_usage(std::slice::from_ref(&a), &seed, usage::unix_now());
+                    new.seed = None;
+                    new.account = Some(a);
                 }
             }
             replaced => {
@@ -261,30 +469,59 @@ impl Directory {
                 // goes like any deleted one (its bucket, keyed by name, is reused).
                 if let Some(old) = replaced {
                     changes.removed += 1;
-                    self.forget(&row.username);
-                    old.account.revoke();
+                    self.forget(name);
+                    if let Some(a) = old.account {
+                        a.revoke();
+                        self.built.lock().remove(&a.id);
+                    }
                 }
                 changes.added += 1;
-                let account = Account::new(row.id, &row.username, row.bandwidth);
-                account.set_limits(row.quota_bytes, row.quota_period, row.max_connections);
-                Entry {
-                    account,
-                    hash: row.password_hash,
-                }
             }
-        };
-        self.limiter
-            .set_rate(&entry.account.name, entry.account.rate());
-        (row.username, entry)
+        }
     }
 
     /// One user's step of a reload for a user gone from the store: its connections closed, its
     /// bucket and cached logins dropped.
-    fn remove(&self, name: &str, gone: &Entry, changes: &mut Changes) {
+    fn remove(&self, name: &str, gone: Entry, changes: &mut Changes) {
         changes.removed += 1;
         self.forget(name);
-        gone.account.revoke();
-        self.limiter.remove(name);
+        if let Some(a) = gone.account {
+            a.revoke();
+            self.built.lock().remove(&a.id);
+        }
+        self.roster.limiter().remove(name);
+    }
+
+    /// The account of `name`, built on its first login from the snapshot, if the user is still
+    /// the one whose `hash` was checked (a user deleted or given a new password meanwhile gets
+    /// none). Never reads the store: an account starts from the usage seed loaded with the users.
+    fn account_of(&self, name: &str, hash: &Arc<str>) -> Option<Arc<Account>> {
+        {
+            let users = self.users.read();
+            let e = users.get(name)?;
+            if e.hash != *hash {
+                return None;
+            }
+            if let Some(a) = &e.account {
+                return Some(a.clone());
+            }
+        }
+        let mut users = self.users.write();
+        let e = users.get_mut(name)?;
+        if e.hash != *hash {
+            return None;
+        }
+        if let Some(a) = &e.account {
+            return Some(a.clone());
+        }
+        let a = Account::in_roster(e.id, name, e.bandwidth, &self.roster);
+        a.set_limits(e.quota, e.period, u64::from(e.max_connections));
+        let seed = e.seed_rows();
+        usage::apply_usage(std::slice::from_ref(&a), &seed, usage::unix_now());
+        e.seed = None;
+        e.account = Some(a.clone());
+        self.built.lock().insert(a.id, a.clone());
+        Some(a)
     }
 
     /// The keyed digest of a password (cheap: one HMAC).
@@ -295,32 +532,34 @@ impl Directory {
         d
     }
 
-    fn lookup(&self, username: &[u8]) -> Option<(String, String, Arc<Account>)> {
+    fn lookup(&self, username: &[u8]) -> Option<(String, Arc<str>)> {
         let name = std::str::from_utf8(username).ok()?;
         let users = self.users.read();
-        users
-            .get(name)
-            .map(|e| (name.to_string(), e.hash.clone(), e.account.clone()))
+        users.get(name).map(|e| (name.to_string(), e.hash.clone()))
     }
 
     /// What the verify cache knows of these credentials at `src`. Never runs argon2.
     pub fn cached(&self, username: &[u8], src: Source, digest: &Digest) -> Cached {
-        let Some((name, hash, account)) = self.lookup(username) else {
+        let Some((name, hash)) = self.lookup(username) else {
             return Cached::Unknown;
         };
-        let mut cache = self.cache.lock();
-        let Some(v) = cache.get_mut(&(name, src)) else {
-            return Cached::Unknown;
-        };
-        let now = Instant::now();
-        if v.hash != hash || now.saturating_duration_since(v.at) >= CACHE_TTL {
-            return Cached::Unknown;
-        }
-        if constant_time_eq(&v.digest, digest) {
+        {
+            let mut cache = self.cache.lock();
+            let Some(v) = cache.get_mut(&(name.clone(), src)) else {
+                return Cached::Unknown;
+            };
+            let now = Instant::now();
+            if v.hash != hash || now.saturating_duration_since(v.at) >= CACHE_TTL {
+                return Cached::Unknown;
+            }
+            if !constant_time_eq(&v.digest, digest) {
+                return Cached::Mismatch;
+            }
             v.at = now;
-            Cached::Hit(account)
-        } else {
-            Cached::Mismatch
+        }
+        match self.account_of(&name, &hash) {
+            Some(a) => Cached::Hit(a),
+            None => Cached::Unknown,
         }
     }
 
@@ -334,18 +573,19 @@ impl Directory {
         src: Source,
         digest: &Digest,
     ) -> Option<Arc<Account>> {
-        let Some((name, hash, account)) = self.lookup(username) else {
+        let Some((name, hash)) = self.lookup(username) else {
             self.argon2_check(&self.dummy_hash, password);
             return None;
         };
         if !self.argon2_check(&hash, password) {
             return None;
         }
+        let account = self.account_of(&name, &hash)?;
         self.remember(name, src, hash, *digest);
         Some(account)
     }
 
-    fn remember(&self, name: String, src: Source, hash: String, digest: Digest) {
+    fn remember(&self, name: String, src: Source, hash: Arc<str>, digest: Digest) {
         let now = Instant::now();
         let mut cache = self.cache.lock();
         if cache.len() >= MAX_CACHED {
@@ -409,20 +649,59 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Loads the store into the directory, logging rows that cannot be used, and applies the usage
-/// rows (quota counts, resets).
+/// Loads the store into the directory, logging rows that cannot be used, with the usage rows
+/// (quota counts, resets). Rows are streamed into a fresh snapshot, which then takes the old
+/// one's place under the write lock for as long as the two are compared (nothing to compare at
+/// start): logins never wait on the store.
 ///
 /// # Errors
 /// The tables cannot be read.
 pub fn reload(store: &dyn UserStore, dir: &Directory) -> Result<Changes> {
-    let (rows, bad) = store.load()?;
-    let usage = store.load_usage()?;
-    for b in bad {
-        warn!("user {:?} ignored: {}", b.username, b.reason);
-    }
-    let changes = dir.apply(rows);
-    usage::apply_usage(&dir.accounts(), &usage, usage::unix_now());
-    Ok(changes)
+    let mut seeds: HashMap<u64, Box<Seed>> = HashMap::new();
+    store.each_usage(&mut |u| {
+        if let Some(s) = Seed::of(&u) {
+            seeds.insert(u.account_id, s);
+        }
+    })?;
+    let capacity = store.count_users()?;
+    // Two stages on two threads: this one reads rows from the store (which stays on it), a
+    // scoped helper puts them into the snapshot, batch by batch; each is about half the work.
+    let (tx, rx) = crossbeam_channel::bounded::<Vec<UserRow>>(LOAD_BATCHES);
+    let fresh = std::thread::scope(|s| -> Result<Snapshot> {
+        let builder = s.spawn(move || {
+            let mut fresh =
+                Snapshot::with_capacity_and_hasher(capacity, BuildNameHasher::default());
+            let mut interner = Interner::default();
+            for batch in rx {
+                for mut row in batch {
+                    let seed = seeds.remove(&row.id);
+                    let hash = interner.intern(std::mem::take(&mut row.password_hash));
+                    let (name, entry) = Entry::of(row, hash, seed);
+                    fresh.insert(name, entry);
+                }
+            }
+            fresh
+        });
+        let mut batch = Vec::with_capacity(LOAD_BATCH);
+        let read = store.each_user(&mut |r| match r {
+            Ok(row) => {
+                batch.push(row);
+                if batch.len() == LOAD_BATCH {
+                    let full = std::mem::replace(&mut batch, Vec::with_capacity(LOAD_BATCH));
+                    // The builder only stops early by panicking, which the join reports.
+                    let _ = tx.send(full);
+                }
+            }
+            Err(b) => warn!("user {:?} ignored: {}", b.username, b.reason),
+        });
+        let _ = tx.send(batch);
+        drop(tx);
+        let fresh = builder
+            .join()
+            .map_err(|_| Error::Invalid("the user snapshot could not be built".into()))?;
+        read.map(|()| fresh)
+    })?;
+    Ok(dir.replace(fresh))
 }
 
 /// Loads the users `names` from the store into the directory, as [`reload`] would for them
@@ -442,14 +721,7 @@ pub fn reload_users(store: &dyn UserStore, dir: &Directory, names: &[String]) ->
         .cloned()
         .collect();
     let changes = dir.apply_users(rows, &deleted);
-    let touched: Vec<Arc<Account>> = {
-        let users = dir.users.read();
-        names
-            .iter()
-            .filter_map(|n| users.get(n).map(|e| e.account.clone()))
-            .collect()
-    };
-    usage::apply_usage(&touched, &usage, usage::unix_now());
+    dir.apply_usage_of(names, &usage);
     Ok(changes)
 }
 
@@ -517,7 +789,9 @@ mod tests {
             }
         );
         assert!(a.is_revoked());
-        assert_eq!(dir.accounts()[0].rate(), 5);
+        assert!(dir.accounts().is_empty(), "b never logged in: no account");
+        assert_eq!(dir.verify(b"b", b"p").unwrap().rate(), 5);
+        assert_eq!(dir.accounts().len(), 1);
     }
 
     #[test]
@@ -634,6 +908,127 @@ mod tests {
         );
         assert!(part_old[3].is_revoked() && part_old[4].is_revoked());
         assert_eq!(part.len(), 5);
+    }
+
+    #[test]
+    fn the_snapshot_is_compact_and_accounts_come_with_logins() {
+        // Per user resident: the entry and its key in the map; everything else on login.
+        assert!(
+            std::mem::size_of::<Entry>() + std::mem::size_of::<Box<str>>() <= 80,
+            "entry {} bytes",
+            std::mem::size_of::<Entry>()
+        );
+        let lim = Limiter::new(Duration::from_millis(10));
+        let dir = Directory::new(lim.clone()).unwrap();
+        let h = hash_password("p").unwrap();
+        let rows: Vec<UserRow> = (0..1000)
+            .map(|i| UserRow {
+                id: i + 1,
+                ..row(&format!("u{i}"), &h, 1024)
+            })
+            .collect();
+        assert_eq!(dir.apply(rows).added, 1000);
+        {
+            let users = dir.users.read();
+            let first = users.get("u0").unwrap().hash.clone();
+            assert!(
+                users.values().all(|e| Arc::ptr_eq(&e.hash, &first)),
+                "one hash loaded 1000 times is not shared"
+            );
+            assert!(users.values().all(|e| e.account.is_none()));
+        }
+        assert!(dir.accounts().is_empty());
+        assert_eq!((lim.buckets(), dir.roster().active().len()), (0, 0));
+        let a = dir.verify(b"u7", b"p").unwrap();
+        assert_eq!(dir.accounts().len(), 1);
+        assert_eq!(lim.buckets(), 0, "a login is not a connection");
+        let (slot, _) = a.admit(1).unwrap();
+        assert_eq!((lim.buckets(), dir.roster().active().len()), (1, 1));
+        // A change reaches the connected user's bucket, and makes none for anyone else.
+        dir.apply_users(
+            vec![
+                UserRow {
+                    id: 8,
+                    ..row("u7", &h, 2048)
+                },
+                UserRow {
+                    id: 9,
+                    ..row("u8", &h, 4096)
+                },
+            ],
+            &[],
+        );
+        assert_eq!(a.rate(), 2048);
+        assert_eq!(lim.buckets(), 1);
+        drop(slot);
+        assert_eq!(lim.buckets(), 0);
+        assert!(Arc::ptr_eq(&dir.verify(b"u7", b"p").unwrap(), &a));
+    }
+
+    #[test]
+    fn an_account_built_at_login_starts_from_the_stored_usage() {
+        let path = std::env::temp_dir().join(format!(
+            "sluice-dir-seed-{}-{:?}.db",
+            std::process::id(),
+            Instant::now()
+        ));
+        let store = crate::store::open(&path, true).unwrap();
+        let h = hash_password("p").unwrap();
+        let day = crate::store::UserChange {
+            quota_bytes: Some(1 << 30),
+            quota_period: Some(QuotaPeriod::Day),
+            ..Default::default()
+        };
+        store.add_with("q", &h, 0, &day).unwrap();
+        store.add_with("r", &h, 0, &day).unwrap();
+        let (rows, _) = store.load().unwrap();
+        let now = usage::unix_now();
+        let deltas: Vec<crate::store::UsageDelta> = rows
+            .iter()
+            .map(|r| crate::store::UsageDelta {
+                account_id: r.id,
+                bytes_down: 5000,
+                period_start: QuotaPeriod::Day.start_of(now),
+                ..Default::default()
+            })
+            .collect();
+        store.flush_usage(&deltas, now).unwrap();
+        let dir = Directory::new(Limiter::new(Duration::from_millis(10))).unwrap();
+        reload(&*store, &dir).unwrap();
+        assert_eq!(dir.verify(b"q", b"p").unwrap().quota_used(), 5000);
+        // Reset while "r" has no account: the seed follows, and its first login starts at 0.
+        store.reset_usage("r").unwrap();
+        store.reset_usage("q").unwrap();
+        let names = vec!["q".to_string(), "r".to_string()];
+        reload_users(&*store, &dir, &names).unwrap();
+        assert_eq!(dir.verify(b"q", b"p").unwrap().quota_used(), 0);
+        assert_eq!(dir.verify(b"r", b"p").unwrap().quota_used(), 0);
+        drop(store);
+        for suffix in ["", "-wal", "-shm"] {
+            let mut p = path.clone().into_os_string();
+            p.push(suffix);
+            let _ = std::fs::remove_file(p);
+        }
+    }
+
+    #[test]
+    fn the_interner_shares_repeats_and_holds_a_bounded_set() {
+        let mut i = Interner::default();
+        let a = i.intern("x".repeat(97));
+        let b = i.intern("y".repeat(97));
+        assert!(Arc::ptr_eq(&a, &i.intern("x".repeat(97))), "not shared");
+        assert!(Arc::ptr_eq(&b, &i.intern("y".repeat(97))));
+        for n in 0..INTERNED_MAX * 2 {
+            i.intern(format!("distinct {n}"));
+        }
+        assert_eq!(i.set.len(), INTERNED_MAX);
+        assert!(Arc::ptr_eq(&a, &i.intern("x".repeat(97))), "forgotten");
+        // Names hash apart, short or long, in the low bits a table indexes by.
+        use std::hash::BuildHasher;
+        let low: std::collections::HashSet<u64> = (0..4096)
+            .map(|n| BuildNameHasher::default().hash_one(format!("u{n}")) & 0xffff)
+            .collect();
+        assert!(low.len() > 3800, "{} distinct of 4096", low.len());
     }
 
     #[test]

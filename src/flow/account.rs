@@ -7,11 +7,64 @@
 //! where tokens are taken (`relay::Budget::take`), by reserving before a read and returning what the
 //! read did not use, so parallel connections cannot overshoot it.
 
+use crate::flow::limiter::Limiter;
 use crate::store::QuotaPeriod;
 use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// What a directory's accounts share: the limiter their connections hold buckets in, and the
+/// accounts active now (a connection open, or counts the database thread has not yet flushed and
+/// sampled down to zero). The database thread walks only these, so its work grows with the users
+/// that are connected, not with the user table.
+pub struct Roster {
+    limiter: Arc<Limiter>,
+    active: Mutex<HashMap<u64, Arc<Account>>>,
+}
+
+impl Roster {
+    /// A roster over `limiter`, with nobody active.
+    pub fn new(limiter: Arc<Limiter>) -> Arc<Roster> {
+        Arc::new(Roster {
+            limiter,
+            active: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The limiter the accounts' connections hold buckets in.
+    pub fn limiter(&self) -> &Arc<Limiter> {
+        &self.limiter
+    }
+
+    /// The active accounts, in no particular order.
+    pub fn active(&self) -> Vec<Arc<Account>> {
+        self.active.lock().values().cloned().collect()
+    }
+
+    /// Takes `a` off the active list if it holds no connection and `quiet` says the rest of its
+    /// state is settled (counts flushed, samples at zero). Returns whether it went. An admit racing
+    /// with this puts the account back (see [`Account::admit`]).
+    pub fn retire_if(&self, a: &Arc<Account>, quiet: impl FnOnce(&Account) -> bool) -> bool {
+        let mut active = self.active.lock();
+        // Cleared first: an admit from now on lists the account again (after this lock).
+        a.listed.store(false, Ordering::SeqCst);
+        if a.held.load(Ordering::SeqCst) == 0 && quiet(a) {
+            active.remove(&a.id);
+            true
+        } else {
+            a.listed.store(true, Ordering::SeqCst);
+            false
+        }
+    }
+
+    fn list(&self, a: &Arc<Account>) {
+        if !a.listed.swap(true, Ordering::SeqCst) {
+            self.active.lock().insert(a.id, a.clone());
+        }
+    }
+}
 
 /// Something an account can shut from outside to end a connection (its sockets): implemented
 /// by the connection layer's streams, so this room needs no sockets of its own.
@@ -25,6 +78,8 @@ pub trait Shut: Send + Sync {
 pub struct Slot {
     account: Arc<Account>,
     id: u64,
+    /// The limiter bucket the connection holds (when the account is in a [`Roster`]).
+    bucket: Option<u64>,
 }
 
 impl Slot {
@@ -48,7 +103,12 @@ impl Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.account.conns.lock().remove(&self.id);
+        let a = &self.account;
+        a.conns.lock().remove(&self.id);
+        if let (Some(serial), Some(roster)) = (self.bucket, &a.roster) {
+            roster.limiter.close(&a.name, serial);
+        }
+        a.held.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -126,11 +186,27 @@ pub struct Account {
     pub busy_ns: AtomicU64,
     /// Per-second samples (bytes/s, share throttled), newest last, for the status page.
     pub history: Mutex<VecDeque<(u64, f64)>>,
+    /// The limiter and active list this account's connections report to (none in unit tests).
+    roster: Option<Arc<Roster>>,
+    /// Slots alive: connections admitted and not yet ended (their relays may still count).
+    held: AtomicUsize,
+    /// On the roster's active list.
+    listed: AtomicBool,
 }
 
 impl Account {
     /// A new account `id` named `name`, with a rate in bytes per second (0 = unlimited).
     pub fn new(id: u64, name: &str, rate: u64) -> Arc<Account> {
+        Self::build(id, name, rate, None)
+    }
+
+    /// As [`Account::new`], in `roster`: each connection holds the user's bucket in the roster's
+    /// limiter, and the account is on the active list while it has anything to report.
+    pub fn in_roster(id: u64, name: &str, rate: u64, roster: &Arc<Roster>) -> Arc<Account> {
+        Self::build(id, name, rate, Some(roster.clone()))
+    }
+
+    fn build(id: u64, name: &str, rate: u64, roster: Option<Arc<Roster>>) -> Arc<Account> {
         Arc::new(Account {
             id,
             name: Arc::from(name),
@@ -150,6 +226,9 @@ impl Account {
             throttled_ns: AtomicU64::new(0),
             busy_ns: AtomicU64::new(0),
             history: Mutex::new(VecDeque::with_capacity(HISTORY_SECS)),
+            roster,
+            held: AtomicUsize::new(0),
+            listed: AtomicBool::new(false),
         })
     }
 
@@ -158,9 +237,28 @@ impl Account {
         self.rate.load(Ordering::Relaxed)
     }
 
-    /// Changes the rate seen by the relays' fast path (the limiter's bucket is set separately).
+    /// Changes the rate seen by the relays' fast path and, when connections hold a bucket, the
+    /// bucket's (stored first: see [`Limiter::open`]).
     pub fn set_rate(&self, rate: u64) {
         self.rate.store(rate, Ordering::Relaxed);
+        if let Some(roster) = &self.roster {
+            roster.limiter.change_rate(&self.name, rate);
+        }
+    }
+
+    /// Connections admitted and not yet ended (a connection closed from outside counts until its
+    /// relays are done).
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::SeqCst)
+    }
+
+    /// Starts the quota count over when the period containing `now_unix` is not the one counted.
+    pub fn roll_period(&self, now_unix: u64) -> u64 {
+        let start = self.period().start_of(now_unix);
+        if self.period_start.swap(start, Ordering::Relaxed) != start {
+            self.restart_quota(0);
+        }
+        start
     }
 
     /// Sets the quota (bytes per period, 0 = none), its period, and the connection cap.
@@ -249,6 +347,10 @@ impl Account {
     /// # Errors
     /// The [`Refusal`] that applies.
     pub fn admit(self: &Arc<Self>, id: u64) -> Result<(Slot, bool), Refusal> {
+        if self.quota() > 0 {
+            // An account nobody flushed for a while may still count a period that ended.
+            self.roll_period(unix_now());
+        }
         let mut conns = self.conns.lock();
         // Checked under the lock so a revoke or a parallel admit cannot slip in between.
         if self.is_revoked() {
@@ -264,9 +366,16 @@ impl Account {
         conns.insert(id, None);
         self.opened.fetch_add(1, Ordering::Relaxed);
         let only = conns.len() == 1;
+        self.held.fetch_add(1, Ordering::SeqCst);
+        drop(conns);
+        let bucket = self.roster.as_ref().map(|r| {
+            r.list(self);
+            r.limiter.open(&self.name, &self.rate)
+        });
         let slot = Slot {
             account: self.clone(),
             id,
+            bucket,
         };
         Ok((slot, only))
     }
@@ -284,6 +393,14 @@ impl Account {
             s.shut();
         }
     }
+}
+
+/// Unix time in seconds (0 if the clock is before 1970).
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -336,9 +453,13 @@ mod tests {
         let (_third, idle) = a.admit(3).unwrap();
         assert!(!idle);
         a.set_limits(10, QuotaPeriod::Day, 0);
+        a.roll_period(unix_now());
         a.restart_quota(10);
         assert_eq!(only(a.admit(4)), Err(Refusal::Quota));
-        a.restart_quota(0);
+        // A day that ended while nobody flushed: admit starts the new day's count.
+        a.period_start.store(1, Ordering::Relaxed);
+        assert!(a.admit(4).is_ok());
+        a.restart_quota(10);
         a.revoke();
         assert_eq!(only(a.admit(5)), Err(Refusal::Revoked));
         assert_eq!(a.open_connections(), 0);
@@ -376,5 +497,35 @@ mod tests {
         );
         drop(slot);
         assert_eq!(a.open_connections(), 0);
+    }
+
+    #[test]
+    fn connections_hold_the_bucket_and_the_active_list_keeps_the_account() {
+        let lim = Limiter::new(std::time::Duration::from_secs(3600));
+        let roster = Roster::new(lim.clone());
+        let a = Account::in_roster(1, "r", 1000, &roster);
+        assert_eq!((lim.buckets(), roster.active().len()), (0, 0));
+        let (s1, _) = a.admit(1).unwrap();
+        let (s2, _) = a.admit(2).unwrap();
+        assert_eq!((lim.buckets(), roster.active().len(), a.held()), (1, 1, 2));
+        assert!(!roster.retire_if(&a, |_| true), "connections open");
+        a.close_all(); // shut from outside: the relays still run until the slots go
+        assert!(!roster.retire_if(&a, |_| true), "slots alive");
+        assert_eq!(lim.buckets(), 1);
+        drop(s1);
+        drop(s2);
+        assert_eq!(
+            (lim.buckets(), a.held()),
+            (0, 0),
+            "the last one dropped the bucket"
+        );
+        assert!(!roster.retire_if(&a, |_| false), "not settled yet");
+        assert!(roster.retire_if(&a, |_| true));
+        assert!(roster.active().is_empty());
+        // Back again: listed again, a new bucket at the current rate.
+        a.set_rate(2000);
+        let (_s3, idle) = a.admit(3).unwrap();
+        assert!(idle);
+        assert_eq!((lim.buckets(), roster.active().len()), (1, 1));
     }
 }

@@ -1,6 +1,9 @@
 //! Per-user token buckets, the refill thread, and the Condvar discipline.
 //!
-//! One bucket per limited user in a global `Mutex<HashMap<user, Bucket>>`. A relay asks for up to
+//! One bucket per user with connections open, in a global `Mutex<HashMap<user, Bucket>>`: a
+//! connection [`Limiter::open`]s its user's bucket when it is admitted (the first one makes it,
+//! empty) and [`Limiter::close`]s it when it ends (the last one drops it), so the refill tick walks
+//! the users that are connected, never the user table. A relay asks for up to
 //! its buffer size and may be granted less; it reads no more than it was granted and gives back
 //! what a short read left unused. Tokens are counted in whole bytes, with the sub-byte remainder of
 //! `rate × elapsed` carried in nanobytes, so no rounding drifts over time.
@@ -111,6 +114,11 @@ pub struct Bucket {
     frac: u64,
     last: Instant,
     queue: VecDeque<Queued>,
+    /// Connections holding the bucket ([`Limiter::open`] less [`Limiter::close`]).
+    holders: u32,
+    /// Which bucket of this user's it is: a close meant for a bucket removed meanwhile (the user
+    /// deleted) must not count against a newer one under the same name.
+    serial: u64,
 }
 
 /// Why no grant came.
@@ -135,6 +143,8 @@ impl Bucket {
             frac: 0,
             last: now,
             queue: VecDeque::new(),
+            holders: 0,
+            serial: 0,
         }
     }
 
@@ -309,9 +319,12 @@ fn capacity_for(rate: u64, tick: Duration) -> u64 {
         .max(1)
 }
 
-/// All users' buckets, the refill tick, and the counters the metrics read.
+/// The buckets of the users with connections open, the refill tick, and the counters the metrics
+/// read.
 pub struct Limiter {
     buckets: Mutex<HashMap<Arc<str>, Bucket>>,
+    /// The last bucket serial given out.
+    serials: AtomicU64,
     tick: Duration,
     stopping: AtomicBool,
     /// Ends the refill thread.
@@ -325,6 +338,7 @@ impl Limiter {
     pub fn new(tick: Duration) -> Arc<Limiter> {
         Arc::new(Limiter {
             buckets: Mutex::new(HashMap::new()),
+            serials: AtomicU64::new(0),
             tick: tick.max(Duration::from_millis(1)),
             stopping: AtomicBool::new(false),
             stop: Stop::new(),
@@ -343,6 +357,8 @@ impl Limiter {
     }
 
     /// Sets (or creates) a user's bucket; rate 0 removes the need for one but keeps it harmless.
+    /// A bucket made here is held by nobody: it stays until [`Limiter::remove`]. The server's
+    /// buckets come and go with connections instead ([`Limiter::open`], [`Limiter::close`]).
     pub fn set_rate(&self, user: &Arc<str>, rate: u64) {
         let now = Instant::now();
         let mut map = self.buckets.lock();
@@ -355,6 +371,64 @@ impl Limiter {
         };
         drop(map);
         self.wake(served);
+    }
+
+    /// Changes the rate of a user's bucket if it has one (connections open); makes none. Tokens
+    /// earned at the old rate up to now are kept.
+    pub fn change_rate(&self, user: &str, rate: u64) {
+        let now = Instant::now();
+        let served = match self.buckets.lock().get_mut(user) {
+            Some(b) => b.set_rate(rate, self.tick, now),
+            None => return,
+        };
+        self.wake(served);
+    }
+
+    /// One more connection of `user` holds its bucket: the first makes it, empty, at the rate
+    /// `rate` holds. The rate is read under the limiter's lock, so a [`Limiter::change_rate`]
+    /// made after storing a new rate there cannot fall between the read and the bucket's making.
+    /// Returns the serial to [`Limiter::close`] with.
+    pub fn open(&self, user: &Arc<str>, rate: &AtomicU64) -> u64 {
+        let mut map = self.buckets.lock();
+        if let Some(b) = map.get_mut(&**user) {
+            b.holders = b.holders.saturating_add(1);
+            let serial = b.serial;
+            // Still held by connections of an account deleted and added again under this name:
+            // the newest account's rate governs.
+            let rate = rate.load(Ordering::Relaxed);
+            if b.rate != rate {
+                let served = b.set_rate(rate, self.tick, Instant::now());
+                drop(map);
+                self.wake(served);
+            }
+            return serial;
+        }
+        let mut b = Bucket::new(rate.load(Ordering::Relaxed), self.tick, Instant::now());
+        b.holders = 1;
+        b.serial = self.serials.fetch_add(1, Ordering::Relaxed) + 1;
+        let serial = b.serial;
+        map.insert(user.clone(), b);
+        serial
+    }
+
+    /// A connection of `user` that [`Limiter::open`]ed bucket `serial` ended: the last one drops
+    /// the bucket. A close for a bucket removed meanwhile does nothing.
+    pub fn close(&self, user: &str, serial: u64) {
+        let mut map = self.buckets.lock();
+        let Some(b) = map.get_mut(user) else { return };
+        if b.serial != serial || b.holders == 0 {
+            return;
+        }
+        b.holders -= 1;
+        if b.holders == 0 && b.queue.is_empty() {
+            map.remove(user);
+        }
+    }
+
+    /// How many buckets there are (users with connections open, plus any made by
+    /// [`Limiter::set_rate`]).
+    pub fn buckets(&self) -> usize {
+        self.buckets.lock().len()
     }
 
     /// Empties a user's bucket (its first connection after being idle): the first second then
@@ -761,6 +835,66 @@ mod tests {
         assert_eq!(lim.acquire_whole("d", &w, 1), Err(Closed::Revoked));
         lim.shutdown();
         h.join().unwrap();
+    }
+
+    #[test]
+    fn buckets_come_with_the_first_connection_and_go_with_the_last() {
+        let lim = Limiter::new(Duration::from_secs(3600));
+        let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
+        let rate = AtomicU64::new(1000);
+        assert_eq!(lim.buckets(), 0);
+        // A rate change for a user without connections makes no bucket.
+        lim.change_rate("a", 5);
+        assert_eq!(lim.buckets(), 0);
+        let s1 = lim.open(&a, &rate);
+        let s2 = lim.open(&a, &rate);
+        assert_eq!(s1, s2, "one bucket per user");
+        let sb = lim.open(&b, &rate);
+        assert_eq!(lim.buckets(), 2);
+        lim.change_rate("a", 7);
+        assert_eq!(lim.buckets.lock().get("a").map(Bucket::rate), Some(7));
+        lim.close("a", s1);
+        assert_eq!(lim.buckets(), 2, "a still has a connection");
+        lim.close("a", s2);
+        lim.close("b", sb);
+        assert_eq!(lim.buckets(), 0, "idle users hold no bucket");
+        lim.refill_all(Instant::now());
+        assert_eq!(lim.buckets(), 0, "the tick makes none");
+        // The next connection starts from an empty bucket at the rate it reads then.
+        rate.store(3000, Ordering::Relaxed);
+        lim.open(&a, &rate);
+        let m = lim.buckets.lock();
+        let bk = m.get("a").unwrap();
+        assert_eq!((bk.rate(), bk.tokens()), (3000, 0));
+    }
+
+    #[test]
+    fn the_newest_account_under_a_name_sets_the_rate_of_a_bucket_still_held() {
+        let lim = Limiter::new(Duration::from_secs(3600));
+        let u: Arc<str> = Arc::from("re");
+        let old = lim.open(&u, &AtomicU64::new(1000)); // the deleted account's last connection
+        lim.open(&u, &AtomicU64::new(5000)); // the account added again
+        assert_eq!(lim.buckets.lock().get("re").map(Bucket::rate), Some(5000));
+        lim.close("re", old);
+        assert_eq!(lim.buckets(), 1);
+    }
+
+    #[test]
+    fn a_close_for_a_removed_bucket_leaves_the_new_one_alone() {
+        let lim = Limiter::new(Duration::from_secs(3600));
+        let u: Arc<str> = Arc::from("dz");
+        let rate = AtomicU64::new(1000);
+        let old = lim.open(&u, &rate);
+        lim.remove("dz"); // deleted while connected
+        let new = lim.open(&u, &rate); // added again, a new connection
+        assert_ne!(old, new);
+        lim.close("dz", old); // the old connection ends late
+        assert_eq!(lim.buckets(), 1, "the new connection lost its bucket");
+        let w = Waiter::new();
+        lim.give_back("dz", 10);
+        assert_eq!(lim.acquire("dz", &w, 10), Ok(10));
+        lim.close("dz", new);
+        assert_eq!(lim.buckets(), 0);
     }
 
     #[test]

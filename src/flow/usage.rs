@@ -1,6 +1,9 @@
-//! Usage accounting: once a second, turn the accounts' in-memory counters into live samples (rate,
-//! share of time throttled, a minute of history) and into deltas for the `usage` table; roll quota
-//! periods over. The relay path only adds to atomics; nothing here runs per chunk.
+//! Usage accounting: once a second, turn the active accounts' in-memory counters into live samples
+//! (rate, share of time throttled, a minute of history) and into deltas for the `usage` table; roll
+//! quota periods over. The relay path only adds to atomics; nothing here runs per chunk. Only the
+//! accounts on the roster's active list are sampled and flushed (see `account::Roster`): an account
+//! leaves it once [`Accountant::settled`] says everything it counted is in the store and its
+//! samples are down to zero, so a second's work follows the users that are connected.
 //!
 //! Deltas are measured against the last *committed* flush, so a flush that fails (database locked)
 //! loses nothing: the next one carries the difference. Everything is kept per account id, never
@@ -12,18 +15,12 @@ use crate::store::{Usage, UsageDelta};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
-/// Unix time in seconds (0 if the clock is before 1970).
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+pub use crate::flow::account::unix_now;
 
 /// One account's counters at a moment (what a flush is measured against).
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counts {
     up: u64,
     down: u64,
@@ -116,10 +113,7 @@ impl Accountant {
         let mut out = Vec::new();
         let mut marks = Vec::new();
         for a in accounts {
-            let start = a.period().start_of(now_unix);
-            if a.period_start.swap(start, Ordering::Relaxed) != start {
-                a.restart_quota(0);
-            }
+            let start = a.roll_period(now_unix);
             let c = counts(a);
             let p = self.flushed.get(&a.id).copied().unwrap_or_default();
             let d = c.since(p);
@@ -144,9 +138,27 @@ impl Accountant {
         (out, marks)
     }
 
-    /// Records that the deltas from [`Accountant::deltas`] are in the database.
+    /// Records that the deltas from [`Accountant::deltas`] are in the database. Marks of accounts
+    /// not in this flush are kept: an account that went quiet and comes back is measured from them.
     pub fn commit(&mut self, marks: Marks) {
-        self.flushed = marks.into_iter().collect();
+        self.flushed.extend(marks);
+    }
+
+    /// True when everything `a` counted is in the database and its last minute of samples is all
+    /// zero (so the status page's sparkline and the stored live figures show it idle): nothing is
+    /// left to sample or flush until it is used again.
+    pub fn settled(&self, a: &Account) -> bool {
+        self.flushed.get(&a.id).is_some_and(|m| *m == counts(a))
+            && a.history.lock().iter().all(|&(rate, _)| rate == 0)
+    }
+
+    /// Forgets the sample of an account that left the active list (its next sample, when it is
+    /// used again, starts a new measurement); a deleted account's flush mark goes too.
+    pub fn forget(&mut self, a: &Account) {
+        self.sampled.remove(&a.id);
+        if a.is_revoked() {
+            self.flushed.remove(&a.id);
+        }
     }
 }
 
@@ -184,6 +196,7 @@ mod tests {
         let a = Account::new(1, "u", 0);
         let accts = vec![a.clone()];
         let mut acc = Accountant::new();
+        assert!(!acc.settled(&a), "never flushed: not settled");
         a.bytes_up.fetch_add(100, Ordering::Relaxed);
         let (d, _lost) = acc.deltas(&accts, 1000);
         assert_eq!(d[0].bytes_up, 100);
@@ -194,6 +207,35 @@ mod tests {
         acc.commit(marks);
         let (d, _) = acc.deltas(&accts, 1002);
         assert_eq!(d[0].bytes_up, 0);
+        assert!(acc.settled(&a), "flushed and never sampled busy");
+        a.bytes_down.fetch_add(1, Ordering::Relaxed);
+        assert!(!acc.settled(&a), "a byte not yet flushed");
+    }
+
+    #[test]
+    fn an_account_stays_unsettled_until_its_samples_are_back_to_zero() {
+        let a = Account::new(1, "u", 0);
+        let accts = vec![a.clone()];
+        let mut acc = Accountant::new();
+        let t0 = Instant::now();
+        acc.sample(&accts, t0);
+        a.bytes_down.fetch_add(5000, Ordering::Relaxed);
+        acc.sample(&accts, t0 + Duration::from_secs(1));
+        let (_, marks) = acc.deltas(&accts, 1000);
+        acc.commit(marks);
+        assert!(
+            !acc.settled(&a),
+            "the sparkline still shows the busy second"
+        );
+        for s in 2..=HISTORY_SECS as u64 + 1 {
+            acc.sample(&accts, t0 + Duration::from_secs(s));
+        }
+        assert!(acc.settled(&a));
+        // Gone quiet and back: the marks are kept, so only the new bytes are flushed.
+        acc.forget(&a);
+        a.bytes_down.fetch_add(7, Ordering::Relaxed);
+        let (d, _) = acc.deltas(&accts, 1100);
+        assert_eq!(d[0].bytes_down, 7);
     }
 
     #[test]

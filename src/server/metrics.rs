@@ -385,6 +385,16 @@ mod tests {
             quota_period: crate::store::QuotaPeriod::None,
             max_connections: 0,
         }]);
+        assert!(
+            !render_prometheus(&Sources {
+                directory: dir.clone(),
+                limiter: lim.clone(),
+                counters: Arc::new(Counters::default()),
+            })
+            .contains("we\\\"ird"),
+            "a user who never logged in is listed"
+        );
+        assert!(dir.verify(b"we\"ird\\user", b"p").is_some());
         let counters = Arc::new(Counters::default());
         counters.auth_failure("socks5");
         let src = Sources {

@@ -2,8 +2,10 @@
 //! asks the store what changed every [`WATCH_INTERVAL`] and applies `sluice unban` requests and
 //! the changed users to the directory (rates, limits, revocations, the verify cache) when
 //! something did: only the users named when the store can name them, everyone otherwise. It
-//! samples the accounts and flushes usage to the store every [`FLUSH_INTERVAL`] (trimming the
-//! store's record of applied changes then), and once more when it is stopped.
+//! samples the active accounts (see `flow::account::Roster`) and flushes their usage to the store
+//! every [`FLUSH_INTERVAL`] (trimming the store's record of applied changes then), and once more
+//! when it is stopped. Nothing here walks the user table: a quiet server's second is a look at
+//! `data_version` four times and an empty active list.
 //!
 //! How a change is noticed (SQLite's `data_version`, a file replaced or deleted) is the store's
 //! business; what a reload does to the snapshot is `auth`'s. A store that is gone or failing
@@ -101,8 +103,15 @@ impl Watcher {
         }
     }
 
+    /// Samples and flushes the active accounts only (connections open, or counts not yet
+    /// settled), then lets go of those with nothing left to report: with nobody connected a
+    /// second costs nothing, whatever the size of the user table.
     fn write_usage(&mut self, dir: &Directory) {
-        let accounts = dir.accounts();
+        let roster = dir.roster();
+        let accounts = roster.active();
+        if accounts.is_empty() {
+            return;
+        }
         self.accountant.sample(&accounts, Instant::now());
         let (deltas, marks) = self.accountant.deltas(&accounts, usage::unix_now());
         match self.store.flush_usage(&deltas, usage::unix_now()) {
@@ -111,6 +120,11 @@ impl Watcher {
                 if self.flush_failing {
                     info!("usage flushes work again");
                     self.flush_failing = false;
+                }
+                for a in &accounts {
+                    if roster.retire_if(a, |a| self.accountant.settled(a)) {
+                        self.accountant.forget(a);
+                    }
                 }
             }
             // No store: the counts wait in memory (deltas are taken against the last commit).
@@ -218,6 +232,8 @@ mod tests {
         looks: usize,
         loads: usize,
         flushes: usize,
+        /// Every delta flushed.
+        flushed: Vec<UsageDelta>,
     }
 
     /// A store that is not SQLite: the watcher works through the trait alone.
@@ -259,8 +275,10 @@ mod tests {
         fn reset_usage(&self, _: &str) -> Result<()> {
             nope()
         }
-        fn flush_usage(&self, _: &[UsageDelta], _: u64) -> Result<()> {
-            self.0.lock().flushes += 1;
+        fn flush_usage(&self, d: &[UsageDelta], _: u64) -> Result<()> {
+            let mut s = self.0.lock();
+            s.flushes += 1;
+            s.flushed.extend_from_slice(d);
             Ok(())
         }
         fn request_unban(&self, _: &str) -> Result<()> {
@@ -285,6 +303,14 @@ mod tests {
 
     fn start(script: &Arc<Mutex<Script>>, stop: &Stop) -> (Arc<Directory>, thread::JoinHandle<()>) {
         let dir = Directory::new(Limiter::new(Duration::from_millis(10))).unwrap();
+        start_on(dir, script, stop)
+    }
+
+    fn start_on(
+        dir: Arc<Directory>,
+        script: &Arc<Mutex<Script>>,
+        stop: &Stop,
+    ) -> (Arc<Directory>, thread::JoinHandle<()>) {
         let h = spawn(
             Box::new(Fake(script.clone())),
             dir.clone(),
@@ -306,15 +332,69 @@ mod tests {
         false
     }
 
+    /// A directory with user "a" (password "p") logged in and one connection open.
+    fn connected() -> (Arc<Directory>, crate::flow::account::Slot) {
+        let dir = Directory::new(Limiter::new(Duration::from_millis(10))).unwrap();
+        let hash = crate::auth::hash_password("p").unwrap();
+        dir.apply(vec![UserRow {
+            password_hash: hash,
+            ..user("a")
+        }]);
+        let a = dir.verify(b"a", b"p").unwrap();
+        a.bytes_down
+            .fetch_add(42, std::sync::atomic::Ordering::Relaxed);
+        let (slot, _) = a.admit(1).unwrap();
+        (dir, slot)
+    }
+
     #[test]
     fn a_stop_ends_the_watcher_at_once_with_a_last_flush() {
         let script = Arc::new(Mutex::new(Script::default()));
         let stop = Stop::new();
         stop.stop();
-        let (_dir, h) = start(&script, &stop);
+        let (dir, _slot) = connected();
+        let (_dir, h) = start_on(dir, &script, &stop);
         h.join().unwrap();
         let s = script.lock();
         assert_eq!((s.looks, s.flushes), (0, 1), "a round ran before the stop");
+        assert_eq!(s.flushed.len(), 1);
+        assert_eq!((s.flushed[0].bytes_down, s.flushed[0].open_now), (42, 1));
+    }
+
+    #[test]
+    fn with_nobody_connected_a_second_flushes_nothing() {
+        let script = Arc::new(Mutex::new(Script::default()));
+        script.lock().users = (0..1000).map(|i| user(&format!("u{i}"))).collect();
+        script.lock().changes.push_back(Changed::All);
+        let stop = Stop::new();
+        let (dir, h) = start(&script, &stop);
+        // Five looks: more than a flush interval went by.
+        assert!(wait_until(|| script.lock().looks >= 5));
+        assert_eq!(dir.len(), 1000);
+        stop.stop();
+        h.join().unwrap();
+        let s = script.lock();
+        assert_eq!(
+            s.flushes,
+            0,
+            "flushed {} deltas of idle users",
+            s.flushed.len()
+        );
+        // Logged in and connected: that user alone is flushed, every second.
+        drop(s);
+        let (dir, slot) = connected();
+        let stop = Stop::new();
+        let (_dir, h) = start_on(dir, &script, &stop);
+        assert!(wait_until(|| script.lock().flushes >= 2));
+        stop.stop();
+        h.join().unwrap();
+        drop(slot);
+        let s = script.lock();
+        assert!(
+            s.flushed.iter().all(|d| d.account_id == 1),
+            "{:?}",
+            s.flushed
+        );
     }
 
     #[test]
@@ -330,7 +410,11 @@ mod tests {
         assert!(wait_until(|| dir.len() == 1), "the change was not applied");
         stop.stop();
         h.join().unwrap();
-        assert!(script.lock().flushes >= 1);
+        assert_eq!(
+            script.lock().flushes,
+            0,
+            "nobody logged in: nothing to flush"
+        );
     }
 
     #[test]

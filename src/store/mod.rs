@@ -47,6 +47,38 @@ pub trait UserStore: Send {
     /// The store cannot be read at all.
     fn load(&self) -> Result<(Vec<UserRow>, Vec<BadRow>)>;
 
+    /// Every user, in no particular order, handed to `f` one row at a time ([`BadRow`]s for rows
+    /// that cannot be read), so a million users are never all in memory as rows at once. The
+    /// default goes through [`UserStore::load`]; a store that can stream does better.
+    ///
+    /// # Errors
+    /// The store cannot be read (`f` may have seen some rows already).
+    fn each_user(&self, f: &mut dyn FnMut(std::result::Result<UserRow, BadRow>)) -> Result<()> {
+        let (good, bad) = self.load()?;
+        good.into_iter().for_each(|r| f(Ok(r)));
+        bad.into_iter().for_each(|b| f(Err(b)));
+        Ok(())
+    }
+
+    /// How many users there are, to size the snapshot before [`UserStore::each_user`] (0 when
+    /// the store cannot say cheaply).
+    ///
+    /// # Errors
+    /// The store cannot be read.
+    fn count_users(&self) -> Result<usize> {
+        Ok(0)
+    }
+
+    /// Every usage row, as [`UserStore::load_usage`] has them, handed to `f` one at a time. The
+    /// default goes through `load_usage`.
+    ///
+    /// # Errors
+    /// The store cannot be read.
+    fn each_usage(&self, f: &mut dyn FnMut(Usage)) -> Result<()> {
+        self.load_usage()?.into_iter().for_each(f);
+        Ok(())
+    }
+
     /// The rows of the users named (a name with no row is a deleted user and is simply not
     /// there); rows that cannot be read come back as [`BadRow`]s. The default filters
     /// [`UserStore::load`]; a store that can read single users does better.

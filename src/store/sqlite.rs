@@ -489,16 +489,37 @@ impl UserStore for SqliteStore {
         Ok(out)
     }
 
+    /// Deletes the log rows already applied. When that is every row (the usual case: a bulk
+    /// insert of a million users leaves a million), the whole table is emptied by one unqualified
+    /// `DELETE`, which SQLite does by freeing pages rather than row by row (milliseconds instead
+    /// of seconds with the write lock held); the write transaction keeps a commit from adding a
+    /// row between the check and the delete.
     fn trim_changes(&mut self) -> Result<()> {
         if self.seen_seq - self.trimmed_seq < TRIM_AFTER {
             return Ok(());
         }
-        self.conn()?
-            .execute(
-                "DELETE FROM user_changes WHERE seq <= ?1",
-                params![self.seen_seq],
-            )
-            .map_err(|e| db_err(&self.path, e))?;
+        let e = |e| db_err(&self.path, e);
+        let conn = self.conn()?;
+        conn.execute_batch("BEGIN IMMEDIATE").map_err(e)?;
+        let trimmed = (|| {
+            let top: i64 =
+                conn.query_row("SELECT coalesce(max(seq), 0) FROM user_changes", [], |r| {
+                    r.get(0)
+                })?;
+            if top <= self.seen_seq {
+                conn.execute("DELETE FROM user_changes", [])?;
+            } else {
+                conn.execute(
+                    "DELETE FROM user_changes WHERE seq <= ?1",
+                    params![self.seen_seq],
+                )?;
+            }
+            conn.execute_batch("COMMIT")
+        })();
+        if let Err(err) = trimmed {
+            let _ = conn.execute_batch("ROLLBACK");
+            return Err(e(err));
+        }
         self.trimmed_seq = self.seen_seq;
         Ok(())
     }
@@ -690,6 +711,43 @@ impl UserStore for SqliteStore {
             .map_err(e)?;
         let rows = st.query_map([], usage_from_row).map_err(e)?;
         rows.collect::<std::result::Result<Vec<_>, _>>().map_err(e)
+    }
+
+    /// A table scan in rowid order (no sort: the directory is a hash map), one row in memory at
+    /// a time. One statement, so one consistent read; WAL lets writers commit meanwhile.
+    fn each_user(&self, f: &mut dyn FnMut(std::result::Result<UserRow, BadRow>)) -> Result<()> {
+        let e = |e| db_err(&self.path, e);
+        let mut stmt = self
+            .conn()?
+            .prepare(
+                "SELECT username, password_hash, bandwidth, quota_bytes, quota_period,
+                        max_connections, id
+                 FROM users",
+            )
+            .map_err(e)?;
+        let mut rows = stmt.query([]).map_err(e)?;
+        while let Some(row) = rows.next().map_err(e)? {
+            f(row_from_values(values(row).map_err(e)?));
+        }
+        Ok(())
+    }
+
+    fn count_users(&self) -> Result<usize> {
+        let n: i64 = self
+            .conn()?
+            .query_row("SELECT count(*) FROM users", [], |r| r.get(0))
+            .map_err(|e| db_err(&self.path, e))?;
+        Ok(usize::try_from(n).unwrap_or(0))
+    }
+
+    fn each_usage(&self, f: &mut dyn FnMut(Usage)) -> Result<()> {
+        let e = |e| db_err(&self.path, e);
+        let mut st = self.conn()?.prepare(USAGE_SELECT).map_err(e)?;
+        let mut rows = st.query([]).map_err(e)?;
+        while let Some(row) = rows.next().map_err(e)? {
+            f(usage_from_row(row).map_err(e)?);
+        }
+        Ok(())
     }
 
     fn load(&self) -> Result<(Vec<UserRow>, Vec<BadRow>)> {
@@ -1024,6 +1082,35 @@ mod tests {
         let usage = s.load_usage_of(&names).unwrap();
         assert_eq!(usage.len(), 1);
         assert_eq!((usage[0].username.as_str(), usage[0].reset_epoch), ("b", 1));
+    }
+
+    #[test]
+    fn each_user_streams_what_load_reads() {
+        let path = temp_db("each");
+        let s = SqliteStore::open_or_create(&path).unwrap();
+        s.add("a", "h", 1).unwrap();
+        s.add("b", "h", 2).unwrap();
+        s.reset_usage("b").unwrap();
+        s.conn()
+            .unwrap()
+            .execute(
+                "INSERT INTO users (username, password_hash, bandwidth) VALUES ('bad', 'h', 'x')",
+                [],
+            )
+            .unwrap();
+        let (mut good, mut bad) = (Vec::new(), Vec::new());
+        s.each_user(&mut |r| match r {
+            Ok(u) => good.push(u),
+            Err(b) => bad.push(b),
+        })
+        .unwrap();
+        good.sort_by(|x, y| x.username.cmp(&y.username));
+        assert_eq!((good, bad), s.load().unwrap());
+        assert_eq!(s.count_users().unwrap(), 3);
+        let mut usage = Vec::new();
+        s.each_usage(&mut |u| usage.push(u)).unwrap();
+        assert_eq!(usage, s.load_usage().unwrap());
+        assert_eq!(usage.len(), 1);
     }
 
     #[test]

@@ -20,11 +20,16 @@ impl QuotaPeriod {
     /// # Errors
     /// Anything else, with the accepted forms.
     pub fn parse(s: &str) -> Result<QuotaPeriod, BadPeriod> {
-        match s.to_ascii_lowercase().as_str() {
-            "none" | "" => Ok(QuotaPeriod::None),
-            "day" | "daily" => Ok(QuotaPeriod::Day),
-            "month" | "monthly" => Ok(QuotaPeriod::Month),
-            _ => Err(BadPeriod(s.to_string())),
+        // Compared without folding into a new string: it runs once per user at every load.
+        let is = |names: &[&str]| names.iter().any(|n| s.eq_ignore_ascii_case(n));
+        if is(&["none", ""]) {
+            Ok(QuotaPeriod::None)
+        } else if is(&["day", "daily"]) {
+            Ok(QuotaPeriod::Day)
+        } else if is(&["month", "monthly"]) {
+            Ok(QuotaPeriod::Month)
+        } else {
+            Err(BadPeriod(s.to_string()))
         }
     }
 

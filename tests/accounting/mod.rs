@@ -540,6 +540,8 @@ fn a_quota_closes_the_connection_and_refuses_new_ones_until_reset_usage() {
 /// with `quota` bytes set through `sluice user set` on the running server; waits until it applies.
 fn limited_user_with_quota(quota: u64) -> TestServer {
     let srv = TestServer::start_with(&[("hal", PASS, 2 << 20)], with_metrics);
+    // Logged in once, so `/api/users` lists hal (it lists users that logged in since start).
+    drop(tunnel(srv.addr, "hal", &Origin::start()));
     let db = srv.db.to_str().unwrap();
     let q = quota.to_string();
     let out = sluice(&[
@@ -1023,4 +1025,40 @@ fn a_slow_scraper_stalls_neither_relays_nor_other_scrapes() {
     );
     assert!(down.is_some());
     drop(silent);
+}
+
+/// `/metrics`, `/api/users` and the page list the users that logged in since start, not the
+/// whole table: a user who never connected is in none of them until it does.
+#[test]
+fn the_metrics_list_only_users_that_logged_in() {
+    let origin = Origin::start();
+    let srv = TestServer::start_with(
+        &[("alice", PASS, 0), ("bob", PASS, 0), ("carol", PASS, 0)],
+        with_metrics,
+    );
+    let maddr = metrics_addr(&srv);
+    let names = || -> Vec<String> {
+        let api = Json::parse(&http_get(maddr, "/api/users").2).unwrap();
+        let mut v: Vec<String> = api
+            .as_array()
+            .iter()
+            .filter_map(|u| Some(u.get("user")?.as_str()?.to_string()))
+            .collect();
+        v.sort_unstable();
+        v
+    };
+    assert!(names().is_empty(), "idle users listed: {:?}", names());
+    assert!(scrape(maddr).of("sluice_user_connections").is_empty());
+    download(tunnel(srv.addr, "alice", &origin), 1000);
+    let mut open = tunnel(srv.addr, "carol", &origin);
+    echo_open(&mut open, 10);
+    assert_eq!(names(), ["alice", "carol"]);
+    let m = scrape(maddr);
+    assert_eq!(
+        m.get("sluice_user_connections", &[("user", "carol")]),
+        Some(1.0)
+    );
+    assert_eq!(m.get("sluice_user_connections", &[("user", "bob")]), None);
+    let (_, _, page) = http_get(maddr, "/");
+    assert!(page.contains("alice") && !page.contains("<td>bob</td>"));
 }

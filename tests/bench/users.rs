@@ -92,32 +92,44 @@ fn start(
     Ok((proc, addr, t.elapsed()))
 }
 
-/// CPU seconds (utime + stime) of each of `proc`'s threads, by thread name (threads of one name
-/// summed: the relay threads).
+/// CPU seconds of each of `proc`'s threads, by thread name (threads of one name summed: the relay
+/// threads), from `/proc/PID/task/TID/schedstat` (nanoseconds on a CPU; `stat`'s utime + stime
+/// count 10 ms ticks, and an idle server's 1 % of a core over 5 s is five of them). A thread that
+/// exits between two readings drops out: none does in the windows measured here (no connections).
 fn thread_cpu(proc: &Proc) -> Vec<(String, f64)> {
-    // SAFETY: sysconf reads a constant.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     let mut out: Vec<(String, f64)> = Vec::new();
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", proc.pid())) else {
         return out;
     };
     for t in tasks.flatten() {
-        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
+        let (Ok(comm), Ok(sched)) = (
+            std::fs::read_to_string(t.path().join("comm")),
+            std::fs::read_to_string(t.path().join("schedstat")),
+        ) else {
             continue;
         };
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            continue;
-        };
-        let name = stat[open + 1..close].to_string();
-        let f: Vec<&str> = stat[close + 1..].split_whitespace().collect();
-        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-        let secs = (ticks(11) + ticks(12)) as f64 / hz;
+        let name = comm.trim_end().to_string();
+        let ns: u64 = sched
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let secs = ns as f64 / 1e9;
         match out.iter_mut().find(|(n, _)| *n == name) {
             Some(e) => e.1 += secs,
             None => out.push((name, secs)),
         }
     }
     out
+}
+
+/// CPU seconds of all of `proc`'s threads (see [`thread_cpu`]).
+fn sched_cpu(proc: &Proc) -> Result<f64, String> {
+    let t = thread_cpu(proc);
+    if t.is_empty() {
+        return Err("cannot read the server's schedstat".into());
+    }
+    Ok(t.iter().map(|(_, c)| c).sum())
 }
 
 /// Per-thread CPU between two [`thread_cpu`] readings, as % of one core over `secs`, busiest
@@ -158,7 +170,7 @@ const WATCHER: &str = "user watcher";
 
 /// The process's CPU over `window` from now, as % of one core.
 fn cpu_pct(proc: &Proc, window: Duration) -> Result<f64, String> {
-    let cpu = || proc.cpu_secs().ok_or("cannot read the server's CPU time");
+    let cpu = || sched_cpu(proc);
     let (c0, t0) = (cpu()?, Instant::now());
     thread::sleep(window);
     Ok((cpu()? - c0) / t0.elapsed().as_secs_f64() * 100.0)
@@ -246,7 +258,7 @@ struct Changes {
 /// `n` changes to users u2…, one every [`CHANGE_EVERY`] (or back to back when one takes
 /// longer); a change that fails (the server holding the database locked) is counted, not fatal.
 fn changes(ctx: &Ctx, proc: &Proc, db: &Path, n: usize) -> Result<Changes, String> {
-    let cpu = || proc.cpu_secs().ok_or("cannot read the server's CPU time");
+    let cpu = || sched_cpu(proc);
     let (c0, w0, t0) = (cpu()?, cpu_of(&thread_cpu(proc), WATCHER), Instant::now());
     let (mut failed, mut first_error) = (0, None);
     for i in 0..n {
@@ -303,7 +315,8 @@ pub fn run(ctx: &mut Ctx) -> Result<(), String> {
          thread obtained, so a thread that would run flat out shows as the share the machine gave it. \
          Per size a fresh database (one INSERT … WITH RECURSIVE, one shared argon2 \
          hash, every user {BW} B/s) and a fresh server. Start-up is spawn to the first accepted \
-         TCP connect (polled every 20 ms); idle CPU is utime + stime over {IDLE:?} with no \
+         TCP connect (polled every 20 ms); CPU is the sum of the server's threads' \
+         /proc/PID/task/*/schedstat run times (ns); idle CPU is that over {IDLE:?} with no \
          traffic, 1 s after start; RSS per user is (VmRSS − VmRSS of a {BASELINE}-user server) / \
          users, with no connection ever made; change cost is (server CPU from the first of the \
          `sluice user set NAME --bandwidth …` changes, one every {CHANGE_EVERY:?}, to {CHANGE_TAIL:?} \
@@ -395,11 +408,18 @@ fn one_size(ctx: &mut Ctx, n: u64, base_rss: f64, size: &str) -> Result<(), Stri
     if let Some(e) = &ch.first_error {
         fewer += &format!(" · {} of {count} changes failed, first: {e}", ch.failed);
     }
-    // When the server is as busy at idle as with changes, the difference is noise: say so.
+    // When the server is as busy at idle as with changes, the difference is noise: then all the
+    // server's CPU during the changes, idle included, divided by the changes is an upper bound.
+    let upper_ms = ch.cpu / count as f64 * 1e3;
     let (value, verdict) = if cost_ms > 0.0 {
         (
             format!("{cost_ms:.1} ms"),
             Verdict::of(cost_ms <= MAX_CHANGE_MS && watcher_ms <= MAX_CHANGE_MS && ch.failed == 0),
+        )
+    } else if upper_ms <= MAX_CHANGE_MS && ch.failed == 0 {
+        (
+            format!("≤ {upper_ms:.2} ms (upper bound: {cost_ms:.2} ms over idle is noise)"),
+            Verdict::of(true),
         )
     } else {
         (

@@ -701,3 +701,38 @@ fn a_change_to_one_user_of_many_rereads_that_user_alone() {
     );
     assert!(!flow.is_closed(), "the changed user lost its connection");
 }
+
+/// A change made by hand (SQL on the file, as in the sqlite3 shell) to a user with an open
+/// connection reaches it within about a second, among 2,000 users who never connected.
+#[test]
+fn a_hand_edit_reaches_an_open_connection_among_idle_users() {
+    let (before, after) = (32 * KIB, 256 * KIB);
+    let dir = TempDir::new("hand");
+    let db = dir.path("users.db");
+    make_db(&db, &[("u", "p", before)]);
+    let sql = rusqlite::Connection::open(&db).unwrap();
+    sql.execute_batch(
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2000)
+         INSERT INTO users (username, password_hash, bandwidth)
+            SELECT 'user' || i, (SELECT password_hash FROM users WHERE username = 'u'), 1000
+            FROM n;",
+    )
+    .unwrap();
+    let srv = server_process(&db);
+    let origin = Origin::start();
+    let flow = Flow::download(socks5(srv.addr, "u", "p", "127.0.0.1", origin.addr.port()).unwrap());
+    thread::sleep(WARM_UP);
+    let (got, took) = window(&[&flow.count], Duration::from_secs(1));
+    assert_rate("before the change", got[0], took, before, 0.2);
+    sql.execute(
+        "UPDATE users SET bandwidth = ?1 WHERE username = 'u'",
+        [after as i64],
+    )
+    .unwrap();
+    let changed = Instant::now();
+    let seen = time_until_rate(&flow.count, changed, Duration::from_secs(3), |r| {
+        r > (after / 2) as f64
+    });
+    let seen = seen.expect("the hand edit never reached the open connection");
+    assert!(seen <= Duration::from_millis(1500), "took {seen:?}");
+}
