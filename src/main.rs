@@ -290,6 +290,14 @@ fn cmd_server(mut args: Arguments) -> Result<()> {
         }
         cfg.tick = Duration::from_millis(ms);
     }
+    // Undocumented, for tests and the bench: the relays' release period and pipe budget.
+    if let Some(ms) = opt::<u64>(&mut args, "--release-ms", HELP_SERVER)? {
+        if !(1..=MAX_FLAG_SECS * 1000).contains(&ms) {
+            return Err(usage("--release-ms must be 1 to 604800000"));
+        }
+        cfg.release_after = Duration::from_millis(ms);
+    }
+    cfg.pipe_budget = opt::<usize>(&mut args, "--pipe-budget", HELP_SERVER)?;
     finish(args, HELP_SERVER)?;
     // Raised before start (the connection cap derives from it), logged after (so a start-up
     // error stays the only line).
