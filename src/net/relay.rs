@@ -501,7 +501,8 @@ struct PipeSlot(());
 
 impl PipeSlot {
     fn take() -> Option<PipeSlot> {
-        os::PIPES.try_take().then_some(PipeSlot(()))
+        // `then`, not `then_some`: a slot built and dropped on refusal would give back a pipe.
+        os::PIPES.try_take().then(|| PipeSlot(()))
     }
 }
 

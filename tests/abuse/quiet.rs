@@ -150,3 +150,60 @@ fn with_no_pipe_budget_tunnels_copy_through_buffers() {
         read_all(&mut d)
     }
 }
+
+/// Pipe descriptors process `pid` holds now.
+fn pipe_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| {
+                    std::fs::read_link(e.path())
+                        .is_ok_and(|l| l.to_string_lossy().starts_with("pipe:"))
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn busy_tunnels_take_pipes_only_up_to_the_budget() {
+    let dir = TempDir::new("budget");
+    let db = dir.path("users.db");
+    make_db(&db, &[("u", "pw", 0)]);
+    let origin = Origin::start();
+    // Two pipes' worth; six tunnels echoing at once want twelve.
+    let srv = ServerProcess::start(&db, &["--pipe-budget", "4"]);
+    let before = pipe_fds(srv.pid());
+    let stop = Arc::new(AtomicBool::new(false));
+    let loads: Vec<_> = (0..6)
+        .map(|_| {
+            let s = socks5(srv.addr, "u", "pw", "127.0.0.1", origin.addr.port()).unwrap();
+            let stop = stop.clone();
+            thread::spawn(move || {
+                let mut s = s;
+                s.write_all(b"ECHO\n").unwrap();
+                let mut i = 0u8;
+                while !stop.load(Ordering::Relaxed) {
+                    echo_exact(&s, 65_536, i);
+                    i = i.wrapping_add(1);
+                }
+            })
+        })
+        .collect();
+    let most = (0..50)
+        .map(|_| {
+            thread::sleep(Duration::from_millis(10));
+            pipe_fds(srv.pid())
+        })
+        .max()
+        .unwrap_or(0);
+    stop.store(true, Ordering::Relaxed);
+    for l in loads {
+        l.join().unwrap();
+    }
+    assert!(
+        most <= before + 4,
+        "pipes past the budget of 4 descriptors: {most} pipe descriptors, {before} before"
+    );
+    assert!(most > before, "no pipe was taken at all: {most}");
+}
