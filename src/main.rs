@@ -60,7 +60,8 @@ usage: sluice server [options]
   --tls-cert FILE           certificate chain (PEM) — with --tls-key, the port speaks TLS only;
   --tls-key FILE            its private key (PEM: PKCS#8, RSA or EC). `sluice cert` makes a pair
   --max-connections N       most connections at once; more are closed at once
-                            (default: (open-files limit - 64) / 2)
+                            (default: (open-files limit - 64 - a twelfth of it) / 2;
+                            the files the cap leaves hold relay pipes)
   --max-handshakes N        most connections still in their handshake (not yet logged in) at once;
                             more are closed at once, so logged-in users keep room (default: half
                             of --max-connections)

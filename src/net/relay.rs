@@ -703,6 +703,58 @@ mod tests {
         Budget { account, limiter }
     }
 
+    fn activity(check: Duration, release: Duration) -> Activity {
+        Activity {
+            epoch: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            idle: DEFAULT_IDLE_TIMEOUT,
+            check,
+            release,
+        }
+    }
+
+    fn loopback_stream() -> (Stream, std::net::TcpStream) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        (Stream::plain(l.accept().unwrap().0), c)
+    }
+
+    #[test]
+    fn a_direction_gives_back_its_buffer_after_the_release_period() {
+        let (src, _peer) = loopback_stream();
+        // Release sooner than the idle check: one read timeout (of the release period) is enough.
+        let a = activity(Duration::from_secs(60), Duration::from_secs(5));
+        let mut q = Quiet::new(&a);
+        let mut mover = Mover::Buffer(vec![0; 8]);
+        q.taken(&src).unwrap();
+        assert_eq!(src.socket().read_timeout().unwrap(), Some(a.release));
+        assert!(q.lapse(&src, &mut mover).unwrap());
+        assert!(mover.is_none());
+        assert_eq!(src.socket().read_timeout().unwrap(), Some(a.check));
+        // Nothing held: nothing to give back.
+        assert!(!q.lapse(&src, &mut mover).unwrap());
+    }
+
+    #[test]
+    fn quiet_adds_up_over_idle_checks_and_starts_over_on_a_byte() {
+        let (src, _peer) = loopback_stream();
+        // The idle check wakes every second; the release waits for five of them in a row.
+        let a = activity(Duration::from_secs(1), Duration::from_secs(5));
+        let mut q = Quiet::new(&a);
+        let mut mover = Mover::Buffer(vec![0; 8]);
+        q.taken(&src).unwrap();
+        for _ in 0..4 {
+            assert!(!q.lapse(&src, &mut mover).unwrap());
+        }
+        q.moved();
+        for _ in 0..4 {
+            assert!(!q.lapse(&src, &mut mover).unwrap());
+        }
+        assert!(!mover.is_none());
+        assert!(q.lapse(&src, &mut mover).unwrap());
+        assert!(mover.is_none());
+    }
+
     #[test]
     fn datagrams_are_charged_whole_against_the_quota() {
         let b = budget(0, 1000);

@@ -55,7 +55,8 @@ pub struct ServerConfig {
     /// A relay with no traffic either way for this long is closed.
     pub idle_timeout: Duration,
     /// Most connections at once; past it new ones are closed at once. `None`: derived from the
-    /// open-files limit (two sockets per connection, some files kept in reserve).
+    /// open-files limit (two sockets per connection, some files kept in reserve, a twelfth left
+    /// for relay pipes).
     pub max_connections: Option<usize>,
     /// Certificate chain and key (PEM): the port then speaks TLS only.
     pub tls: Option<(PathBuf, PathBuf)>,
