@@ -425,6 +425,7 @@ fn copy(
             .flush(dst, n, &keep_waiting)
             .map_err(|e| write_end(e, activity))?;
         *moved += n as u64;
+        mover.after_chunk();
         if let Some(b) = budget {
             let busy = u64::try_from(busy_since.elapsed().as_nanos()).unwrap_or(u64::MAX);
             b.account.busy_ns.fetch_add(busy, Ordering::Relaxed);
@@ -492,9 +493,17 @@ impl Quiet {
 /// that is not moving bytes holds neither.
 enum Mover {
     None,
+    /// A side is TLS: bytes must pass through user space.
     Buffer(Vec<u8>),
+    /// Two plain sockets that got no pipe (budget used up, or a pipe too small): tries again
+    /// every [`RETRY_PIPE_EVERY`] chunks (the count since the last try).
+    Fallback(Vec<u8>, u32),
     Pipe(Pipe, PipeSlot),
 }
+
+/// Chunks (of up to 64 KiB) a direction copying for want of a pipe moves between two tries for
+/// one: a failed try is an atomic compare, or at worst a pipe made and closed (7 µs) per 4 MiB.
+const RETRY_PIPE_EVERY: u32 = 64;
 
 /// One pipe counted in [`os::PIPES`]; uncounted when dropped (with its pipe).
 struct PipeSlot(());
@@ -514,17 +523,35 @@ impl Drop for PipeSlot {
 
 impl Mover {
     fn for_streams(src: &Stream, dst: &Stream) -> Mover {
-        if let (Stream::Plain(_), Stream::Plain(_)) = (src, dst)
-            && let Some(slot) = PipeSlot::take()
-        {
-            // Out of descriptors, or a pipe smaller than the buffer (a non-root user past
-            // `fs.pipe-user-pages-soft` gets two pages): copying serves better.
-            match Pipe::new() {
-                Ok(p) if p.capacity() >= RELAY_BUF => return Mover::Pipe(p, slot),
-                _ => {}
-            }
+        if let (Stream::Plain(_), Stream::Plain(_)) = (src, dst) {
+            return Mover::pipe().unwrap_or_else(|| Mover::Fallback(vec![0; RELAY_BUF], 0));
         }
         Mover::Buffer(vec![0; RELAY_BUF])
+    }
+
+    /// A pipe, if the budget has room and the kernel gives one at least as large as a buffer.
+    fn pipe() -> Option<Mover> {
+        let slot = PipeSlot::take()?;
+        // Out of descriptors, or a pipe smaller than the buffer (a non-root user past
+        // `fs.pipe-user-pages-soft` gets two pages): copying serves better.
+        match Pipe::new() {
+            Ok(p) if p.capacity() >= RELAY_BUF => Some(Mover::Pipe(p, slot)),
+            _ => None,
+        }
+    }
+
+    /// After a chunk went through (nothing is held in the buffer or pipe): a direction copying
+    /// only for want of a pipe takes one now and then, once the budget has room again.
+    fn after_chunk(&mut self) {
+        if let Mover::Fallback(_, n) = self {
+            *n += 1;
+            if *n >= RETRY_PIPE_EVERY {
+                *n = 0;
+                if let Some(m) = Mover::pipe() {
+                    *self = m;
+                }
+            }
+        }
     }
 
     fn is_none(&self) -> bool {
@@ -542,7 +569,7 @@ impl Mover {
     fn fill(&mut self, src: &Stream, max: usize) -> io::Result<usize> {
         match self {
             Mover::Pipe(p, _) => p.fill(src.socket(), max),
-            Mover::Buffer(b) => src.read(&mut b[..max.min(RELAY_BUF)]),
+            Mover::Buffer(b) | Mover::Fallback(b, _) => src.read(&mut b[..max.min(RELAY_BUF)]),
             Mover::None => Ok(0),
         }
     }
@@ -550,7 +577,9 @@ impl Mover {
     fn flush(&mut self, dst: &Stream, n: usize, keep_waiting: &dyn Fn() -> bool) -> io::Result<()> {
         match self {
             Mover::Pipe(p, _) => p.drain(dst.socket(), keep_waiting),
-            Mover::Buffer(b) => dst.write_all_patient(&b[..n], keep_waiting),
+            Mover::Buffer(b) | Mover::Fallback(b, _) => {
+                dst.write_all_patient(&b[..n], keep_waiting)
+            }
             Mover::None => Ok(()),
         }
     }

@@ -207,3 +207,86 @@ fn busy_tunnels_take_pipes_only_up_to_the_budget() {
     );
     assert!(most > before, "no pipe was taken at all: {most}");
 }
+
+#[test]
+fn a_busy_direction_without_a_pipe_takes_one_once_the_budget_has_room() {
+    let dir = TempDir::new("upgrade");
+    let db = dir.path("users.db");
+    make_db(&db, &[("u", "pw", 0)]);
+    let origin = Origin::start();
+    // One pipe's worth.
+    let srv = ServerProcess::start(&db, &["--pipe-budget", "2"]);
+    let pid = srv.pid();
+    let before = pipe_fds(pid);
+    // A uploads and holds the one pipe.
+    let mut a = socks5(srv.addr, "u", "pw", "127.0.0.1", origin.addr.port()).unwrap();
+    a.write_all(b"SINK\n").unwrap();
+    let stop_a = Arc::new(AtomicBool::new(false));
+    let up = {
+        let (mut w, stop) = (a.try_clone().unwrap(), stop_a.clone());
+        thread::spawn(move || {
+            let chunk = vec![7u8; 65_536];
+            let mut sent = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                w.write_all(&chunk).unwrap();
+                sent += chunk.len() as u64;
+            }
+            w.shutdown(std::net::Shutdown::Write).unwrap();
+            sent
+        })
+    };
+    assert!(
+        wait_until(RELEASED_WITHIN, || pipe_fds(pid) == before + 2),
+        "the upload never took the pipe: {} pipe descriptors, {before} before",
+        pipe_fds(pid)
+    );
+    // B downloads through a buffer: the budget is used up.
+    let mut b = socks5(srv.addr, "u", "pw", "127.0.0.1", origin.addr.port()).unwrap();
+    b.write_all(b"SEND 1000000000000\n").unwrap();
+    let stop_b = Arc::new(AtomicBool::new(false));
+    let down = {
+        let (mut r, stop) = (b.try_clone().unwrap(), stop_b.clone());
+        thread::spawn(move || {
+            let mut buf = vec![0u8; 65_536];
+            let mut got = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                match r.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got += n as u64,
+                }
+            }
+            got
+        })
+    };
+    let most = most_pipe_fds(pid, 30);
+    assert!(
+        most <= before + 2,
+        "past the budget: {most}, {before} before"
+    );
+    // A ends (its relay with it, once the origin's count came back through it): the pipe is free,
+    // and B, still downloading, takes it.
+    stop_a.store(true, Ordering::Relaxed);
+    let sent = up.join().unwrap();
+    let reply = String::from_utf8(read_all(&mut a)).unwrap();
+    assert_eq!(reply, sent.to_string(), "the upload's byte count");
+    drop(a);
+    assert!(
+        wait_until(RELEASED_WITHIN, || pipe_fds(pid) == before + 2),
+        "the download never took the freed pipe: {} pipe descriptors, {before} before",
+        pipe_fds(pid)
+    );
+    stop_b.store(true, Ordering::Relaxed);
+    b.shutdown(std::net::Shutdown::Both).unwrap();
+    assert!(down.join().unwrap() > 0);
+}
+
+/// The most pipe descriptors process `pid` held over `rounds` readings 10 ms apart.
+fn most_pipe_fds(pid: u32, rounds: usize) -> usize {
+    (0..rounds)
+        .map(|_| {
+            thread::sleep(Duration::from_millis(10));
+            pipe_fds(pid)
+        })
+        .max()
+        .unwrap_or(0)
+}
