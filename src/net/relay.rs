@@ -39,7 +39,7 @@ pub const RELAY_STACK: usize = 64 * 1024;
 /// A relay with no traffic either way for this long is closed (`--idle-timeout`).
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(2 * 3600);
 /// A direction with no bytes for this long gives back its pipe or buffer; its next byte takes
-/// one again (a pipe costs about 5 µs of CPU to make, size and close: `make bench`, scenario 17).
+/// one again (a pipe costs about 7 µs of CPU to make, size and close: `make bench`, scenario 17).
 pub const DEFAULT_RELEASE_AFTER: Duration = Duration::from_secs(5);
 
 /// The release period in milliseconds, for every relay of the process (see [`set_release_after`]).
