@@ -60,7 +60,8 @@ usage: sluice server [options]
   --tls-cert FILE           certificate chain (PEM) — with --tls-key, the port speaks TLS only;
   --tls-key FILE            its private key (PEM: PKCS#8, RSA or EC). `sluice cert` makes a pair
   --max-connections N       most connections at once; more are closed at once
-                            (default: (open-files limit - 64) / 2)
+                            (default: (open-files limit - 64 - a twelfth of it) / 2;
+                            the files the cap leaves hold relay pipes)
   --max-handshakes N        most connections still in their handshake (not yet logged in) at once;
                             more are closed at once, so logged-in users keep room (default: half
                             of --max-connections)
@@ -290,6 +291,14 @@ fn cmd_server(mut args: Arguments) -> Result<()> {
         }
         cfg.tick = Duration::from_millis(ms);
     }
+    // Undocumented, for tests and the bench: the relays' release period and pipe budget.
+    if let Some(ms) = opt::<u64>(&mut args, "--release-ms", HELP_SERVER)? {
+        if !(1..=MAX_FLAG_SECS * 1000).contains(&ms) {
+            return Err(usage("--release-ms must be 1 to 604800000"));
+        }
+        cfg.release_after = Duration::from_millis(ms);
+    }
+    cfg.pipe_budget = opt::<usize>(&mut args, "--pipe-budget", HELP_SERVER)?;
     finish(args, HELP_SERVER)?;
     // Raised before start (the connection cap derives from it), logged after (so a start-up
     // error stays the only line).

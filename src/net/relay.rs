@@ -8,7 +8,12 @@
 //! for up to a buffer's worth, reads at most what it was granted and gives back the rest, so it
 //! never holds tokens while blocked and never reads past its grant. Between two plain sockets the
 //! bytes move through a pipe with `splice(2)`, never through user space. Pipes and buffers are
-//! made only once data arrives, so an idle tunnel costs two sleeping threads and nothing else.
+//! made only once data arrives and given back once a direction has been quiet for
+//! [`DEFAULT_RELEASE_AFTER`] (taken again on its next byte), so a tunnel that is not moving bytes
+//! costs two sleeping threads and its two sockets, whether it never moved any or moved gigabytes
+//! an hour ago. A pipe is taken only while the process's pipe budget ([`os::PIPES`]: what the
+//! open-files limit leaves after the connection cap) allows; past it a direction copies through a
+//! buffer, so pipes never take the descriptors a connection under the cap needs.
 //!
 //! A datagram relay (SOCKS5 UDP ASSOCIATE) goes beside this one, in `net/datagram.rs`: it shares
 //! [`Budget`] and charges each datagram whole before sending it with
@@ -17,6 +22,7 @@
 
 use crate::flow::account::{Account, Reserve};
 use crate::flow::limiter::{Closed, Limiter, Waiter};
+use crate::net::os;
 use crate::net::stream::{Pipe, Stream, is_timeout};
 use std::fmt;
 use std::io;
@@ -32,12 +38,34 @@ pub const RELAY_BUF: usize = 64 * 1024;
 pub const RELAY_STACK: usize = 64 * 1024;
 /// A relay with no traffic either way for this long is closed (`--idle-timeout`).
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(2 * 3600);
+/// A direction with no bytes for this long gives back its pipe or buffer; its next byte takes
+/// one again (a pipe costs about 7 µs of CPU to make, size and close: `make bench`, scenario 17).
+pub const DEFAULT_RELEASE_AFTER: Duration = Duration::from_secs(5);
+
+/// The release period in milliseconds, for every relay of the process (see [`set_release_after`]).
+static RELEASE_AFTER_MS: AtomicU64 = AtomicU64::new(DEFAULT_RELEASE_AFTER.as_millis() as u64);
+
+/// Sets how long a direction stays quiet before it gives back its pipe or buffer, for the relays
+/// started from now on (at least 1 ms). Process-wide, like the pipe budget it serves.
+pub fn set_release_after(d: Duration) {
+    let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1);
+    RELEASE_AFTER_MS.store(ms, Ordering::Relaxed);
+}
+
+/// The release period relays started now use.
+pub fn release_after() -> Duration {
+    Duration::from_millis(RELEASE_AFTER_MS.load(Ordering::Relaxed))
+}
 
 /// When either direction of a connection last moved a byte, shared by its two relay threads.
 struct Activity {
     epoch: Instant,
     last_ms: AtomicU64,
     idle: Duration,
+    /// The read timeout a direction without a pipe or buffer waits with (to check `idle`).
+    check: Duration,
+    /// A direction quiet this long gives back its pipe or buffer.
+    release: Duration,
 }
 
 impl Activity {
@@ -330,15 +358,24 @@ fn copy(
 ) -> Result<(), End> {
     let waiter = budget.map(|_| Waiter::new());
     let mut mover = Mover::None;
+    let mut quiet = Quiet::new(activity);
     loop {
         let limited = budget.is_some_and(|b| b.account.rate() != 0 || b.account.quota() != 0);
         // Wait for data before taking tokens (or allocating a buffer): a relay blocked in read
         // must not hold tokens that other connections of the user could use.
-        if (mover.is_none() || limited) && !wait_readable(src, activity)? {
-            return Ok(());
+        if mover.is_none() || limited {
+            match wait_readable(src, activity, !mover.is_none())? {
+                Wait::Data => {}
+                Wait::Eof => return Ok(()),
+                Wait::Quiet => {
+                    quiet.lapse(src, &mut mover).map_err(End::Error)?;
+                    continue;
+                }
+            }
         }
         if mover.is_none() {
             mover = Mover::for_streams(src, dst);
+            quiet.taken(src).map_err(End::Error)?;
         }
         let grant = match (budget, &waiter) {
             (Some(b), Some(w)) => b.take(w, mover.chunk())?,
@@ -348,9 +385,14 @@ fn copy(
         let busy_since = Instant::now();
         let n = loop {
             match mover.fill(src, grant) {
-                Ok(n) => break n,
+                Ok(n) => break Some(n),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if is_timeout(&e) && !activity.expired() => continue,
+                // Quiet with the pipe or buffer in hand: give it back once the period is over.
+                Err(e) if is_timeout(&e) && !activity.expired() => {
+                    if quiet.lapse(src, &mut mover).map_err(End::Error)? {
+                        break None;
+                    }
+                }
                 Err(e) => {
                     if let Some(b) = budget {
                         b.settle(grant, 0);
@@ -363,12 +405,19 @@ fn copy(
                 }
             }
         };
+        let Some(n) = n else {
+            if let Some(b) = budget {
+                b.settle(grant, 0);
+            }
+            continue;
+        };
         if let Some(b) = budget {
             b.settle(grant, n);
         }
         if n == 0 {
             return Ok(());
         }
+        quiet.moved();
         activity.touch();
         // A write stalled past the socket timeout goes on while the other direction is active.
         let keep_waiting = || !activity.expired();
@@ -376,6 +425,7 @@ fn copy(
             .flush(dst, n, &keep_waiting)
             .map_err(|e| write_end(e, activity))?;
         *moved += n as u64;
+        mover.after_chunk();
         if let Some(b) = budget {
             let busy = u64::try_from(busy_since.elapsed().as_nanos()).unwrap_or(u64::MAX);
             b.account.busy_ns.fetch_add(busy, Ordering::Relaxed);
@@ -384,24 +434,124 @@ fn copy(
     }
 }
 
+/// How long a direction has been quiet, counted in read timeouts: a timed-out read waited its
+/// whole timeout, so consecutive timeouts add up without reading the clock on every chunk. While
+/// it holds a pipe or buffer a direction reads with the release period as its timeout (when that
+/// is shorter than the idle check's), so one timeout is the whole period.
+struct Quiet {
+    /// Time without a byte, as the sum of the timeouts that fired since the last one.
+    so_far: Duration,
+    release: Duration,
+    check: Duration,
+    /// The read timeout is `release` (not `check`) while something is held.
+    short: bool,
+}
+
+impl Quiet {
+    fn new(activity: &Activity) -> Quiet {
+        Quiet {
+            so_far: Duration::ZERO,
+            release: activity.release,
+            check: activity.check,
+            short: activity.release < activity.check,
+        }
+    }
+
+    /// A byte moved: the quiet starts over.
+    fn moved(&mut self) {
+        self.so_far = Duration::ZERO;
+    }
+
+    /// A pipe or buffer was just taken: read with the release period as the timeout.
+    fn taken(&mut self, src: &Stream) -> io::Result<()> {
+        self.so_far = Duration::ZERO;
+        if self.short {
+            src.socket().set_read_timeout(Some(self.release))?;
+        }
+        Ok(())
+    }
+
+    /// A read timed out while `mover` is held: once the quiet reaches the release period, gives
+    /// it back (and goes back to the idle check's timeout). True when it was given back.
+    fn lapse(&mut self, src: &Stream, mover: &mut Mover) -> io::Result<bool> {
+        self.so_far += if self.short { self.release } else { self.check };
+        if self.so_far < self.release || mover.is_none() {
+            return Ok(false);
+        }
+        *mover = Mover::None;
+        self.so_far = Duration::ZERO;
+        if self.short {
+            src.socket().set_read_timeout(Some(self.check))?;
+        }
+        Ok(true)
+    }
+}
+
 /// How bytes get from one stream to the other: through a pipe with `splice(2)` when both sides
-/// are plain sockets (no copy through user space), else through a heap buffer. Chosen when the
-/// first byte arrives, so an idle tunnel holds neither.
+/// are plain sockets (no copy through user space) and the pipe budget allows, else through a heap
+/// buffer. Taken when a byte arrives and given back when the direction goes quiet, so a tunnel
+/// that is not moving bytes holds neither.
 enum Mover {
     None,
+    /// A side is TLS: bytes must pass through user space.
     Buffer(Vec<u8>),
-    Pipe(Pipe),
+    /// Two plain sockets that got no pipe (budget used up, or a pipe too small): tries again
+    /// every [`RETRY_PIPE_EVERY`] chunks (the count since the last try).
+    Fallback(Vec<u8>, u32),
+    Pipe(Pipe, PipeSlot),
+}
+
+/// Chunks (of up to 64 KiB) a direction copying for want of a pipe moves between two tries for
+/// one: a failed try is an atomic compare, or at worst a pipe made and closed (7 µs) per 4 MiB.
+const RETRY_PIPE_EVERY: u32 = 64;
+
+/// One pipe counted in [`os::PIPES`]; uncounted when dropped (with its pipe).
+struct PipeSlot(());
+
+impl PipeSlot {
+    fn take() -> Option<PipeSlot> {
+        // `then`, not `then_some`: a slot built and dropped on refusal would give back a pipe.
+        os::PIPES.try_take().then(|| PipeSlot(()))
+    }
+}
+
+impl Drop for PipeSlot {
+    fn drop(&mut self) {
+        os::PIPES.give_back();
+    }
 }
 
 impl Mover {
     fn for_streams(src: &Stream, dst: &Stream) -> Mover {
         if let (Stream::Plain(_), Stream::Plain(_)) = (src, dst) {
-            // Out of descriptors for a pipe: copying still works.
-            if let Ok(p) = Pipe::new() {
-                return Mover::Pipe(p);
-            }
+            return Mover::pipe().unwrap_or_else(|| Mover::Fallback(vec![0; RELAY_BUF], 0));
         }
         Mover::Buffer(vec![0; RELAY_BUF])
+    }
+
+    /// A pipe, if the budget has room and the kernel gives one at least as large as a buffer.
+    fn pipe() -> Option<Mover> {
+        let slot = PipeSlot::take()?;
+        // Out of descriptors, or a pipe smaller than the buffer (a non-root user past
+        // `fs.pipe-user-pages-soft` gets two pages): copying serves better.
+        match Pipe::new() {
+            Ok(p) if p.capacity() >= RELAY_BUF => Some(Mover::Pipe(p, slot)),
+            _ => None,
+        }
+    }
+
+    /// After a chunk went through (nothing is held in the buffer or pipe): a direction copying
+    /// only for want of a pipe takes one now and then, once the budget has room again.
+    fn after_chunk(&mut self) {
+        if let Mover::Fallback(_, n) = self {
+            *n += 1;
+            if *n >= RETRY_PIPE_EVERY {
+                *n = 0;
+                if let Some(m) = Mover::pipe() {
+                    *self = m;
+                }
+            }
+        }
     }
 
     fn is_none(&self) -> bool {
@@ -411,38 +561,53 @@ impl Mover {
     /// The most one fill can move (what a relay asks the limiter for).
     fn chunk(&self) -> usize {
         match self {
-            Mover::Pipe(p) => p.capacity(),
+            Mover::Pipe(p, _) => p.capacity(),
             _ => RELAY_BUF,
         }
     }
 
     fn fill(&mut self, src: &Stream, max: usize) -> io::Result<usize> {
         match self {
-            Mover::Pipe(p) => p.fill(src.socket(), max),
-            Mover::Buffer(b) => src.read(&mut b[..max.min(RELAY_BUF)]),
+            Mover::Pipe(p, _) => p.fill(src.socket(), max),
+            Mover::Buffer(b) | Mover::Fallback(b, _) => src.read(&mut b[..max.min(RELAY_BUF)]),
             Mover::None => Ok(0),
         }
     }
 
     fn flush(&mut self, dst: &Stream, n: usize, keep_waiting: &dyn Fn() -> bool) -> io::Result<()> {
         match self {
-            Mover::Pipe(p) => p.drain(dst.socket(), keep_waiting),
-            Mover::Buffer(b) => dst.write_all_patient(&b[..n], keep_waiting),
+            Mover::Pipe(p, _) => p.drain(dst.socket(), keep_waiting),
+            Mover::Buffer(b) | Mover::Fallback(b, _) => {
+                dst.write_all_patient(&b[..n], keep_waiting)
+            }
             Mover::None => Ok(()),
         }
     }
 }
 
-/// Blocks until `src` has data (true) or is at EOF (false); ends with `Idle` once neither
-/// direction moved for the idle timeout.
-fn wait_readable(src: &Stream, activity: &Activity) -> Result<bool, End> {
+/// What a wait for data found.
+enum Wait {
+    Data,
+    Eof,
+    /// The read timeout passed with no data (reported only to a direction holding a pipe or
+    /// buffer, which may give it back).
+    Quiet,
+}
+
+/// Blocks until `src` has data or is at EOF; ends with `Idle` once neither direction moved for
+/// the idle timeout. With `holding`, a read timeout is reported as [`Wait::Quiet`].
+fn wait_readable(src: &Stream, activity: &Activity, holding: bool) -> Result<Wait, End> {
     loop {
         match src.wait_readable() {
-            Ok(r) => return Ok(r),
+            Ok(true) => return Ok(Wait::Data),
+            Ok(false) => return Ok(Wait::Eof),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) if is_timeout(&e) => {
                 if activity.expired() {
                     return Err(End::Idle);
+                }
+                if holding {
+                    return Ok(Wait::Quiet);
                 }
             }
             Err(e) => return Err(End::Error(e)),
@@ -495,15 +660,17 @@ pub fn relay_idle(
     up_already: u64,
     idle: Duration,
 ) -> io::Result<Outcome> {
+    // Reads and writes wake up at least every `check` to look at the shared activity clock.
+    let check = idle.clamp(Duration::from_millis(50), Duration::from_secs(60));
     let activity = Arc::new(Activity {
         epoch: Instant::now(),
         last_ms: AtomicU64::new(0),
         idle,
+        check,
+        release: release_after(),
     });
-    // Reads and writes wake up at least every `check` to look at the shared activity clock.
-    let check = Some(idle.clamp(Duration::from_millis(50), Duration::from_secs(60)));
     for s in [&client, &dest] {
-        s.socket().set_read_timeout(check)?;
+        s.socket().set_read_timeout(Some(check))?;
         s.socket()
             .set_write_timeout(Some(idle.max(Duration::from_millis(50))))?;
     }
@@ -563,6 +730,58 @@ mod tests {
         let limiter = Limiter::new(Duration::from_millis(5));
         limiter.set_rate(&account.name, rate);
         Budget { account, limiter }
+    }
+
+    fn activity(check: Duration, release: Duration) -> Activity {
+        Activity {
+            epoch: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            idle: DEFAULT_IDLE_TIMEOUT,
+            check,
+            release,
+        }
+    }
+
+    fn loopback_stream() -> (Stream, std::net::TcpStream) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        (Stream::plain(l.accept().unwrap().0), c)
+    }
+
+    #[test]
+    fn a_direction_gives_back_its_buffer_after_the_release_period() {
+        let (src, _peer) = loopback_stream();
+        // Release sooner than the idle check: one read timeout (of the release period) is enough.
+        let a = activity(Duration::from_secs(60), Duration::from_secs(5));
+        let mut q = Quiet::new(&a);
+        let mut mover = Mover::Buffer(vec![0; 8]);
+        q.taken(&src).unwrap();
+        assert_eq!(src.socket().read_timeout().unwrap(), Some(a.release));
+        assert!(q.lapse(&src, &mut mover).unwrap());
+        assert!(mover.is_none());
+        assert_eq!(src.socket().read_timeout().unwrap(), Some(a.check));
+        // Nothing held: nothing to give back.
+        assert!(!q.lapse(&src, &mut mover).unwrap());
+    }
+
+    #[test]
+    fn quiet_adds_up_over_idle_checks_and_starts_over_on_a_byte() {
+        let (src, _peer) = loopback_stream();
+        // The idle check wakes every second; the release waits for five of them in a row.
+        let a = activity(Duration::from_secs(1), Duration::from_secs(5));
+        let mut q = Quiet::new(&a);
+        let mut mover = Mover::Buffer(vec![0; 8]);
+        q.taken(&src).unwrap();
+        for _ in 0..4 {
+            assert!(!q.lapse(&src, &mut mover).unwrap());
+        }
+        q.moved();
+        for _ in 0..4 {
+            assert!(!q.lapse(&src, &mut mover).unwrap());
+        }
+        assert!(!mover.is_none());
+        assert!(q.lapse(&src, &mut mover).unwrap());
+        assert!(mover.is_none());
     }
 
     #[test]

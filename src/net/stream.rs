@@ -334,7 +334,7 @@ fn cvt(r: isize) -> io::Result<usize> {
 }
 
 impl Pipe {
-    /// A new pipe, as large as the kernel allows up to [`PIPE_SIZE`].
+    /// A new pipe, as large as the kernel allows up to [`PIPE_SIZE`] (see [`Pipe::capacity`]).
     ///
     /// # Errors
     /// No descriptors left (the caller falls back to copying through a buffer).
@@ -347,10 +347,16 @@ impl Pipe {
         }
         // SAFETY: both descriptors were just created and are owned by nobody else.
         let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        // A bigger pipe means fewer system calls per byte; if refused, the default serves.
+        // A bigger pipe means fewer system calls per byte. If refused (a non-root user past
+        // `fs.pipe-user-pages-soft` gets EPERM, and its new pipes only two pages), the size the
+        // kernel gave serves, and the caller may prefer a buffer to a tiny pipe.
         // SAFETY: fcntl on a descriptor we own.
-        let got = unsafe { libc::fcntl(fds[1], libc::F_SETPIPE_SZ, PIPE_SIZE as libc::c_int) };
-        let capacity = if got > 0 { got as usize } else { 64 * 1024 };
+        let mut got = unsafe { libc::fcntl(fds[1], libc::F_SETPIPE_SZ, PIPE_SIZE as libc::c_int) };
+        if got <= 0 {
+            // SAFETY: as above.
+            got = unsafe { libc::fcntl(fds[1], libc::F_GETPIPE_SZ) };
+        }
+        let capacity = if got > 0 { got as usize } else { 4096 };
         Ok(Pipe {
             read,
             write,

@@ -55,7 +55,8 @@ pub struct ServerConfig {
     /// A relay with no traffic either way for this long is closed.
     pub idle_timeout: Duration,
     /// Most connections at once; past it new ones are closed at once. `None`: derived from the
-    /// open-files limit (two sockets per connection, some files kept in reserve).
+    /// open-files limit (two sockets per connection, some files kept in reserve, a twelfth left
+    /// for relay pipes).
     pub max_connections: Option<usize>,
     /// Certificate chain and key (PEM): the port then speaks TLS only.
     pub tls: Option<(PathBuf, PathBuf)>,
@@ -63,6 +64,12 @@ pub struct ServerConfig {
     pub max_handshakes_per_source: usize,
     /// Most connections still in their handshake in all. `None`: half the connection cap.
     pub max_handshakes: Option<usize>,
+    /// A relay direction quiet this long gives back its pipe or buffer. Process-wide (the last
+    /// server started sets it for all).
+    pub release_after: Duration,
+    /// Most descriptors relay pipes may hold at once. `None`: what the open-files limit leaves
+    /// after the connection cap. Process-wide, like the descriptors it counts.
+    pub pipe_budget: Option<usize>,
 }
 
 impl Default for ServerConfig {
@@ -80,6 +87,8 @@ impl Default for ServerConfig {
             tls: None,
             max_handshakes_per_source: admission::DEFAULT_PER_SOURCE,
             max_handshakes: None,
+            release_after: relay::DEFAULT_RELEASE_AFTER,
+            pipe_budget: None,
         }
     }
 }
@@ -222,6 +231,10 @@ pub fn start(config: &ServerConfig) -> Result<ServerHandle> {
         .max_connections
         .unwrap_or_else(os::default_max_connections);
     let max_handshakes = config.max_handshakes.unwrap_or(max_connections / 2).max(1);
+    relay::set_release_after(config.release_after);
+    os::PIPES.set_limit(config.pipe_budget.unwrap_or_else(|| {
+        os::pipe_fd_budget(os::current_nofile_limit().unwrap_or(1024), max_connections)
+    }));
     let logins = Arc::new(Logins::new(directory.clone()));
     let shared = Arc::new(Shared {
         directory: directory.clone(),
@@ -300,6 +313,11 @@ pub fn start(config: &ServerConfig) -> Result<ServerHandle> {
     info!(
         "at most {max_handshakes} connections in their handshake at once, {} from one source",
         config.max_handshakes_per_source.max(1)
+    );
+    info!(
+        "relay pipes may hold {} descriptors (what the open-files limit leaves after the cap; past it a direction copies through a buffer); a direction quiet for {} ms gives its pipe or buffer back",
+        os::PIPES.limit(),
+        relay::release_after().as_millis()
     );
     Ok(ServerHandle {
         local_addr,

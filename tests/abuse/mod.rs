@@ -15,6 +15,7 @@ mod logins;
 mod odd_input;
 mod open_proxy;
 mod process;
+mod quiet;
 mod slow;
 mod soak;
 

@@ -22,6 +22,7 @@ mod origin;
 mod peers;
 mod procs;
 mod proxies;
+mod quiet;
 mod scale;
 mod shares;
 mod stage;
@@ -45,7 +46,7 @@ use table::Table;
 const USAGE: &str = "usage: sluice-bench [--quick] [--runs N] [--only 1,5,12] [--no-peers]
   --quick      every scenario once, with short windows (a smoke test)
   --runs N     runs per figure (default 3; the median is reported)
-  --only LIST  scenario numbers to run (1-16)
+  --only LIST  scenario numbers to run (1-17)
   --no-peers   skip the reference proxies
   SLUICE_BENCH_KEEP=1 keeps the scratch directory (logs, configs)";
 
@@ -189,6 +190,14 @@ fn run(args: &Args) -> Result<(), String> {
             ctx.table.not_run("12 · scale", "error", &e);
         }
         times.push(format!("12: {:.0} s", t.elapsed().as_secs_f64()));
+    }
+    if wanted(17) {
+        eprintln!("sluice-bench: scenario 17 · quiet tunnels");
+        let t = Instant::now();
+        if let Err(e) = quiet::run(&mut ctx) {
+            ctx.table.not_run("17 · quiet tunnels", "error", &e);
+        }
+        times.push(format!("17: {:.0} s", t.elapsed().as_secs_f64()));
     }
     ctx.table
         .note(format!("Time per scenario: {}.", times.join(", ")));

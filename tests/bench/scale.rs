@@ -164,7 +164,7 @@ pub fn idle_tunnels(ctx: &mut Ctx) -> Result<(), String> {
 ///
 /// # Errors
 /// The first failure (the tunnels opened before it are kept).
-fn open_idle(
+pub fn open_idle(
     route: &Route,
     target: SocketAddr,
     n: usize,
@@ -205,7 +205,7 @@ fn open_idle(
 ///
 /// # Errors
 /// The server died (the message says how, from its log) or its status cannot be read.
-fn settled(server: &mut Server) -> Result<(u64, u64), String> {
+pub fn settled(server: &mut Server) -> Result<(u64, u64), String> {
     let deadline = Instant::now() + SETTLE_LIMIT;
     let mut last = None;
     loop {
