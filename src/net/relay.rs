@@ -17,6 +17,7 @@
 
 use crate::flow::account::{Account, Reserve};
 use crate::flow::limiter::{Closed, Limiter, Waiter};
+use crate::net::pool;
 use crate::net::stream::{Pipe, Stream, is_timeout};
 use std::fmt;
 use std::io;
@@ -514,18 +515,19 @@ pub fn relay_idle(
         budget.clone(),
         activity.clone(),
     );
-    let up = thread::Builder::new()
-        .name(format!("up {label}"))
-        .stack_size(RELAY_STACK)
-        .spawn(move || pump(&c2, &d2, b2.as_deref(), Direction::Up, &a2));
-    let up = match up {
-        Ok(h) => h,
-        Err(e) => {
-            client.shutdown_both();
-            dest.shutdown_both();
-            return Err(e);
-        }
-    };
+    // The second direction runs on a parked relay thread (`pool.rs`), spawned only when none is.
+    let (up_tx, up_rx) = crossbeam_channel::bounded(1);
+    let job = Box::new(move || {
+        let r = pump(&c2, &d2, b2.as_deref(), Direction::Up, &a2);
+        // Its references go before the result does, so none outlives `relay_idle`.
+        drop((c2, d2, b2, a2));
+        let _ = up_tx.send(r);
+    });
+    if let Err(e) = pool::relays().run(format!("up {label}"), job) {
+        client.shutdown_both();
+        dest.shutdown_both();
+        return Err(e);
+    }
     let (down, down_end) = pump(
         &dest,
         &client,
@@ -533,8 +535,9 @@ pub fn relay_idle(
         Direction::Down,
         &activity,
     );
-    let (up_n, up_end) = up
-        .join()
+    // Disconnected without a result: the job panicked.
+    let (up_n, up_end) = up_rx
+        .recv()
         .unwrap_or_else(|_| (0, End::Error(io::Error::other("relay thread panicked"))));
     let end = match (up_end, down_end) {
         (End::Closed, e) | (e, End::Closed) => e,
