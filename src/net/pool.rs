@@ -11,14 +11,13 @@
 //! What a job does, and counting live connections, is the caller's (`accept.rs`, `relay.rs`).
 
 use crate::net::relay::RELAY_STACK;
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded};
 use log::warn;
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::thread;
-use std::time::Duration;
+use std::thread::{self, Thread};
+use std::time::{Duration, Instant};
 
 /// A parked thread with no job for this long exits.
 pub const PARK_TIME: Duration = Duration::from_secs(30);
@@ -35,6 +34,29 @@ struct Task {
     job: Job,
 }
 
+/// What a parked thread finds when it wakes. Handed over under a mutex and a plain
+/// `unpark` — a futex wake — because a channel's receive spins and calls `sched_yield` before
+/// it sleeps, which cost more than the hand-over itself (perf, issue 20).
+enum Handoff {
+    Waiting,
+    Run(Task),
+    Stop,
+}
+
+/// A parked thread, as `run` and `close` reach it.
+struct Parked {
+    id: u64,
+    next: Mutex<Handoff>,
+    thread: Thread,
+}
+
+impl Parked {
+    fn hand(&self, h: Handoff) {
+        *self.next.lock() = h;
+        self.thread.unpark();
+    }
+}
+
 /// A set of threads of one stack size that run jobs one at a time and park in between.
 pub struct Pool {
     /// The kind of job, for thread names: "conn", "up".
@@ -44,7 +66,7 @@ pub struct Pool {
     max_parked: usize,
     /// Parked threads, most recently parked last (taken first: its stack and cache are warm,
     /// and the ones at the bottom age out when load drops).
-    parked: Mutex<Vec<(u64, Sender<Option<Task>>)>>,
+    parked: Mutex<Vec<Arc<Parked>>>,
     closed: AtomicBool,
     /// Threads alive: running a job or parked.
     threads: AtomicUsize,
@@ -58,8 +80,8 @@ pub fn relays() -> &'static Arc<Pool> {
 }
 
 impl Pool {
-    /// A pool of threads with `stack` bytes of stack, named `kind` while parked, parking for
-    /// at most `park_time` and at most `max_parked` at once.
+    /// A pool of threads with `stack` bytes of stack, named `parked {kind}` while parked,
+    /// parking for at most `park_time` and at most `max_parked` at once.
     pub fn new(
         kind: &'static str,
         stack: usize,
@@ -84,18 +106,39 @@ impl Pool {
     /// # Errors
     /// A new thread was needed and could not be spawned; `job` is dropped unrun.
     pub fn run(self: &Arc<Self>, name: String, job: Job) -> io::Result<()> {
-        let mut task = Task { name, job };
-        // Popped under the lock, sent after it: the thread, if its park just timed out, finds
-        // itself gone from the list and waits for this send (see `park`).
+        let task = Task { name, job };
+        // Popped under the list's lock, handed over after it: a thread whose park time ran out
+        // meanwhile finds itself gone from the list and waits for this (see `park`).
         let idle = self.parked.lock().pop();
-        if let Some((_, tx)) = idle {
-            match tx.send(Some(task)) {
-                Ok(()) => return Ok(()),
-                // The thread is gone (cannot happen while it is listed); spawn instead.
-                Err(e) => task = e.into_inner().expect("the task just sent"),
+        match idle {
+            Some(p) => {
+                p.hand(Handoff::Run(task));
+                Ok(())
             }
+            None => self.spawn(task),
         }
-        self.spawn(task)
+    }
+
+    /// Runs `f` as [`Pool::run`] does and returns a handle to wait for its result.
+    ///
+    /// # Errors
+    /// As [`Pool::run`].
+    pub fn run_joinable<T: Send + 'static>(
+        self: &Arc<Self>,
+        name: String,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> io::Result<Joinable<T>> {
+        let done = Arc::new((Mutex::new(Outcome::Running), Condvar::new()));
+        let finish = Finish(done.clone());
+        self.run(
+            name,
+            Box::new(move || {
+                // `f`'s captures are dropped when it returns, before the result is handed over.
+                let r = f();
+                finish.set(Outcome::Done(r));
+            }),
+        )?;
+        Ok(Joinable(done))
     }
 
     fn spawn(self: &Arc<Self>, task: Task) -> io::Result<()> {
@@ -115,14 +158,17 @@ impl Pool {
     /// A thread's life: its first job, then each job handed to it while parked.
     fn work(self: Arc<Self>, first: Task) {
         let _alive = Alive(&self.threads);
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = bounded(1);
+        let me = Arc::new(Parked {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            next: Mutex::new(Handoff::Waiting),
+            thread: thread::current(),
+        });
         let mut task = first;
         loop {
             set_thread_name(&task.name);
             (task.job)();
             set_thread_name(&format!("parked {}", self.kind));
-            match self.park(id, &tx, &rx) {
+            match self.park(&me) {
                 Some(t) => task = t,
                 None => return,
             }
@@ -131,12 +177,8 @@ impl Pool {
 
     /// Waits for the next job: `None` when the pool is closed or full, or nothing came within
     /// the park time.
-    fn park(
-        &self,
-        id: u64,
-        tx: &Sender<Option<Task>>,
-        rx: &Receiver<Option<Task>>,
-    ) -> Option<Task> {
+    fn park(&self, me: &Arc<Parked>) -> Option<Task> {
+        *me.next.lock() = Handoff::Waiting;
         {
             let mut parked = self.parked.lock();
             // Checked under the lock that `close` drains under: a thread is never left parked
@@ -144,22 +186,33 @@ impl Pool {
             if self.closed.load(Ordering::SeqCst) || parked.len() >= self.max_parked {
                 return None;
             }
-            parked.push((id, tx.clone()));
+            parked.push(me.clone());
         }
-        match rx.recv_timeout(self.park_time) {
-            Ok(t) => t,
-            Err(RecvTimeoutError::Timeout) => {
+        let deadline = Instant::now() + self.park_time;
+        let mut listed = true;
+        loop {
+            match std::mem::replace(&mut *me.next.lock(), Handoff::Waiting) {
+                Handoff::Run(t) => return Some(t),
+                Handoff::Stop => return None,
+                Handoff::Waiting => {}
+            }
+            let now = Instant::now();
+            if listed && now >= deadline {
                 let mut parked = self.parked.lock();
-                if let Some(i) = parked.iter().position(|(p, _)| *p == id) {
+                if let Some(i) = parked.iter().position(|p| p.id == me.id) {
                     parked.remove(i);
                     return None;
                 }
-                drop(parked);
-                // A `run` popped this thread just as its time ran out: its task is on the way.
-                rx.recv().ok().flatten()
+                // Taken by a `run` just as the time ran out: its task is on the way.
+                listed = false;
+                continue;
             }
-            // Unreachable: this thread holds a sender of its own channel.
-            Err(RecvTimeoutError::Disconnected) => None,
+            // Wakes on `unpark`, the deadline, or spuriously: the loop looks again.
+            if listed {
+                thread::park_timeout(deadline - now);
+            } else {
+                thread::park();
+            }
         }
     }
 
@@ -168,8 +221,8 @@ impl Pool {
     pub fn close(&self) {
         let mut parked = self.parked.lock();
         self.closed.store(true, Ordering::SeqCst);
-        for (_, tx) in parked.drain(..) {
-            let _ = tx.send(None);
+        for p in parked.drain(..) {
+            p.hand(Handoff::Stop);
         }
     }
 
@@ -181,6 +234,54 @@ impl Pool {
     /// Threads parked now.
     pub fn parked(&self) -> usize {
         self.parked.lock().len()
+    }
+}
+
+/// How a joinable job stands.
+enum Outcome<T> {
+    Running,
+    Done(T),
+    /// It panicked, or was dropped unrun.
+    Lost,
+}
+
+type Shared<T> = Arc<(Mutex<Outcome<T>>, Condvar)>;
+
+/// Hands a joinable job's outcome over; if dropped without one (the job panicked), says so.
+struct Finish<T>(Shared<T>);
+
+impl<T> Finish<T> {
+    fn set(&self, o: Outcome<T>) {
+        let (m, cv) = &*self.0;
+        let mut g = m.lock();
+        if matches!(*g, Outcome::Running) {
+            *g = o;
+            cv.notify_one();
+        }
+    }
+}
+
+impl<T> Drop for Finish<T> {
+    fn drop(&mut self) {
+        self.set(Outcome::Lost);
+    }
+}
+
+/// A job run by [`Pool::run_joinable`], to wait for.
+pub struct Joinable<T>(Shared<T>);
+
+impl<T> Joinable<T> {
+    /// Waits for the job's result: `None` if it panicked. Blocking.
+    pub fn join(self) -> Option<T> {
+        let (m, cv) = &*self.0;
+        let mut g = m.lock();
+        while matches!(*g, Outcome::Running) {
+            cv.wait(&mut g);
+        }
+        match std::mem::replace(&mut *g, Outcome::Lost) {
+            Outcome::Done(t) => Some(t),
+            _ => None,
+        }
     }
 }
 
@@ -352,6 +453,22 @@ mod tests {
         // Closed: a job still runs, and its thread does not park.
         assert_eq!(run_and_wait(&pool, || 1), 1);
         assert!(eventually(|| pool.threads() == 0));
+    }
+
+    #[test]
+    fn a_joinable_job_hands_back_its_result_or_none_if_it_panicked() {
+        let pool = Pool::new("t", 64 * 1024, LONG, 4);
+        let data = Arc::new(5);
+        let d2 = data.clone();
+        let h = pool.run_joinable("j".into(), move || *d2 * 2).unwrap();
+        assert_eq!(h.join(), Some(10));
+        // The job's captures are gone once its result is in.
+        assert_eq!(Arc::strong_count(&data), 1);
+        let h = pool
+            .run_joinable("j".into(), || -> u8 { panic!("job panics on purpose") })
+            .unwrap();
+        assert_eq!(h.join(), None);
+        pool.close();
     }
 
     #[test]

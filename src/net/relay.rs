@@ -516,18 +516,17 @@ pub fn relay_idle(
         activity.clone(),
     );
     // The second direction runs on a parked relay thread (`pool.rs`), spawned only when none is.
-    let (up_tx, up_rx) = crossbeam_channel::bounded(1);
-    let job = Box::new(move || {
-        let r = pump(&c2, &d2, b2.as_deref(), Direction::Up, &a2);
-        // Its references go before the result does, so none outlives `relay_idle`.
-        drop((c2, d2, b2, a2));
-        let _ = up_tx.send(r);
+    let up = pool::relays().run_joinable(format!("up {label}"), move || {
+        pump(&c2, &d2, b2.as_deref(), Direction::Up, &a2)
     });
-    if let Err(e) = pool::relays().run(format!("up {label}"), job) {
-        client.shutdown_both();
-        dest.shutdown_both();
-        return Err(e);
-    }
+    let up = match up {
+        Ok(h) => h,
+        Err(e) => {
+            client.shutdown_both();
+            dest.shutdown_both();
+            return Err(e);
+        }
+    };
     let (down, down_end) = pump(
         &dest,
         &client,
@@ -535,10 +534,9 @@ pub fn relay_idle(
         Direction::Down,
         &activity,
     );
-    // Disconnected without a result: the job panicked.
-    let (up_n, up_end) = up_rx
-        .recv()
-        .unwrap_or_else(|_| (0, End::Error(io::Error::other("relay thread panicked"))));
+    let (up_n, up_end) = up
+        .join()
+        .unwrap_or_else(|| (0, End::Error(io::Error::other("relay thread panicked"))));
     let end = match (up_end, down_end) {
         (End::Closed, e) | (e, End::Closed) => e,
         (e, _) => e,
