@@ -19,8 +19,9 @@ use std::sync::{Arc, OnceLock};
 use std::thread::{self, Thread};
 use std::time::{Duration, Instant};
 
-/// A parked thread with no job for this long exits.
-pub const PARK_TIME: Duration = Duration::from_secs(30);
+/// A parked thread with no job for this long exits: long enough to carry steady load between
+/// bursts, short enough that a burst's threads are gone well within a leak check's 30 s drain.
+pub const PARK_TIME: Duration = Duration::from_secs(10);
 /// Threads parked at most per pool; a thread finishing its job when this many wait exits. Each
 /// parked thread keeps the stack pages it touched (a few KiB for a relay, more after a handshake).
 pub const MAX_PARKED: usize = 256;
