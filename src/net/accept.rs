@@ -1,9 +1,11 @@
-//! Accepting connections, for both proxies: the accept loop (one named thread per connection,
-//! with a stack sized for a handshake), the global connection cap checked before a thread is
-//! spawned, the count of live connections kept by a guard, and waking a blocked `accept` to stop.
+//! Accepting connections, for both proxies: the accept loop (one thread per connection, with a
+//! stack sized for a handshake, taken from the loop's pool of parked threads and spawned only
+//! when none is parked), the global connection cap checked before a thread is taken, the count of
+//! live connections kept by a guard, and waking a blocked `accept` to stop.
 //!
-//! What a connection does once accepted is the proxy's [`Service::serve`].
+//! What a connection does once accepted is the proxy's [`Service::serve`]; parking is `pool.rs`.
 
+use crate::net::pool::{MAX_PARKED, PARK_TIME, Pool};
 use log::warn;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
@@ -55,7 +57,7 @@ impl Intake {
         self.stop.clone()
     }
 
-    /// Connection threads alive now.
+    /// Connections being served now (each on its own thread).
     pub fn active(&self) -> usize {
         self.active.load(Ordering::Relaxed)
     }
@@ -76,8 +78,15 @@ pub trait Service: Send + Sync + 'static {
 
 /// Accepts until the service stops. Past the connection cap a connection is closed at once,
 /// without a thread, and said so at most once a second; a failed accept (EMFILE) is logged at most
-/// once a second and followed by a short sleep, not a spin.
+/// once a second and followed by a short sleep, not a spin. On return the loop's parked threads
+/// exit (busy ones when their connection ends).
 pub fn accept_loop<S: Service>(listener: &TcpListener, svc: &Arc<S>) {
+    let pool = Pool::new("conn", CONN_STACK, PARK_TIME, MAX_PARKED);
+    accept_into(listener, svc, &pool);
+    pool.close();
+}
+
+fn accept_into<S: Service>(listener: &TcpListener, svc: &Arc<S>, pool: &Arc<Pool>) {
     let mut last_warn: Option<Instant> = None;
     let mut last_full: Option<Instant> = None;
     let mut shed = 0u64;
@@ -104,7 +113,7 @@ pub fn accept_loop<S: Service>(listener: &TcpListener, svc: &Arc<S>) {
                     shed = 0;
                 }
             }
-            Ok((stream, peer)) => spawn_connection(stream, peer, svc),
+            Ok((stream, peer)) => start_connection(stream, peer, svc, pool),
             Err(e) => {
                 if once_a_second(&last_warn) {
                     warn!("accept failed: {e}; backing off");
@@ -116,30 +125,34 @@ pub fn accept_loop<S: Service>(listener: &TcpListener, svc: &Arc<S>) {
     }
 }
 
-fn spawn_connection<S: Service>(stream: TcpStream, peer: SocketAddr, svc: &Arc<S>) {
+/// Hands a connection to a parked thread, or a new one. Counted live from here until its job
+/// ends (or is dropped unrun).
+fn start_connection<S: Service>(
+    stream: TcpStream,
+    peer: SocketAddr,
+    svc: &Arc<S>,
+    pool: &Arc<Pool>,
+) {
     let intake = svc.intake();
     let id = intake.next_id.fetch_add(1, Ordering::Relaxed);
     intake.active.fetch_add(1, Ordering::Relaxed);
-    let svc2 = svc.clone();
-    let spawned = thread::Builder::new()
-        .name(format!("conn#{id}"))
-        .stack_size(CONN_STACK)
-        .spawn(move || {
-            let _guard = ActiveGuard(&svc2.intake().active);
-            svc2.serve(stream, peer, id);
-        });
-    if let Err(e) = spawned {
-        intake.active.fetch_sub(1, Ordering::Relaxed);
+    let guard = ActiveGuard(svc.clone());
+    let job = Box::new(move || {
+        guard.0.serve(stream, peer, id);
+        drop(guard);
+    });
+    if let Err(e) = pool.run(format!("conn#{id}"), job) {
         warn!("conn#{id} {peer} dropped: cannot spawn a thread: {e}");
     }
 }
 
-/// Decrements the live-connection count when a connection thread ends, however it ends.
-struct ActiveGuard<'a>(&'a AtomicUsize);
+/// Decrements the live-connection count when a connection's job ends, however it ends (or when
+/// it is dropped without running, when no thread could be spawned).
+struct ActiveGuard<S: Service>(Arc<S>);
 
-impl Drop for ActiveGuard<'_> {
+impl<S: Service> Drop for ActiveGuard<S> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.intake().active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

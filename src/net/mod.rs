@@ -9,6 +9,7 @@ pub mod forward_body;
 pub mod handshake;
 pub mod os;
 pub mod own_addrs;
+pub mod pool;
 pub mod relay;
 pub mod source;
 pub mod stream;

@@ -23,6 +23,7 @@
 use crate::flow::account::{Account, Reserve};
 use crate::flow::limiter::{Closed, Limiter, Waiter};
 use crate::net::os;
+use crate::net::pool;
 use crate::net::stream::{Pipe, Stream, is_timeout};
 use std::fmt;
 use std::io;
@@ -624,12 +625,12 @@ fn write_end(e: io::Error, activity: &Activity) -> End {
     }
 }
 
-/// Relays both directions of a connection: spawns a thread for client → destination (named
-/// `up {label}`) and copies destination → client on the calling thread. Blocking until both
-/// directions are done.
+/// Relays both directions of a connection: client → destination runs on a parked relay thread
+/// (spawned only when none is parked; named `up {label}` while it runs) and destination → client
+/// on the calling thread. Blocking until both directions are done.
 ///
 /// # Errors
-/// Returns `Err` (with both sockets shut) only when the second thread cannot be spawned.
+/// Returns `Err` (with both sockets shut) only when no thread is parked and none can be spawned.
 pub fn relay(
     client: Stream,
     dest: Stream,
@@ -681,10 +682,10 @@ pub fn relay_idle(
         budget.clone(),
         activity.clone(),
     );
-    let up = thread::Builder::new()
-        .name(format!("up {label}"))
-        .stack_size(RELAY_STACK)
-        .spawn(move || pump(&c2, &d2, b2.as_deref(), Direction::Up, &a2));
+    // The second direction runs on a parked relay thread (`pool.rs`), spawned only when none is.
+    let up = pool::relays().run_joinable(format!("up {label}"), move || {
+        pump(&c2, &d2, b2.as_deref(), Direction::Up, &a2)
+    });
     let up = match up {
         Ok(h) => h,
         Err(e) => {
@@ -702,7 +703,7 @@ pub fn relay_idle(
     );
     let (up_n, up_end) = up
         .join()
-        .unwrap_or_else(|_| (0, End::Error(io::Error::other("relay thread panicked"))));
+        .unwrap_or_else(|| (0, End::Error(io::Error::other("relay thread panicked"))));
     let end = match (up_end, down_end) {
         (End::Closed, e) | (e, End::Closed) => e,
         (e, _) => e,

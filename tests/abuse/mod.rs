@@ -14,6 +14,7 @@ mod faults;
 mod logins;
 mod odd_input;
 mod open_proxy;
+mod pool;
 mod process;
 mod quiet;
 mod slow;
