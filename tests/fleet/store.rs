@@ -602,6 +602,17 @@ fn a_server_serves_on_from_its_snapshot_while_redis_is_down() {
         "a user added after Redis came back never logged in: {:?}",
         srv.rest_of_log()
     );
+    // A Redis that loses its data is a store gone, not one without users: the snapshot stays.
+    redis.cmd(&["FLUSHALL"]);
+    assert!(
+        srv.wait_for_line("is gone", Duration::from_secs(3))
+            .is_some(),
+        "{:?}",
+        srv.rest_of_log()
+    );
+    for user in ["u", "v"] {
+        assert!(socks5(srv.addr, user, "pw", "127.0.0.1", origin.addr.port()).is_ok());
+    }
 }
 
 /// Three masters on loopback, made a cluster by `redis-cli --cluster create`.

@@ -221,6 +221,16 @@ impl RedisStore {
         }
     }
 
+    /// The error for a Redis that is unreachable or holds no store (any more).
+    fn gone(&self) -> Error {
+        Error::NoDatabase(PathBuf::from(self.spec.to_string()))
+    }
+
+    /// Whether the Redis holds a store.
+    fn exists(&self) -> Result<bool> {
+        self.with(|c| cmd("EXISTS").arg(SCHEMA_KEY).query(c.like()))
+    }
+
     /// The account id of `name`, `None` when there is no such user.
     fn id_of(&self, name: &str) -> Result<Option<u64>> {
         let v: Option<String> =
@@ -458,6 +468,13 @@ fn hash_of(v: Value) -> HashMap<String, String> {
     pairs(v).into_iter().collect()
 }
 
+/// Unix seconds now (0 before 1970).
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// A number as Redis's signed 64-bit integer (what HINCRBY counts in).
 fn to_i64(what: &str, v: u64) -> Result<i64> {
     i64::try_from(v).map_err(|_| Error::Invalid(format!("{what} {v} too large")))
@@ -473,7 +490,7 @@ fn user_fields(
     period: QuotaPeriod,
     maxc: u64,
 ) -> Result<Vec<String>> {
-    let now = crate::flow::usage::unix_now().to_string();
+    let now = unix_now().to_string();
     Ok(vec![
         "id".into(),
         id.to_string(),
@@ -664,11 +681,14 @@ impl UserStore for RedisStore {
         let seen = self.seen.clone();
         let l = match self.with(|c| look(c, &seen)) {
             Ok(l) => l,
-            Err(_) if self.conn.borrow().is_none() => {
-                return Err(Error::NoDatabase(PathBuf::from(self.spec.to_string())));
-            }
+            Err(_) if self.conn.borrow().is_none() => return Err(self.gone()),
             Err(e) => return Err(e),
         };
+        // A Redis that lost its data (restarted without its files, flushed) is a store gone,
+        // not one with no users: the server keeps its snapshot until the store is back.
+        if l.all && !self.exists()? {
+            return Err(self.gone());
+        }
         self.seen = l.seen;
         self.unbans.borrow_mut().extend(l.unbans);
         Ok(match (l.any, l.all) {
@@ -679,8 +699,16 @@ impl UserStore for RedisStore {
     }
 
     fn load(&self) -> Result<(Vec<UserRow>, Vec<BadRow>)> {
-        let mut names: Vec<String> =
-            self.with(|c| cmd("SMEMBERS").arg(USERS_KEY).query(c.like()))?;
+        let (exists, mut names): (bool, Vec<String>) = self.with(|c| {
+            let v = c.batch(vec![
+                cmd("EXISTS").arg(SCHEMA_KEY).clone(),
+                cmd("SMEMBERS").arg(USERS_KEY).clone(),
+            ])?;
+            Ok(::redis::from_redis_value(Value::Array(v))?)
+        })?;
+        if !exists {
+            return Err(self.gone());
+        }
         names.sort();
         self.rows(&names)
     }
@@ -764,7 +792,7 @@ impl UserStore for RedisStore {
         if let Some(v) = c.max_connections {
             put("max_connections", to_i64("max-connections", v)?.to_string());
         }
-        put("updated_at", crate::flow::usage::unix_now().to_string());
+        put("updated_at", unix_now().to_string());
         let done: i64 = self.with(|conn| {
             self.scripts
                 .change
