@@ -5,6 +5,7 @@
 //! loop itself is `net::accept`, shared with `sluice local`.
 
 pub mod conn;
+pub mod fleet_logins;
 pub mod gate;
 pub mod login;
 pub mod metrics;
@@ -256,6 +257,13 @@ pub fn start(config: &ServerConfig) -> Result<ServerHandle> {
         )
         .map_err(spawn_err)?,
     );
+    // A fleet shares its failed-login counts through the store's Redis.
+    if let Some(spec) = config.db.redis() {
+        threads.push(
+            fleet_logins::spawn(shared.logins.clone(), spec.clone(), &db_stop)
+                .map_err(spawn_err)?,
+        );
+    }
     let mut metrics_addr = None;
     if let Some(addr) = config.metrics {
         let src = Arc::new(Sources {

@@ -1,6 +1,7 @@
 //! The fleet (issue 21): several servers sharing users, usage and bandwidth through one Redis.
 //! Every test starts its own `redis-server` (tests/support/redis.rs) on a free loopback port.
 
+mod logins;
 mod store;
 
 use crate::support::redis::Redis;

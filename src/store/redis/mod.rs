@@ -13,6 +13,7 @@
 //! | `sluice:{NAME}:user`        | hash   | `id username password_hash bandwidth quota_bytes quota_period max_connections created_at updated_at` |
 //! | `sluice:{NAME}:usage:ID`    | hash   | the usage of account ID: the fields of [`Usage`]       |
 //! | `sluice:changes`            | stream | `user NAME` or `unban SOURCE` per write, `MAXLEN ~` [`STREAM_MAXLEN`] |
+//! | `sluice:fail:{SOURCE}`      | hash   | the fleet's failed logins: `*` of the source, `u:NAME` of a user at it (`throttle.rs`) |
 //!
 //! A write is made first and announced after, on the change stream, as its own command (Redis
 //! Cluster refuses one script over two users' slots, and the stream is a key of its own). Each
@@ -21,6 +22,7 @@
 
 pub mod conn;
 pub mod migrate;
+pub mod throttle;
 
 use self::conn::{Conn, RedisSpec, is_connection_error};
 use super::{BadRow, Changed, QuotaPeriod, Usage, UsageDelta, UserChange, UserRow, UserStore};
@@ -884,7 +886,11 @@ impl UserStore for RedisStore {
         })
     }
 
+    /// Also drops the fleet's shared failure counts of `source` (`throttle.rs`), so no server
+    /// reads them back after lifting its blocks.
     fn request_unban(&self, source: &str) -> Result<()> {
+        let k = throttle::fail_key(source);
+        self.with(|c| cmd("DEL").arg(&k).exec(c.like()))?;
         self.announce("unban", source)
     }
 
