@@ -46,8 +46,8 @@ usage:
 RATE is bytes per second: 65536, 64K, 1M, 2G (1024-based), or 0 / unlimited.
 The password may also come from SLUICE_PASSWORD. `sluice COMMAND --help` for details.
 --db takes an SQLite file (default sluice.db) or a Redis shared by a fleet of servers:
-redis://HOST:PORT[/N], rediss://… (TLS) or redis+cluster://HOST:PORT,HOST:PORT; its password
-goes in the URL (redis://:PASSWORD@HOST:PORT) or in SLUICE_REDIS_PASSWORD.
+redis://HOST:PORT[/N], rediss://…[?ca=CA.pem] (TLS) or redis+cluster://HOST:PORT,HOST:PORT; its
+password goes in the URL (redis://:PASSWORD@HOST:PORT) or in SLUICE_REDIS_PASSWORD.
 ";
 
 const HELP_SERVER: &str = "\

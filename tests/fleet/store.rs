@@ -694,3 +694,42 @@ fn a_three_master_redis_cluster_holds_users_and_logs_them_in() {
         "no usage flushed to the cluster"
     );
 }
+
+/// `rediss://`: the crate's synchronous rustls TLS, against a CA given with `?ca=` (here the
+/// Redis's own self-signed certificate); without it the certificate is refused, naming the
+/// address.
+#[test]
+fn rediss_with_a_ca_file_works_and_an_unknown_issuer_is_refused() {
+    let certs = TempDir::new("redis-tls");
+    let out = sluice(&[
+        "cert",
+        "--name",
+        "127.0.0.1",
+        "--out-dir",
+        certs.0.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let (cert, key) = (certs.path("cert.pem"), certs.path("key.pem"));
+    let tls_port = free_port().to_string();
+    let _redis = Redis::start_with(&[
+        "--tls-port",
+        &tls_port,
+        "--tls-cert-file",
+        cert.to_str().unwrap(),
+        "--tls-key-file",
+        key.to_str().unwrap(),
+        "--tls-auth-clients",
+        "no",
+    ]);
+    let plain = format!("rediss://127.0.0.1:{tls_port}");
+    let with_ca = format!("{plain}?ca={}", cert.display());
+    let out = run(&with_ca, &["user", "add", "t", "--bandwidth", "1M"]);
+    assert!(out.contains("exit Some(0)"), "{out}");
+    assert!(run(&with_ca, &["user", "list"]).contains("\nt "));
+    let out = text(&sluice(&["user", "list", "--db", &plain]));
+    assert!(
+        out.contains("exit Some(1)") && out.contains(&plain),
+        "{out}"
+    );
+    assert!(out.to_lowercase().contains("certificate"), "{out}");
+}

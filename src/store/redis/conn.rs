@@ -10,6 +10,7 @@ use ::redis::{
     RedisError, RedisResult, Value,
 };
 use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// How long a connect may take before the command fails.
@@ -34,7 +35,13 @@ pub struct RedisSpec {
     pub username: Option<String>,
     /// The password: from the URL, else from [`PASSWORD_ENV`].
     password: Option<String>,
+    /// For `rediss`: the CA (PEM) the server's certificate must chain to, from `?ca=PATH` or
+    /// [`CA_ENV`]; without, the public webpki roots.
+    pub ca: Option<PathBuf>,
 }
+
+/// The environment variable read for a CA file when the URL has no `?ca=`.
+pub const CA_ENV: &str = "SLUICE_REDIS_CA";
 
 impl RedisSpec {
     /// True for the schemes this module reads.
@@ -49,8 +56,9 @@ impl RedisSpec {
         .any(|p| s.len() >= p.len() && s[..p.len()].eq_ignore_ascii_case(p))
     }
 
-    /// Parses `redis[s][+cluster]://[[USER]:PASS@]HOST:PORT[,HOST:PORT…][/N]`; the port defaults
-    /// to 6379. Without a password in the URL, [`PASSWORD_ENV`] is read.
+    /// Parses `redis[s][+cluster]://[[USER]:PASS@]HOST:PORT[,HOST:PORT…][/N][?ca=PATH]`; the port
+    /// defaults to 6379. Without a password in the URL, [`PASSWORD_ENV`] is read; without a CA,
+    /// [`CA_ENV`].
     ///
     /// # Errors
     /// [`Error::Usage`] naming the accepted form.
@@ -58,6 +66,21 @@ impl RedisSpec {
         let form = "expected redis://HOST:PORT[/N], rediss://… for TLS, or redis+cluster://HOST:PORT,HOST:PORT";
         let bad = |why: &str| Error::Usage(format!("bad --db {}: {why}; {form}", redact(s)));
         let (scheme, rest) = s.split_once("://").ok_or_else(|| bad("no scheme"))?;
+        let (rest, query) = match rest.rsplit_once('?') {
+            Some((r, q)) if !q.contains('@') => (r, Some(q)),
+            _ => (rest, None),
+        };
+        let mut ca = None;
+        for kv in query.into_iter().flat_map(|q| q.split('&')) {
+            match kv.split_once('=') {
+                Some(("ca", p)) if !p.is_empty() => {
+                    ca = Some(PathBuf::from(
+                        percent_decode(p).ok_or_else(|| bad("bad ca path"))?,
+                    ));
+                }
+                _ => return Err(bad(&format!("unknown option {kv:?} (known: ca=PATH)"))),
+            }
+        }
         let scheme = scheme.to_ascii_lowercase();
         let tls = scheme.starts_with("rediss");
         let cluster = scheme.ends_with("+cluster");
@@ -104,6 +127,14 @@ impl RedisSpec {
         if password.is_none() {
             password = std::env::var(PASSWORD_ENV).ok().filter(|p| !p.is_empty());
         }
+        if ca.is_none() {
+            ca = std::env::var_os(CA_ENV)
+                .filter(|p| !p.is_empty())
+                .map(PathBuf::from);
+        }
+        if ca.is_some() && !tls {
+            return Err(bad("ca= goes with rediss://"));
+        }
         Ok(RedisSpec {
             tls,
             cluster,
@@ -111,7 +142,25 @@ impl RedisSpec {
             db,
             username,
             password,
+            ca,
         })
+    }
+
+    /// The CA given, read, as the crate takes it (`None`: the public roots).
+    fn certificates(&self) -> Result<Option<::redis::TlsCertificates>> {
+        let Some(path) = self.ca.as_ref().filter(|_| self.tls) else {
+            return Ok(None);
+        };
+        let pem = std::fs::read(path).map_err(|e| {
+            Error::Io(
+                format!("cannot read the Redis CA file {}", path.display()),
+                e,
+            )
+        })?;
+        Ok(Some(::redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(pem),
+        }))
     }
 
     /// Whether a password will be sent.
@@ -158,6 +207,9 @@ impl RedisSpec {
             if self.tls {
                 b = b.tls(::redis::TlsMode::Secure);
             }
+            if let Some(certs) = self.certificates()? {
+                b = b.certs(certs);
+            }
             let c = b.build().map_err(err)?.get_connection().map_err(err)?;
             return Ok(Conn::Cluster(Box::new(c)));
         }
@@ -174,7 +226,11 @@ impl RedisSpec {
             .into_connection_info()
             .map_err(err)?
             .set_redis_settings(settings);
-        let c = Client::open(info)
+        let client = match self.certificates()? {
+            Some(certs) => Client::build_with_tls(info, certs),
+            None => Client::open(info),
+        };
+        let c = client
             .map_err(err)?
             .get_connection_with_timeout(CONNECT_TIMEOUT)
             .map_err(err)?;
@@ -356,6 +412,9 @@ mod tests {
         let c = RedisSpec::parse("rediss+cluster://u:p@a:1,[::1]:2").unwrap();
         assert_eq!(c.to_string(), "rediss+cluster://a:1,[::1]:2");
         assert_eq!(c.username.as_deref(), Some("u"));
+        let t = RedisSpec::parse("rediss://h:1/2?ca=/etc/ca%20x.pem").unwrap();
+        assert_eq!(t.ca, Some(PathBuf::from("/etc/ca x.pem")));
+        assert_eq!(t.to_string(), "rediss://h:1/2");
         assert_eq!(
             RedisSpec::parse("REDIS://localhost").unwrap().nodes,
             [("localhost".to_string(), 6379)]
@@ -368,6 +427,8 @@ mod tests {
             "redis://a:1,b:2",
             "redis+cluster://a:1/3",
             "redis://:pw@h:99999",
+            "redis://h:1?ca=/x",
+            "rediss://h:1?verify=no",
         ] {
             let e = RedisSpec::parse(bad).unwrap_err().to_string();
             assert!(e.contains("expected redis://"), "{bad}: {e}");
