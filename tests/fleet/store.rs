@@ -733,3 +733,46 @@ fn rediss_with_a_ca_file_works_and_an_unknown_issuer_is_refused() {
     );
     assert!(out.to_lowercase().contains("certificate"), "{out}");
 }
+
+/// An idle account's delta costs Redis nothing; the first idle one after activity is still
+/// written, so live figures go back to 0.
+#[test]
+fn idle_accounts_are_not_flushed_but_the_end_of_activity_is() {
+    let redis = Redis::start();
+    let s = store::open(store::StoreSpec::parse(&redis.url()).unwrap(), true).unwrap();
+    s.add("a", "h", 0).unwrap();
+    let id = s.load().unwrap().0[0].id;
+    let idle = UsageDelta {
+        account_id: id,
+        ..UsageDelta::default()
+    };
+    let busy = UsageDelta {
+        bytes_down: 10,
+        open_now: 2,
+        rate_now: 10,
+        ..idle.clone()
+    };
+    let calls = || -> u64 {
+        redis
+            .cmd(&["INFO", "commandstats"])
+            .lines()
+            .find(|l| l.starts_with("cmdstat_evalsha:"))
+            .and_then(|l| l.split("calls=").nth(1))
+            .and_then(|r| r.split(',').next())
+            .map_or(0, |n| n.parse().unwrap())
+    };
+    let before = calls();
+    s.flush_usage(std::slice::from_ref(&idle), 1).unwrap();
+    assert_eq!(calls(), before, "an idle account was flushed");
+    assert!(s.load_usage().unwrap().is_empty());
+    s.flush_usage(&[busy], 2).unwrap();
+    s.flush_usage(std::slice::from_ref(&idle), 3).unwrap();
+    let u = &s.load_usage().unwrap()[0];
+    assert_eq!(
+        (u.bytes_down, u.open_now, u.rate_now, u.live_at),
+        (10, 0, 0, 3)
+    );
+    let before = calls();
+    s.flush_usage(&[idle], 4).unwrap();
+    assert_eq!(calls(), before, "a second idle delta was flushed");
+}

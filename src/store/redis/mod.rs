@@ -29,7 +29,7 @@ use super::{BadRow, Changed, QuotaPeriod, Usage, UsageDelta, UserChange, UserRow
 use crate::error::{Error, Result};
 use ::redis::{Cmd, RedisResult, Script, Value, cmd};
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 
 /// The key layout version this build writes.
@@ -161,6 +161,9 @@ pub struct RedisStore {
     seen: String,
     /// `sluice unban` requests read from the stream, waiting for [`UserStore::take_unbans`].
     unbans: RefCell<Vec<String>>,
+    /// Accounts whose last flushed delta was not idle: their next idle one is still written
+    /// (live figures back to 0), later idle ones are not (Redis work grows with active users).
+    live: RefCell<HashSet<u64>>,
 }
 
 impl RedisStore {
@@ -178,6 +181,7 @@ impl RedisStore {
             scripts: Scripts::new(),
             seen: "0-0".into(),
             unbans: RefCell::new(Vec::new()),
+            live: RefCell::new(HashSet::new()),
         };
         let version: Option<String> = s.with(|c| {
             if create {
@@ -829,8 +833,34 @@ impl UserStore for RedisStore {
         self.announce("user", username)
     }
 
+    /// Writes the deltas of accounts that moved something or have connections open (and one
+    /// last idle delta after that); an idle account costs Redis nothing. Its usage row then keeps
+    /// the last period's `period_start`, which every reader compares with the period now.
     fn flush_usage(&self, deltas: &[UsageDelta], now: u64) -> Result<()> {
+        let idle = |d: &UsageDelta| {
+            d.bytes_up == 0
+                && d.bytes_down == 0
+                && d.connections == 0
+                && d.throttled_ms == 0
+                && d.active_ms == 0
+                && d.open_now == 0
+                && d.rate_now == 0
+                && d.throttled_now == 0.0
+        };
+        let busy: HashSet<u64> = deltas
+            .iter()
+            .filter(|d| !idle(d))
+            .map(|d| d.account_id)
+            .collect();
+        let deltas: Vec<&UsageDelta> = {
+            let live = self.live.borrow();
+            deltas
+                .iter()
+                .filter(|d| busy.contains(&d.account_id) || live.contains(&d.account_id))
+                .collect()
+        };
         if deltas.is_empty() {
+            *self.live.borrow_mut() = busy;
             return Ok(());
         }
         let ids: Vec<u64> = deltas.iter().map(|d| d.account_id).collect();
@@ -867,7 +897,7 @@ impl UserStore for RedisStore {
             })
             .collect();
         let s = &self.scripts.flush;
-        self.with(|c| {
+        let r = self.with(|c| {
             let build = |c: &Conn| -> Vec<Cmd> {
                 calls
                     .iter()
@@ -883,7 +913,11 @@ impl UserStore for RedisStore {
                 }
                 r => r.map(|_| ()),
             }
-        })
+        });
+        if r.is_ok() {
+            *self.live.borrow_mut() = busy;
+        }
+        r
     }
 
     /// Also drops the fleet's shared failure counts of `source` (`throttle.rs`), so no server
