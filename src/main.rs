@@ -9,7 +9,7 @@ use sluice::net::os;
 use sluice::net::tls::{self, Trust};
 use sluice::server::stats;
 use sluice::server::{self, ServerConfig};
-use sluice::store::{self, QuotaPeriod, UserChange};
+use sluice::store::{self, QuotaPeriod, StoreSpec, UserChange};
 use sluice::units::{format_rate, format_size, parse_rate, parse_size};
 use std::ffi::OsString;
 use std::io::BufRead;
@@ -36,6 +36,7 @@ usage:
   sluice user reset-usage NAME [--db PATH]
   sluice stats [--db PATH] [--json]
   sluice unban SOURCE [--db PATH]
+  sluice migrate --from PATH --to redis://HOST:PORT[/N]
   sluice local --server HOST:PORT --user NAME [--password P | --password-stdin]
                [--listen ADDR] [--allow-lan] [--handshake-timeout SECS]
                [--tls [--ca FILE | --pin-sha256 HEX] [--server-name NAME]]
@@ -44,13 +45,17 @@ usage:
 
 RATE is bytes per second: 65536, 64K, 1M, 2G (1024-based), or 0 / unlimited.
 The password may also come from SLUICE_PASSWORD. `sluice COMMAND --help` for details.
+--db takes an SQLite file (default sluice.db) or a Redis shared by a fleet of servers:
+redis://HOST:PORT[/N], rediss://…[?ca=CA.pem] (TLS) or redis+cluster://HOST:PORT,HOST:PORT; its
+password goes in the URL (redis://:PASSWORD@HOST:PORT) or in SLUICE_REDIS_PASSWORD.
 ";
 
 const HELP_SERVER: &str = "\
 usage: sluice server [options]
 
   --listen ADDR             address to listen on (default 127.0.0.1:8889; 0.0.0.0:8889 serves a network)
-  --db PATH                 user database (default sluice.db; create it with `sluice user add`)
+  --db PATH                 user database (default sluice.db; create it with `sluice user add`),
+                            or redis://HOST:PORT[/N] for a fleet sharing one Redis (see `sluice --help`)
   --allow-private           allow loopback and private destinations (refused by default)
   --handshake-timeout SECS  time a client has to finish its handshake (default 10)
   --connect-timeout SECS    time allowed for each connect to a destination (default 10)
@@ -122,7 +127,16 @@ is an IPv4 address, an IPv6 address (its /64 and /48 are lifted), or an IPv6 pre
 or /48. Blocks live in the server's memory only; this leaves a request in the database that the
 server applies and deletes. Without a running server it waits there, harmlessly, until one starts.
 
-  --db PATH          user database (default sluice.db)
+  --db PATH          user database (default sluice.db), or redis://HOST:PORT[/N]
+";
+
+const HELP_MIGRATE: &str = "\
+usage: sluice migrate --from PATH --to redis://HOST:PORT[/N]
+
+Copies every user of the database at PATH (password hash, bandwidth, quota, connection cap and
+account id, as they are) and its usage into the Redis store at --to, creating the store if it is
+empty. A user the target already has is left as it is, so running it again changes nothing.
+Stop the servers on PATH first: usage they count after the copy stays in PATH.
 ";
 
 const HELP_USER: &str = "\
@@ -142,7 +156,8 @@ usage:
                      when used up, new connections are refused and open ones closed
   --quota-period P   day, month (UTC calendar) or none (a lifetime total until reset-usage)
   --max-connections N  most connections open at once (0 = no cap)
-  --db PATH          user database (default sluice.db; `user add` creates it)
+  --db PATH          user database (default sluice.db; `user add` creates it), or
+                     redis://HOST:PORT[/N] (a Redis shared by a fleet; see `sluice --help`)
 
 Usernames and passwords are 1 to 255 bytes without control characters.
 ";
@@ -179,6 +194,8 @@ fn run(mut args: Arguments) -> Result<()> {
         Some("cert") if help => print(HELP_CERT),
         Some("unban") if help => print(HELP_UNBAN),
         Some("unban") => cmd_unban(args),
+        Some("migrate") if help => print(HELP_MIGRATE),
+        Some("migrate") => cmd_migrate(args),
         Some("cert") => cmd_cert(args),
         Some("stats") => cmd_stats(args),
         Some("local") => cmd_local(args),
@@ -222,8 +239,23 @@ where
         .map_err(|e| usage(format!("{key}: {e}\n{help}")))
 }
 
-fn db_path(args: &mut Arguments, help: &str) -> Result<PathBuf> {
-    Ok(opt::<PathBuf>(args, "--db", help)?.unwrap_or_else(|| PathBuf::from("sluice.db")))
+/// `--db`: a path or a `redis://…` spec (default sluice.db).
+fn db_path(args: &mut Arguments, help: &str) -> Result<StoreSpec> {
+    Ok(spec_flag(args, "--db", help)?.unwrap_or_default())
+}
+
+/// A store flag: a path (any bytes) or a `redis://…` spec.
+fn spec_flag(args: &mut Arguments, key: &'static str, help: &str) -> Result<Option<StoreSpec>> {
+    let raw: Option<OsString> = args
+        .opt_value_from_os_str(key, |s| Ok::<_, String>(s.to_os_string()))
+        .map_err(|e| usage(format!("{key}: {e}\n{help}")))?;
+    match raw {
+        None => Ok(None),
+        Some(s) => match s.to_str() {
+            Some(t) => StoreSpec::parse(t).map(Some),
+            None => Ok(Some(StoreSpec::Sqlite(PathBuf::from(s)))),
+        },
+    }
 }
 
 /// The longest any duration flag may be: a week. Far more than any timeout needs, and far from
@@ -565,6 +597,51 @@ fn cmd_unban(mut args: Arguments) -> Result<()> {
     let src = Source::parse(&src).map_err(usage)?;
     store::open(&db, false)?.request_unban(&src.to_string())?;
     println!("asked the server to lift the login blocks on {src}");
+    Ok(())
+}
+
+fn cmd_migrate(mut args: Arguments) -> Result<()> {
+    let from = spec_flag(&mut args, "--from", HELP_MIGRATE)?;
+    let to = spec_flag(&mut args, "--to", HELP_MIGRATE)?;
+    finish(args, HELP_MIGRATE)?;
+    let from = from.ok_or_else(|| usage(format!("--from PATH is required\n{HELP_MIGRATE}")))?;
+    let to = match to {
+        Some(StoreSpec::Redis(r)) => r,
+        Some(StoreSpec::Sqlite(_)) => {
+            return Err(usage("--to must be a Redis: redis://HOST:PORT[/N]"));
+        }
+        None => {
+            return Err(usage(format!(
+                "--to redis://HOST:PORT is required\n{HELP_MIGRATE}"
+            )));
+        }
+    };
+    if from.redis() == Some(&to) {
+        return Err(usage("--from and --to are the same store"));
+    }
+    let source = store::open(&from, false)?;
+    let target = store::redis::RedisStore::open(&to, true)?;
+    let m = store::redis::migrate::migrate(&*source, &target)?;
+    println!(
+        "copied {} users ({} with usage) from {from} to {to}",
+        m.copied.len(),
+        m.with_usage
+    );
+    if !m.renumbered.is_empty() {
+        println!(
+            "new account ids (theirs were taken in the target): {}",
+            m.renumbered.join(", ")
+        );
+    }
+    if !m.skipped.is_empty() {
+        println!(
+            "left as they are (already in the target): {}",
+            m.skipped.join(", ")
+        );
+    }
+    for b in &m.unreadable {
+        println!("not copied: {} ({})", b.username, b.reason);
+    }
     Ok(())
 }
 

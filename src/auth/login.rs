@@ -86,7 +86,35 @@ pub struct Logins {
     freed: Condvar,
     /// Hashes user names for the throttle's keys (random per process).
     names: RandomState,
+    /// Outcomes waiting to be shared with the fleet; `None` when not shared (one server).
+    fleet: Mutex<Option<Vec<FleetEvent>>>,
 }
+
+/// A login outcome for the fleet's shared failure counts (issue 21), taken by
+/// [`Logins::take_fleet_events`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetEvent {
+    /// The source charged.
+    pub source: Source,
+    /// The user name as the client sent it.
+    pub user: Vec<u8>,
+    /// What happened.
+    pub kind: FleetEventKind,
+}
+
+/// What a [`FleetEvent`] reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FleetEventKind {
+    /// A wrong password, counted against the source and the (source, user).
+    Failed,
+    /// A wrong password found in the cache while the source was blocked: the pair only.
+    WrongPairOnly,
+    /// A verified login: the (source, user) count starts over.
+    Verified,
+}
+
+/// Outcomes held for the fleet at most; more are dropped until the next share.
+pub const MAX_FLEET_EVENTS: usize = 4096;
 
 /// Gives an argon2 slot back, however the check ends.
 struct Slot<'a> {
@@ -122,6 +150,47 @@ impl Logins {
             }),
             freed: Condvar::new(),
             names: RandomState::new(),
+            fleet: Mutex::new(None),
+        }
+    }
+
+    /// Starts keeping login outcomes for [`Logins::take_fleet_events`] (a server of a fleet).
+    pub fn share_with_fleet(&self) {
+        self.fleet.lock().get_or_insert_with(Vec::new);
+    }
+
+    /// The outcomes since the last call (none unless shared).
+    pub fn take_fleet_events(&self) -> Vec<FleetEvent> {
+        self.fleet
+            .lock()
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    /// Raises the counts of `source` and (`source`, `user`) to the fleet's totals (see
+    /// [`Throttle::import`]).
+    pub fn import_fleet(&self, source: Source, user: &[u8], source_total: u32, pair_total: u32) {
+        let name = self.names.hash_one(user);
+        self.state.lock().throttle.import(
+            source,
+            Some(name),
+            source_total,
+            pair_total,
+            Instant::now(),
+        );
+    }
+
+    /// Keeps an outcome for the fleet, if shared.
+    fn note(&self, source: Source, user: &[u8], kind: FleetEventKind) {
+        if let Some(v) = self.fleet.lock().as_mut()
+            && v.len() < MAX_FLEET_EVENTS
+        {
+            v.push(FleetEvent {
+                source,
+                user: user.to_vec(),
+                kind,
+            });
         }
     }
 
@@ -150,6 +219,7 @@ impl Logins {
                     Cached::Hit(a) => Verdict::Ok(a),
                     Cached::Mismatch => {
                         st.throttle.wrong(ip, name, now);
+                        self.note(src, user, FleetEventKind::WrongPairOnly);
                         Verdict::Blocked(until.saturating_duration_since(now))
                     }
                     Cached::Unknown => Verdict::Blocked(until.saturating_duration_since(now)),
@@ -231,6 +301,11 @@ impl Logins {
             .lock()
             .throttle
             .finish(ticket, outcome, Instant::now());
+        let kind = match outcome {
+            Outcome::Verified => FleetEventKind::Verified,
+            _ => FleetEventKind::Failed,
+        };
+        self.note(src, user, kind);
         match found {
             Some(a) => Verdict::Ok(a),
             None => Verdict::Wrong(blocks),

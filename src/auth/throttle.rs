@@ -309,6 +309,32 @@ impl Throttle {
             .and_then(|r| r.fail(PAIR_FREE_FAILURES, now))
     }
 
+    /// Raises the failures of `src`, and of `user` at `src` when given, to the totals the whole
+    /// fleet counted (read from the shared store), as if the missing ones had failed here now:
+    /// blocks start and double as they would have. Never lowers a count; at most 32 failures are
+    /// added per call (a block has reached [`MAX_BLOCK`] long before).
+    pub fn import(
+        &mut self,
+        src: Source,
+        user: Option<u64>,
+        source_total: u32,
+        pair_total: u32,
+        now: Instant,
+    ) {
+        let pair = user.map(|u| (Key::Pair(src, u), pair_total));
+        for (key, total) in std::iter::once((Key::Source(src), source_total)).chain(pair) {
+            let known = self.live(key, now).map_or(0, |r| r.failures);
+            if total <= known || !self.ensure(key, now) {
+                continue;
+            }
+            if let Some(r) = self.map.get_mut(&key) {
+                for _ in 0..(total - r.failures).min(32) {
+                    r.fail(key.free(), now);
+                }
+            }
+        }
+    }
+
     /// Drops every record of `src` (and, for an IPv6 /64, of its /48); returns how many.
     pub fn unban(&mut self, src: Source) -> usize {
         let wide = src.wider();
@@ -408,6 +434,35 @@ mod tests {
         for _ in 1..PAIR_FREE_FAILURES {
             assert_eq!(fail(&mut t, "192.0.2.1", 1, later).pair, None);
         }
+    }
+
+    #[test]
+    fn failures_counted_elsewhere_in_the_fleet_block_here() {
+        let mut t = Throttle::new();
+        let t0 = Instant::now();
+        let src = Source::of(ip("192.0.2.1"));
+        for _ in 0..3 {
+            fail(&mut t, "192.0.2.1", 1, t0);
+        }
+        assert_eq!(t.standing(ip("192.0.2.1"), 1, t0), Standing::Clear);
+        // The fleet counted 6 for the pair (these 3 among them): blocked as after 6 here.
+        t.import(src, Some(1), 6, 6, t0);
+        assert_eq!(
+            t.standing(ip("192.0.2.1"), 1, t0),
+            Standing::PairBlocked(t0 + FIRST_BLOCK * 2)
+        );
+        // A total below what is known changes nothing; another user is untouched.
+        t.import(src, Some(1), 2, 2, t0);
+        assert_eq!(
+            t.standing(ip("192.0.2.1"), 1, t0),
+            Standing::PairBlocked(t0 + FIRST_BLOCK * 2)
+        );
+        assert_eq!(t.standing(ip("192.0.2.1"), 2, t0), Standing::Clear);
+        t.import(src, None, SOURCE_FREE_FAILURES, 0, t0);
+        assert_eq!(
+            t.standing(ip("192.0.2.1"), 2, t0),
+            Standing::SourceBlocked(t0 + FIRST_BLOCK)
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! loop itself is `net::accept`, shared with `sluice local`.
 
 pub mod conn;
+pub mod fleet_logins;
 pub mod gate;
 pub mod login;
 pub mod metrics;
@@ -40,8 +41,8 @@ use std::time::{Duration, Instant};
 pub struct ServerConfig {
     /// Address to listen on.
     pub listen: SocketAddr,
-    /// The user database (must exist).
-    pub db: PathBuf,
+    /// The user store (must exist): an SQLite file or a `redis://…` spec.
+    pub db: store::StoreSpec,
     /// Allow loopback and private destinations.
     pub allow_private: bool,
     /// Time a client has to finish its handshake.
@@ -76,7 +77,7 @@ impl Default for ServerConfig {
     fn default() -> ServerConfig {
         ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8889)),
-            db: PathBuf::from("sluice.db"),
+            db: store::StoreSpec::default(),
             allow_private: false,
             handshake_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
@@ -218,6 +219,7 @@ pub fn start(config: &ServerConfig) -> Result<ServerHandle> {
     // Opened before the load: a change between the load and the watcher's start is noticed.
     let store = store::open(&config.db, false)?;
     warn_if_readable(&store.readable_by_others());
+    let store_location = store.location();
     let limiter = Limiter::new(config.tick);
     let directory = Directory::new(limiter.clone())?;
     auth::reload(&*store, &directory)?;
@@ -268,6 +270,13 @@ pub fn start(config: &ServerConfig) -> Result<ServerHandle> {
         )
         .map_err(spawn_err)?,
     );
+    // A fleet shares its failed-login counts through the store's Redis.
+    if let Some(spec) = config.db.redis() {
+        threads.push(
+            fleet_logins::spawn(shared.logins.clone(), spec.clone(), &db_stop)
+                .map_err(spawn_err)?,
+        );
+    }
     let mut metrics_addr = None;
     if let Some(addr) = config.metrics {
         let src = Arc::new(Sources {
@@ -290,7 +299,7 @@ pub fn start(config: &ServerConfig) -> Result<ServerHandle> {
     info!(
         "sluice server listening on {local_addr} (users: {}, db {}, tick {} ms{})",
         directory.len(),
-        config.db.display(),
+        store_location,
         limiter.tick().as_millis(),
         if config.allow_private {
             ", private destinations allowed".to_string()

@@ -2,16 +2,114 @@
 //! (the directory's reload), the server's watcher, usage flushes and the command line all work
 //! through it and see only the plain structs of `types.rs`.
 //!
-//! SQLite (`sqlite.rs`, the only file with SQL or rusqlite in it) is the one implementation
-//! today; [`open`] picks the implementation from the store's spec, so another one (Redis for a
-//! `redis://…` spec) slots in beside it.
+//! SQLite (`sqlite.rs`, the only file with SQL or rusqlite in it) is the embedded default; Redis
+//! (`redis/`, the only files with the redis crate in them) is the fleet's shared store. [`open`]
+//! picks the implementation from the store's [`StoreSpec`]: a path, or a `redis://…` URL.
 
+pub mod redis;
 pub mod sqlite;
 pub mod types;
 
+pub use self::redis::conn::RedisSpec;
 pub use self::types::{BadPeriod, BadRow, QuotaPeriod, Usage, UsageDelta, UserChange, UserRow};
 use crate::error::Result;
+use std::fmt;
 use std::path::{Path, PathBuf};
+
+/// Where a store is: an SQLite file, or a Redis (`redis://`, `rediss://`, `redis+cluster://`).
+/// Shown (`Display`, `Debug`) without any password.
+#[derive(Clone, PartialEq, Eq)]
+pub enum StoreSpec {
+    /// An SQLite file.
+    Sqlite(PathBuf),
+    /// A Redis or a Redis Cluster.
+    Redis(RedisSpec),
+}
+
+impl StoreSpec {
+    /// A `redis…://` URL as a Redis spec, anything else as a path.
+    ///
+    /// # Errors
+    /// A Redis URL that cannot be read ([`Error::Usage`](crate::error::Error::Usage), naming
+    /// the accepted forms).
+    pub fn parse(s: &str) -> Result<StoreSpec> {
+        if RedisSpec::is_redis_url(s) {
+            RedisSpec::parse(s).map(StoreSpec::Redis)
+        } else {
+            Ok(StoreSpec::Sqlite(PathBuf::from(s)))
+        }
+    }
+
+    /// The file, for an SQLite spec.
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            StoreSpec::Sqlite(p) => Some(p),
+            StoreSpec::Redis(_) => None,
+        }
+    }
+
+    /// The Redis, for a Redis spec.
+    pub fn redis(&self) -> Option<&RedisSpec> {
+        match self {
+            StoreSpec::Redis(r) => Some(r),
+            StoreSpec::Sqlite(_) => None,
+        }
+    }
+}
+
+impl Default for StoreSpec {
+    fn default() -> StoreSpec {
+        StoreSpec::Sqlite(PathBuf::from("sluice.db"))
+    }
+}
+
+impl fmt::Display for StoreSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreSpec::Sqlite(p) => write!(f, "{}", p.display()),
+            StoreSpec::Redis(r) => write!(f, "{r}"),
+        }
+    }
+}
+
+impl fmt::Debug for StoreSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreSpec::Sqlite(p) => write!(f, "Sqlite({p:?})"),
+            StoreSpec::Redis(r) => write!(f, "{r:?}"),
+        }
+    }
+}
+
+impl From<PathBuf> for StoreSpec {
+    fn from(p: PathBuf) -> StoreSpec {
+        StoreSpec::Sqlite(p)
+    }
+}
+
+impl From<&PathBuf> for StoreSpec {
+    fn from(p: &PathBuf) -> StoreSpec {
+        StoreSpec::Sqlite(p.clone())
+    }
+}
+
+impl From<&Path> for StoreSpec {
+    fn from(p: &Path) -> StoreSpec {
+        StoreSpec::Sqlite(p.to_path_buf())
+    }
+}
+
+impl From<&StoreSpec> for StoreSpec {
+    fn from(s: &StoreSpec) -> StoreSpec {
+        s.clone()
+    }
+}
+
+impl From<RedisSpec> for StoreSpec {
+    fn from(r: RedisSpec) -> StoreSpec {
+        StoreSpec::Redis(r)
+    }
+}
 
 /// What changed in a store since its last look ([`UserStore::changes`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -194,18 +292,18 @@ pub trait UserStore: Send {
     }
 }
 
-/// Opens the store `spec` names: today always an SQLite file. With `create`, a missing file is
-/// created (the `user add` way); without, a missing one is an error (the server's way).
+/// Opens the store `spec` names (a path, or a [`StoreSpec`]): an SQLite file or a Redis. With
+/// `create`, a missing store is created (the `user add` way); without, a missing one is an
+/// error (the server's way).
 ///
 /// # Errors
-/// [`Error::NoDatabase`](crate::error::Error::NoDatabase) when the file is missing and not to be
-/// created; [`Error::Database`](crate::error::Error) when it cannot be opened or is not a store
-/// this build understands.
-pub fn open(spec: &Path, create: bool) -> Result<Box<dyn UserStore>> {
-    let store = if create {
-        sqlite::SqliteStore::open_or_create(spec)?
-    } else {
-        sqlite::SqliteStore::open(spec)?
-    };
-    Ok(Box::new(store))
+/// [`Error::NoDatabase`](crate::error::Error::NoDatabase) when the store is missing and not to
+/// be created; [`Error::Database`](crate::error::Error) when it cannot be opened or reached, or
+/// is not a store this build understands.
+pub fn open(spec: impl Into<StoreSpec>, create: bool) -> Result<Box<dyn UserStore>> {
+    match spec.into() {
+        StoreSpec::Sqlite(p) if create => Ok(Box::new(sqlite::SqliteStore::open_or_create(&p)?)),
+        StoreSpec::Sqlite(p) => Ok(Box::new(sqlite::SqliteStore::open(&p)?)),
+        StoreSpec::Redis(r) => Ok(Box::new(redis::RedisStore::open(&r, create)?)),
+    }
 }

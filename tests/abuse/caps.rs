@@ -6,7 +6,7 @@ use super::process::ServerProcess;
 use super::*;
 use sluice::store::{self, UserChange};
 
-fn cap(db: &std::path::Path, user: &str, n: u64) {
+fn cap(db: impl Into<store::StoreSpec>, user: &str, n: u64) {
     let change = UserChange {
         max_connections: Some(n),
         ..UserChange::default()

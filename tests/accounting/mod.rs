@@ -212,7 +212,12 @@ fn metrics_addr(srv: &TestServer) -> SocketAddr {
 
 /// Sets quota and connection cap on a user in the database (the server reads it at start, or
 /// within a second when running).
-fn set_limits(db: &Path, user: &str, quota: Option<(u64, QuotaPeriod)>, max_conns: Option<u64>) {
+fn set_limits(
+    db: impl Into<sluice::store::StoreSpec>,
+    user: &str,
+    quota: Option<(u64, QuotaPeriod)>,
+    max_conns: Option<u64>,
+) {
     let change = UserChange {
         quota_bytes: quota.map(|q| q.0),
         quota_period: quota.map(|q| q.1),
@@ -306,7 +311,7 @@ fn the_flush_survives_a_restart_and_totals_keep_adding_up() {
     // A new server on the same database: the totals are still there and keep adding up.
     let cfg = sluice::ServerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
-        db: srv.db.clone(),
+        db: srv.db.clone().into(),
         allow_private: true,
         ..sluice::ServerConfig::default()
     };
@@ -336,7 +341,7 @@ fn the_quota_count_survives_a_restart() {
     srv.handle.take().unwrap().shutdown();
     let cfg = sluice::ServerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
-        db: srv.db.clone(),
+        db: srv.db.clone().into(),
         allow_private: true,
         ..sluice::ServerConfig::default()
     };
@@ -399,7 +404,7 @@ fn a_deleted_and_re_added_user_is_a_new_account_with_its_own_usage() {
     assert_eq!(moved_in(&row), new, "after shutdown: {row:?}");
     let cfg = sluice::ServerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
-        db: srv.db.clone(),
+        db: srv.db.clone().into(),
         allow_private: true,
         ..sluice::ServerConfig::default()
     };

@@ -1,6 +1,9 @@
 //! The fleet (issue 21): several servers sharing users, usage and bandwidth through one Redis.
 //! Every test starts its own `redis-server` (tests/support/redis.rs) on a free loopback port.
 
+mod logins;
+mod store;
+
 use crate::support::redis::Redis;
 
 /// The harness itself: what was written survives a kill and a restart on the same files

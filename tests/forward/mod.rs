@@ -41,7 +41,9 @@ impl Proxy {
     }
 
     fn server_with(f: impl FnOnce(&std::path::Path)) -> Proxy {
-        let srv = TestServer::start_with(&[(USER, PASS, 0), ("bob", "builder", 0)], |c| f(&c.db));
+        let srv = TestServer::start_with(&[(USER, PASS, 0), ("bob", "builder", 0)], |c| {
+            f(c.db.path().expect("an SQLite test store"))
+        });
         Proxy {
             addr: srv.addr,
             auth: basic(USER, PASS),

@@ -77,7 +77,7 @@ impl TestServer {
         make_db(&db, users);
         let mut cfg = ServerConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
-            db: db.clone(),
+            db: db.clone().into(),
             allow_private: true,
             ..ServerConfig::default()
         };

@@ -502,7 +502,7 @@ fn a_key_that_does_not_fit_the_certificate_is_refused_at_start() {
     for (what, c, k, word) in cases {
         let cfg = sluice::ServerConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
-            db: db.clone(),
+            db: db.clone().into(),
             tls: Some((c.clone(), k.clone())),
             ..sluice::ServerConfig::default()
         };
