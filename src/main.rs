@@ -66,6 +66,8 @@ usage: sluice server [options]
                             of --max-connections)
   --max-handshakes-per-source N
                             the same from one source, an IPv4 address or an IPv6 /64 (default 64)
+  --fleet redis://HOST:PORT share each user's one bandwidth and quota with the other servers on
+                            this Redis (temporary: `--db redis://…` will set it)
 
 Failed logins are throttled per address and per (address, user), with blocks that double from
 1 s to 5 min; `sluice unban SOURCE` lifts them on a running server.
@@ -289,6 +291,14 @@ fn cmd_server(mut args: Arguments) -> Result<()> {
             return Err(usage("--tick-ms must be 1 to 1000"));
         }
         cfg.tick = Duration::from_millis(ms);
+    }
+    if let Some(url) = opt::<String>(&mut args, "--fleet", HELP_SERVER)? {
+        if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+            return Err(usage(
+                "--fleet takes a redis://HOST:PORT or rediss://HOST:PORT URL",
+            ));
+        }
+        cfg.fleet = Some(sluice::flow::lease::FleetConfig::new(&url));
     }
     finish(args, HELP_SERVER)?;
     // Raised before start (the connection cap derives from it), logged after (so a start-up

@@ -194,6 +194,11 @@ impl Directory {
         v
     }
 
+    /// The account of `name`, if the snapshot has the user.
+    pub fn account(&self, name: &str) -> Option<Arc<Account>> {
+        self.users.read().get(name).map(|e| e.account.clone())
+    }
+
     fn forget(&self, name: &str) {
         self.cache.lock().retain(|(n, _), _| n != name);
     }

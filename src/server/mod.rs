@@ -17,6 +17,7 @@ use self::shared::Shared;
 use crate::auth::login::Logins;
 use crate::auth::{self, Directory};
 use crate::error::{Error, Result};
+use crate::flow::lease::{self, FleetConfig, LeaseStats};
 use crate::flow::limiter::{self, Limiter};
 use crate::net::accept::{CONN_STACK, Intake, Service, accept_loop, wake};
 use crate::net::admission::{self, Handshakes};
@@ -63,6 +64,9 @@ pub struct ServerConfig {
     pub max_handshakes_per_source: usize,
     /// Most connections still in their handshake in all. `None`: half the connection cap.
     pub max_handshakes: Option<usize>,
+    /// Share each user's one bandwidth (and quota) with the other servers of a fleet, through
+    /// Redis leases. `None`: this server alone.
+    pub fleet: Option<FleetConfig>,
 }
 
 impl Default for ServerConfig {
@@ -80,6 +84,7 @@ impl Default for ServerConfig {
             tls: None,
             max_handshakes_per_source: admission::DEFAULT_PER_SOURCE,
             max_handshakes: None,
+            fleet: None,
         }
     }
 }
@@ -103,6 +108,7 @@ pub struct ServerHandle {
     /// Given by a [`Stopper`]: what [`ServerHandle::wait`] waits for.
     asked: Arc<Stop>,
     threads: Vec<JoinHandle<()>>,
+    fleet: Option<Arc<LeaseStats>>,
 }
 
 impl ServerHandle {
@@ -129,6 +135,11 @@ impl ServerHandle {
     /// The server's counters (what `/metrics` shows).
     pub fn counters(&self) -> &Counters {
         &self.shared.counters
+    }
+
+    /// The fleet lease thread's figures, when the server is in a fleet.
+    pub fn fleet(&self) -> Option<&Arc<LeaseStats>> {
+        self.fleet.as_ref()
     }
 
     /// argon2 verifications run since start (joined and cached logins run none).
@@ -255,12 +266,36 @@ pub fn start(config: &ServerConfig) -> Result<ServerHandle> {
         )
         .map_err(spawn_err)?,
     );
+    let fleet_stats = match &config.fleet {
+        Some(f) => {
+            let stats = Arc::new(LeaseStats::default());
+            let mut f = f.clone();
+            if f.server_id.is_empty() {
+                f.server_id = default_server_id(local_addr);
+            }
+            info!(
+                "fleet: bandwidth leased from {} every {} ms as server {}",
+                redacted(&f.redis_url),
+                f.lease_period.as_millis(),
+                f.server_id
+            );
+            let dir = directory.clone();
+            let lookup: lease::Lookup = Arc::new(move |name: &str| dir.account(name));
+            threads.push(
+                lease::spawn(f, limiter.clone(), lookup, stats.clone(), &db_stop)
+                    .map_err(spawn_err)?,
+            );
+            Some(stats)
+        }
+        None => None,
+    };
     let mut metrics_addr = None;
     if let Some(addr) = config.metrics {
         let src = Arc::new(Sources {
             directory: directory.clone(),
             limiter: limiter.clone(),
             counters: shared.counters.clone(),
+            fleet: fleet_stats.clone(),
         });
         let (bound, h) = metrics::serve(addr, src, stop.clone())
             .map_err(|e| Error::Io(format!("cannot serve metrics on {addr}"), e))?;
@@ -308,7 +343,25 @@ pub fn start(config: &ServerConfig) -> Result<ServerHandle> {
         db_stop,
         asked: Arc::new(Stop::new()),
         threads,
+        fleet: fleet_stats,
     })
+}
+
+/// A server's default name in a fleet: host name, process id and port, unique on one host and
+/// across hosts with distinct names.
+fn default_server_id(addr: SocketAddr) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
+    format!("{host}-{}-{}", std::process::id(), addr.port())
+}
+
+/// A Redis URL for a log line: any password replaced by `***`.
+fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}***{}", &url[..s + 3], &url[at..]),
+        _ => url.to_string(),
+    }
 }
 
 /// Warns when group or others can read the database or its `-wal`/`-shm` files (they hold the
@@ -346,6 +399,15 @@ fn shell_word(p: &std::path::Path) -> String {
 mod tests {
     use super::*;
     use std::path::Path;
+
+    #[test]
+    fn a_redis_password_never_reaches_the_log() {
+        assert_eq!(
+            redacted("redis://:pw@127.0.0.1:6379/0"),
+            "redis://***@127.0.0.1:6379/0"
+        );
+        assert_eq!(redacted("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+    }
 
     #[test]
     fn a_chmod_hint_quotes_paths_the_shell_would_split() {
