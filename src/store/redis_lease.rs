@@ -6,7 +6,8 @@
 //! of the rate **in proportion to its demand** (what its relays wait for), over the time since
 //! that server's last lease. Demand per server is kept in the user's keys and forgotten after
 //! three periods, so an idle server's share goes to the busy ones. A server hands back what it
-//! did not use (`unused`), so leased tokens never pile up on an idle server.
+//! did not use (`unused`), so leased tokens never pile up on an idle server; a busy server may
+//! take back what it handed back on top of its share (it was its share, late).
 //!
 //! Quota: one total over the fleet, counted in the user's usage hash (`lease_bytes` for the
 //! period starting `lease_period`): every grant is charged when leased, what comes back unused is
@@ -74,7 +75,7 @@ if rate > 0 then
   tokens = math.min(burst, tokens + rate * math.max(now - last, 0) / 1000000 + unused)
   local share = 0
   if total > 0 then share = demand / total end
-  grant = math.floor(math.min(tokens, demand, rate * elapsed / 1000000 * share))
+  grant = math.floor(math.min(tokens, demand, rate * elapsed / 1000000 * share + unused))
   tokens = tokens - grant
   redis.call('HSET', KEYS[1], 'tokens', string.format('%.3f', tokens), 't', string.format('%d', now))
   redis.call('PEXPIRE', KEYS[1], 60000)
