@@ -12,6 +12,12 @@
 //! thread tries Redis again every [`RETRY`], and the first round that succeeds switches back to
 //! leases and charges those bytes to the fleet's quota count. Logins never wait on any of this.
 //!
+//! A user's `max_connections` holds across the fleet: with each heartbeat the thread writes this
+//! server's open connections of every capped user and reads the other live servers' counts
+//! into the account, which admission checks without waiting (the counts are at most one
+//! heartbeat old, so a burst of logins on several servers at once can pass the cap by what
+//! arrives within that time).
+//!
 //! What it leaves to others: the users themselves (the directory, through a lookup function),
 //! the Redis commands (`store/redis_lease.rs`), the metrics' rendering (`server/metrics.rs`).
 
@@ -122,6 +128,9 @@ impl LeaseStats {
 
 /// Finds a user's account by name (the directory's, given by the server).
 pub type Lookup = Arc<dyn Fn(&str) -> Option<Arc<Account>> + Send + Sync>;
+/// The accounts with a connection cap (`max_connections` > 0), whose open connections are
+/// shared with the fleet.
+pub type Capped = Arc<dyn Fn() -> Vec<Arc<Account>> + Send + Sync>;
 
 /// Starts the lease thread; it ends when `stop` is given. The limiter is switched to leased
 /// supply at once (a user gets nothing until the first grant, a period later).
@@ -132,6 +141,7 @@ pub fn spawn(
     config: FleetConfig,
     limiter: Arc<Limiter>,
     lookup: Lookup,
+    capped: Capped,
     stats: Arc<LeaseStats>,
     stop: &Stop,
 ) -> std::io::Result<thread::JoinHandle<()>> {
@@ -145,6 +155,7 @@ pub fn spawn(
         config,
         limiter,
         lookup,
+        capped,
         stats,
         carry: HashMap::new(),
         alive: 1,
@@ -178,6 +189,7 @@ struct Leaser {
     link: LeaseLink,
     limiter: Arc<Limiter>,
     lookup: Lookup,
+    capped: Capped,
     stats: Arc<LeaseStats>,
     /// Bytes moved without a lease (Redis down), per user, not yet charged.
     carry: HashMap<Arc<str>, u64>,
@@ -245,6 +257,27 @@ impl Leaser {
                 self.stats
                     .leases
                     .fetch_add(requests.len() as u64, Ordering::Relaxed);
+                if heartbeat {
+                    self.share_connections(now);
+                }
+            }
+            Err(e) => self.went_down(&e, now),
+        }
+    }
+
+    /// With each heartbeat: this server's open connections of every capped user out, the other
+    /// live servers' in (admission reads them from the account; it never waits on Redis).
+    fn share_connections(&mut self, now: Instant) {
+        let accounts = (self.capped)();
+        let counts: Vec<(String, u64)> = accounts
+            .iter()
+            .map(|a| (a.name.to_string(), a.open_connections() as u64))
+            .collect();
+        match self.link.conns(&self.config.server_id, unix_ms(), &counts) {
+            Ok(others) => {
+                for (a, n) in accounts.iter().zip(others) {
+                    a.set_elsewhere(n);
+                }
             }
             Err(e) => self.went_down(&e, now),
         }

@@ -281,8 +281,14 @@ pub fn start(config: &ServerConfig) -> Result<ServerHandle> {
             );
             let dir = directory.clone();
             let lookup: lease::Lookup = Arc::new(move |name: &str| dir.account(name));
+            let dir = directory.clone();
+            let capped: lease::Capped = Arc::new(move || {
+                let mut v = dir.accounts();
+                v.retain(|a| a.max_connections() > 0);
+                v
+            });
             threads.push(
-                lease::spawn(f, limiter.clone(), lookup, stats.clone(), &db_stop)
+                lease::spawn(f, limiter.clone(), lookup, capped, stats.clone(), &db_stop)
                     .map_err(spawn_err)?,
             );
             Some(stats)

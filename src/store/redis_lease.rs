@@ -21,6 +21,8 @@
 //! - `sluice:{name}:demand`  hash server id → "demand last_lease_µs"
 //! - `sluice:{name}:usage:<account id>` hash `lease_period`, `lease_bytes` (the store's usage
 //!   hash of that account; these two fields are the lease's)
+//! - `sluice:{name}:conns`   hash server id → connections open there (`max_connections` over
+//!   the fleet; a server whose heartbeat expired is not counted)
 //! - `sluice:{servers}` sorted set server id → last heartbeat (ms): servers alive
 //!
 //! The `redis` crate appears only in the store's Redis files; the rest of the program sees the
@@ -75,7 +77,7 @@ if rate > 0 then
   tokens = math.min(burst, tokens + rate * math.max(now - last, 0) / 1000000 + unused)
   local share = 0
   if total > 0 then share = demand / total end
-  grant = math.floor(math.min(tokens, demand, rate * elapsed / 1000000 * share + unused))
+  grant = math.floor(math.min(tokens, rate * elapsed / 1000000 * share + unused))
   tokens = tokens - grant
   redis.call('HSET', KEYS[1], 'tokens', string.format('%.3f', tokens), 't', string.format('%d', now))
   redis.call('PEXPIRE', KEYS[1], 60000)
@@ -157,6 +159,12 @@ pub struct RedisDown(pub String);
 impl fmt::Display for RedisDown {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "redis: {}", self.0)
+    }
+}
+
+impl From<redis::ParsingError> for RedisDown {
+    fn from(e: redis::ParsingError) -> RedisDown {
+        RedisDown(format!("unexpected reply: {e}").to_lowercase())
     }
 }
 
@@ -313,6 +321,67 @@ fn grant_of(v: Value) -> Result<LeaseGrant, RedisDown> {
     }
 }
 
+/// The connection-count hash of `user`: server id → connections open there.
+pub fn conns_key(user: &str) -> String {
+    format!("sluice:{{{user}}}:conns")
+}
+
+/// Writes this server's open connections of each `(user, count)` and reads every live
+/// server's, in one pipelined round trip: returns, per user, the connections open on the
+/// *other* servers with a heartbeat younger than [`HEARTBEAT_TTL`] (a dead server's count is
+/// dropped, so its connections are released by its heartbeat's expiry). `now_ms` is this
+/// server's unix time in ms. Blocking.
+///
+/// # Errors
+/// Redis unreachable, timed out, or answering with an error.
+pub fn conns_round(
+    con: &mut dyn ConnectionLike,
+    server: &str,
+    now_ms: u64,
+    counts: &[(String, u64)],
+) -> Result<Vec<u64>, RedisDown> {
+    if counts.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ttl = u64::try_from(HEARTBEAT_TTL.as_millis()).unwrap_or(u64::MAX);
+    let mut pipe = redis::pipe();
+    pipe.cmd("ZRANGEBYSCORE")
+        .arg(SERVERS_KEY)
+        .arg(now_ms.saturating_sub(ttl))
+        .arg("+inf");
+    for (user, n) in counts {
+        let key = conns_key(user);
+        if *n > 0 {
+            pipe.cmd("HSET").arg(&key).arg(server).arg(*n).ignore();
+        } else {
+            pipe.cmd("HDEL").arg(&key).arg(server).ignore();
+        }
+        pipe.cmd("HGETALL").arg(&key);
+    }
+    let (alive, tables): (Vec<String>, Vec<Vec<(String, u64)>>) = {
+        let mut v: Vec<Value> = pipe.query(con)?;
+        let rest = v.split_off(1);
+        let alive: Vec<String> = redis::from_redis_value(v.remove(0))?;
+        let tables = rest
+            .into_iter()
+            .map(|t| {
+                let m: std::collections::HashMap<String, u64> = redis::from_redis_value(t)?;
+                Ok(m.into_iter().collect())
+            })
+            .collect::<Result<Vec<_>, redis::ParsingError>>()?;
+        (alive, tables)
+    };
+    Ok(tables
+        .iter()
+        .map(|t| {
+            t.iter()
+                .filter(|(s, _)| s != server && alive.contains(s))
+                .map(|(_, n)| n)
+                .sum()
+        })
+        .collect())
+}
+
 /// A lease connection that opens itself when needed and lets go of itself after an error, so
 /// the lease thread names no type of the `redis` crate.
 pub struct LeaseLink {
@@ -358,6 +427,34 @@ impl LeaseLink {
             return Err(RedisDown("not connected".into()));
         };
         let r = lease_round(con, server, period, requests, heartbeat_ms);
+        if r.is_err() {
+            self.con = None;
+        }
+        r
+    }
+}
+
+impl LeaseLink {
+    /// [`conns_round`] over this link, connecting first if needed; an error drops the
+    /// connection. Blocking.
+    ///
+    /// # Errors
+    /// As [`connect`] and [`conns_round`].
+    pub fn conns(
+        &mut self,
+        server: &str,
+        now_ms: u64,
+        counts: &[(String, u64)],
+    ) -> Result<Vec<u64>, RedisDown> {
+        if self.con.is_none() {
+            let mut con = connect(&self.url, self.timeout)?;
+            load_script(&mut con)?;
+            self.con = Some(con);
+        }
+        let Some(con) = self.con.as_mut() else {
+            return Err(RedisDown("not connected".into()));
+        };
+        let r = conns_round(con, server, now_ms, counts);
         if r.is_err() {
             self.con = None;
         }

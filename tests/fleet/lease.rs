@@ -402,3 +402,59 @@ fn the_lease_script_splits_the_rate_in_proportion_to_demand() {
         "leases are charged to the usage hash"
     );
 }
+
+#[test]
+fn max_connections_hold_across_the_fleet_and_a_dead_servers_are_released() {
+    let redis = Redis::start();
+    let mut servers = fleet(&redis, 2, &[("c", "p", 0)]);
+    for s in &servers {
+        s.store()
+            .change(
+                "c",
+                &UserChange {
+                    max_connections: Some(4),
+                    ..UserChange::default()
+                },
+            )
+            .unwrap();
+    }
+    let origin = Origin::start();
+    let open = |s: &TestServer| socks5(s.addr, "c", "p", "127.0.0.1", origin.addr.port());
+    // The watchers apply the cap within a second; then three connections on the first server.
+    assert!(wait_until(Duration::from_secs(3), || {
+        let (a, b, c, d, e) = (
+            open(&servers[0]),
+            open(&servers[0]),
+            open(&servers[0]),
+            open(&servers[0]),
+            open(&servers[0]),
+        );
+        let refused = e.is_err();
+        drop((a, b, c, d, e));
+        refused
+    }));
+    thread::sleep(Duration::from_millis(300));
+    let held: Vec<_> = (0..3).map(|_| open(&servers[0]).unwrap()).collect();
+    // Two heartbeats later the second server counts them: one more fits, a second does not.
+    thread::sleep(Duration::from_millis(1500));
+    let fourth = open(&servers[1]).expect("the fourth connection in the fleet");
+    assert_eq!(
+        open(&servers[1]).err(),
+        Some(2),
+        "a fifth connection in the fleet was admitted"
+    );
+    // The first server dies: its heartbeat expires and its connections no longer count.
+    drop(servers.remove(0));
+    drop(held);
+    let t = Instant::now();
+    let mut again = None;
+    assert!(
+        wait_until(Duration::from_secs(8), || {
+            again = open(&servers[0]).ok();
+            again.is_some()
+        }),
+        "a dead server's connections were never released"
+    );
+    eprintln!("released {:?} after the server stopped", t.elapsed());
+    drop((fourth, again));
+}
