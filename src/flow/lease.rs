@@ -22,7 +22,7 @@
 //! the Redis commands (`store/redis_lease.rs`), the metrics' rendering (`server/metrics.rs`).
 
 use crate::flow::account::Account;
-use crate::flow::limiter::{Demand, Limiter, Supply, fallback_rate};
+use crate::flow::limiter::{Demand, Limiter, Supply};
 use crate::flow::usage::unix_now;
 use crate::stop::Stop;
 use crate::store::redis_lease::{LeaseLink, LeaseRequest, RedisDown};
@@ -41,7 +41,9 @@ pub const DEFAULT_LEASE_PERIOD: Duration = Duration::from_millis(75);
 pub const BURST_PERIODS: u64 = 2;
 /// While Redis is down, it is tried again this often (so leasing resumes within about this).
 pub const RETRY: Duration = Duration::from_millis(250);
-/// A heartbeat is sent at least this often (the servers-alive count is read with it).
+/// A heartbeat is sent at least this often (the servers-alive count is read with it). It is
+/// stamped with this server's clock: servers whose clocks differ by more than a second or so
+/// misjudge each other's liveness.
 pub const HEARTBEAT_EVERY: Duration = Duration::from_millis(500);
 /// Bound on a connect, and on each read and write of a round trip.
 pub const REDIS_TIMEOUT: Duration = Duration::from_millis(250);
@@ -376,15 +378,10 @@ fn unix_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// The fleet's share of a rate for one server while Redis is down (re-exported arithmetic, for
-/// the README's and the tests' sake).
-pub fn outage_rate(rate: u64, servers_alive: u64) -> u64 {
-    fallback_rate(rate, servers_alive)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::flow::limiter::fallback_rate;
 
     #[test]
     fn the_fleet_bucket_holds_two_periods() {
@@ -395,13 +392,13 @@ mod tests {
 
     #[test]
     fn an_outage_splits_the_rate_over_the_servers_last_known() {
-        assert_eq!(outage_rate(3_000_000, 3), 1_000_000);
-        assert_eq!(outage_rate(3_000_000, 0), 3_000_000, "never divide by 0");
+        assert_eq!(fallback_rate(3_000_000, 3), 1_000_000);
+        assert_eq!(fallback_rate(3_000_000, 0), 3_000_000, "never divide by 0");
         assert_eq!(
-            outage_rate(2, 3),
+            fallback_rate(2, 3),
             1,
             "a limited user never becomes unlimited"
         );
-        assert_eq!(outage_rate(0, 3), 0);
+        assert_eq!(fallback_rate(0, 3), 0);
     }
 }
