@@ -6,6 +6,7 @@
 //! today; [`open`] picks the implementation from the store's spec, so another one (Redis for a
 //! `redis://…` spec) slots in beside it.
 
+pub mod redis_conns;
 pub mod redis_lease;
 pub mod sqlite;
 pub mod types;

@@ -21,8 +21,7 @@
 //! - `sluice:{name}:demand`  hash server id → "demand last_lease_µs"
 //! - `sluice:{name}:usage:<account id>` hash `lease_period`, `lease_bytes` (the store's usage
 //!   hash of that account; these two fields are the lease's)
-//! - `sluice:{name}:conns`   hash server id → connections open there (`max_connections` over
-//!   the fleet; a server whose heartbeat expired is not counted)
+//! - `sluice:{name}:conns`   hash server id → connections open there (`redis_conns.rs`)
 //! - `sluice:{servers}` sorted set server id → last heartbeat (ms): servers alive
 //!
 //! The `redis` crate appears only in the store's Redis files; the rest of the program sees the
@@ -321,67 +320,6 @@ fn grant_of(v: Value) -> Result<LeaseGrant, RedisDown> {
     }
 }
 
-/// The connection-count hash of `user`: server id → connections open there.
-pub fn conns_key(user: &str) -> String {
-    format!("sluice:{{{user}}}:conns")
-}
-
-/// Writes this server's open connections of each `(user, count)` and reads every live
-/// server's, in one pipelined round trip: returns, per user, the connections open on the
-/// *other* servers with a heartbeat younger than [`HEARTBEAT_TTL`] (a dead server's count is
-/// dropped, so its connections are released by its heartbeat's expiry). `now_ms` is this
-/// server's unix time in ms. Blocking.
-///
-/// # Errors
-/// Redis unreachable, timed out, or answering with an error.
-pub fn conns_round(
-    con: &mut dyn ConnectionLike,
-    server: &str,
-    now_ms: u64,
-    counts: &[(String, u64)],
-) -> Result<Vec<u64>, RedisDown> {
-    if counts.is_empty() {
-        return Ok(Vec::new());
-    }
-    let ttl = u64::try_from(HEARTBEAT_TTL.as_millis()).unwrap_or(u64::MAX);
-    let mut pipe = redis::pipe();
-    pipe.cmd("ZRANGEBYSCORE")
-        .arg(SERVERS_KEY)
-        .arg(now_ms.saturating_sub(ttl))
-        .arg("+inf");
-    for (user, n) in counts {
-        let key = conns_key(user);
-        if *n > 0 {
-            pipe.cmd("HSET").arg(&key).arg(server).arg(*n).ignore();
-        } else {
-            pipe.cmd("HDEL").arg(&key).arg(server).ignore();
-        }
-        pipe.cmd("HGETALL").arg(&key);
-    }
-    let (alive, tables): (Vec<String>, Vec<Vec<(String, u64)>>) = {
-        let mut v: Vec<Value> = pipe.query(con)?;
-        let rest = v.split_off(1);
-        let alive: Vec<String> = redis::from_redis_value(v.remove(0))?;
-        let tables = rest
-            .into_iter()
-            .map(|t| {
-                let m: std::collections::HashMap<String, u64> = redis::from_redis_value(t)?;
-                Ok(m.into_iter().collect())
-            })
-            .collect::<Result<Vec<_>, redis::ParsingError>>()?;
-        (alive, tables)
-    };
-    Ok(tables
-        .iter()
-        .map(|t| {
-            t.iter()
-                .filter(|(s, _)| s != server && alive.contains(s))
-                .map(|(_, n)| n)
-                .sum()
-        })
-        .collect())
-}
-
 /// A lease connection that opens itself when needed and lets go of itself after an error, so
 /// the lease thread names no type of the `redis` crate.
 pub struct LeaseLink {
@@ -418,47 +356,28 @@ impl LeaseLink {
         requests: &[LeaseRequest],
         heartbeat_ms: Option<u64>,
     ) -> Result<LeaseRound, RedisDown> {
-        if self.con.is_none() {
-            let mut con = connect(&self.url, self.timeout)?;
-            load_script(&mut con)?;
-            self.con = Some(con);
-        }
-        let Some(con) = self.con.as_mut() else {
-            return Err(RedisDown("not connected".into()));
-        };
-        let r = lease_round(con, server, period, requests, heartbeat_ms);
+        let r = lease_round(self.connection()?, server, period, requests, heartbeat_ms);
         if r.is_err() {
             self.con = None;
         }
         r
     }
-}
 
-impl LeaseLink {
-    /// [`conns_round`] over this link, connecting first if needed; an error drops the
-    /// connection. Blocking.
-    ///
-    /// # Errors
-    /// As [`connect`] and [`conns_round`].
-    pub fn conns(
-        &mut self,
-        server: &str,
-        now_ms: u64,
-        counts: &[(String, u64)],
-    ) -> Result<Vec<u64>, RedisDown> {
+    /// The open connection, opened (and the script loaded) first if there is none.
+    pub(super) fn connection(&mut self) -> Result<&mut Connection, RedisDown> {
         if self.con.is_none() {
             let mut con = connect(&self.url, self.timeout)?;
             load_script(&mut con)?;
             self.con = Some(con);
         }
-        let Some(con) = self.con.as_mut() else {
-            return Err(RedisDown("not connected".into()));
-        };
-        let r = conns_round(con, server, now_ms, counts);
-        if r.is_err() {
-            self.con = None;
-        }
-        r
+        self.con
+            .as_mut()
+            .ok_or_else(|| RedisDown("not connected".into()))
+    }
+
+    /// Lets go of the connection after an error (the next call connects again).
+    pub(super) fn reset(&mut self) {
+        self.con = None;
     }
 }
 
