@@ -355,6 +355,11 @@ impl Directory {
         &self.roster
     }
 
+    /// The account of `name`, if the user is in the snapshot and has logged in since start.
+    pub fn account(&self, name: &str) -> Option<Arc<Account>> {
+        self.users.read().get(name).and_then(|e| e.account.clone())
+    }
+
     fn forget(&self, name: &str) {
         self.cache.lock().retain(|(n, _), _| n != name);
     }

@@ -173,6 +173,9 @@ pub struct Account {
     /// The `reset_epoch` of the usage row last seen, so `user reset-usage` restarts the count.
     pub reset_epoch: AtomicU64,
     max_connections: AtomicU64,
+    /// Connections open on the fleet's other servers, last known (set by the lease thread; 0
+    /// without a fleet): `max_connections` counts them too.
+    elsewhere: AtomicU64,
     /// Bytes forwarded client → destination since start.
     pub bytes_up: AtomicU64,
     /// Bytes forwarded destination → client since start.
@@ -220,6 +223,7 @@ impl Account {
             // Unseen: the first usage row read sets the quota count.
             reset_epoch: AtomicU64::new(u64::MAX),
             max_connections: AtomicU64::new(0),
+            elsewhere: AtomicU64::new(0),
             bytes_up: AtomicU64::new(0),
             bytes_down: AtomicU64::new(0),
             opened: AtomicU64::new(0),
@@ -294,6 +298,11 @@ impl Account {
         self.max_connections.load(Ordering::Relaxed)
     }
 
+    /// Records the connections the user has open on the fleet's other servers (last known).
+    pub fn set_elsewhere(&self, n: u64) {
+        self.elsewhere.store(n, Ordering::Relaxed);
+    }
+
     /// True when a quota is set and used up.
     pub fn quota_exhausted(&self) -> bool {
         let q = self.quota();
@@ -360,7 +369,7 @@ impl Account {
             return Err(Refusal::Quota);
         }
         let cap = self.max_connections();
-        if cap > 0 && conns.len() as u64 >= cap {
+        if cap > 0 && conns.len() as u64 + self.elsewhere.load(Ordering::Relaxed) >= cap {
             return Err(Refusal::TooMany);
         }
         conns.insert(id, None);

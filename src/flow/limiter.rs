@@ -23,6 +23,13 @@
 //! long-run rate stays exact and a stream queued behind a datagram waits its turn. Debt is at
 //! most one datagram: a bucket in debt lends nothing more.
 //!
+//! In a fleet (several servers sharing each user's one bandwidth, `flow/lease.rs`) a bucket's
+//! tokens come from elsewhere ([`Supply`]): from a pool of tokens the lease thread obtained, which
+//! the refill tick draws from at up to the user's rate, or while the leases cannot be had, from
+//! the user's rate divided by the servers alive. The refill thread still tops buckets up every
+//! tick and never waits on the network; the lease thread reads each user's demand
+//! ([`Limiter::take_demand`]) and hands grants in ([`Limiter::grant`]).
+//!
 //! The lock is never held across I/O: callers do their reads and writes between `acquire` and
 //! `give_back`. Nothing here knows about sockets; a user is a name. Unlimited users never reach
 //! this file (see `Budget` in `net/relay.rs`).
@@ -100,6 +107,49 @@ struct Queued {
     whole: bool,
 }
 
+/// Where a bucket's tokens come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Supply {
+    /// The user's rate, on this server alone (no fleet).
+    Own,
+    /// Leased from the fleet: the refill draws from the bucket's pool, at most at the user's
+    /// rate, and never more than the pool holds.
+    Leased,
+    /// The fleet's leases cannot be had: the user's rate divided by this many servers.
+    Split(u64),
+}
+
+/// The rate a server runs a user at while leases cannot be had: its rate divided by the servers
+/// alive when last known (at least one), never 0 for a limited user (0 would mean unlimited).
+pub fn fallback_rate(rate: u64, servers: u64) -> u64 {
+    if rate == 0 {
+        return 0;
+    }
+    (rate / servers.max(1)).max(1)
+}
+
+/// One user's demand on this server since the last look ([`Limiter::take_demand`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Demand {
+    /// The user.
+    pub user: Arc<str>,
+    /// Its rate (bytes per second).
+    pub rate: u64,
+    /// Bytes its queued relays ask for now.
+    pub queued: u64,
+    /// Bytes its relays took (net of give-backs) since the last look.
+    pub moved: u64,
+    /// Leased bytes left in the pool, taken out (handed back to the fleet).
+    pub unused: u64,
+}
+
+impl Demand {
+    /// What this server says it waits for: queued asks plus what was moved last period.
+    pub fn bytes(&self) -> u64 {
+        self.queued.saturating_add(self.moved)
+    }
+}
+
 /// A token bucket for one user. Pure arithmetic plus a queue; time is passed in.
 pub struct Bucket {
     rate: u64,
@@ -119,6 +169,11 @@ pub struct Bucket {
     /// Which bucket of this user's it is: a close meant for a bucket removed meanwhile (the user
     /// deleted) must not count against a newer one under the same name.
     serial: u64,
+    supply: Supply,
+    /// Leased tokens not yet in the bucket ([`Supply::Leased`]).
+    pool: u64,
+    /// Bytes taken, net of give-backs, since the last [`Bucket::take_demand`].
+    moved: u64,
 }
 
 /// Why no grant came.
@@ -145,7 +200,44 @@ impl Bucket {
             queue: VecDeque::new(),
             holders: 0,
             serial: 0,
+            supply: Supply::Own,
+            pool: 0,
+            moved: 0,
         }
+    }
+
+    /// Where this bucket's tokens come from from now on; what accrued under the old supply up
+    /// to `now` is kept. Returns the waiters served, to be woken.
+    pub fn set_supply(&mut self, supply: Supply, now: Instant) -> Vec<Arc<Waiter>> {
+        if supply == self.supply {
+            return Vec::new();
+        }
+        let served = self.refill(now);
+        self.supply = supply;
+        served
+    }
+
+    /// Adds leased tokens to the pool the refill draws from.
+    pub fn grant(&mut self, tokens: u64) {
+        self.pool = self.pool.saturating_add(tokens);
+    }
+
+    /// Leased tokens not yet drawn.
+    pub fn pool(&self) -> u64 {
+        self.pool
+    }
+
+    /// This bucket's demand since the last call (and its pool, taken out), or `None` when it
+    /// has nothing to say: no relay waiting, nothing moved, nothing leased left.
+    pub fn take_demand(&mut self) -> Option<(u64, u64, u64)> {
+        let queued: u64 = self.queue.iter().map(|q| q.want).sum();
+        if queued == 0 && self.moved == 0 && self.pool == 0 {
+            return None;
+        }
+        let out = (queued, self.moved, self.pool);
+        self.moved = 0;
+        self.pool = 0;
+        Some(out)
     }
 
     /// The configured rate in bytes per second.
@@ -173,10 +265,25 @@ impl Bucket {
     pub fn refill(&mut self, now: Instant) -> Vec<Arc<Waiter>> {
         let elapsed = now.saturating_duration_since(self.last).as_nanos();
         self.last = now.max(self.last);
-        let nanobytes = u128::from(self.rate) * elapsed + u128::from(self.frac);
-        let whole = u64::try_from(nanobytes / NANOS).unwrap_or(u64::MAX);
+        let rate = match self.supply {
+            Supply::Own | Supply::Leased => self.rate,
+            Supply::Split(n) => fallback_rate(self.rate, n),
+        };
+        let nanobytes = u128::from(rate) * elapsed + u128::from(self.frac);
+        let mut whole = u64::try_from(nanobytes / NANOS).unwrap_or(u64::MAX);
         // frac < 1e9 always fits; the remainder of a division by 1e9.
         self.frac = (nanobytes % NANOS) as u64;
+        if self.supply == Supply::Leased {
+            // At most the user's rate, and never more than was leased; what the bucket has no
+            // room for stays in the pool rather than being capped away.
+            let room = self.capacity.saturating_sub(self.tokens) + self.debt;
+            let n = whole.min(self.pool).min(room);
+            if n < whole {
+                self.frac = 0;
+            }
+            self.pool -= n;
+            whole = n;
+        }
         self.add(whole);
         let served = self.serve();
         if self.tokens > self.capacity {
@@ -195,6 +302,7 @@ impl Bucket {
         }
         let n = want.min(self.tokens);
         self.tokens -= n;
+        self.moved += n;
         n
     }
 
@@ -211,6 +319,7 @@ impl Bucket {
     /// Returns tokens a short read left unused; they pay any debt, then go to the queue.
     /// Returns the waiters served.
     pub fn give_back(&mut self, n: u64) -> Vec<Arc<Waiter>> {
+        self.moved = self.moved.saturating_sub(n);
         self.add(n);
         self.serve()
     }
@@ -224,6 +333,7 @@ impl Bucket {
 
     /// Takes `n` whole, going into debt for what is not there.
     fn take_whole(&mut self, n: u64) {
+        self.moved = self.moved.saturating_add(n);
         let have = n.min(self.tokens);
         self.tokens -= have;
         self.debt = self.debt.saturating_add(n - have);
@@ -287,6 +397,7 @@ impl Bucket {
             } else {
                 let n = q.want.min(self.tokens);
                 self.tokens -= n;
+                self.moved += n;
                 n
             };
             q.waiter.granted.store(n, Ordering::Release);
@@ -331,6 +442,25 @@ pub struct Limiter {
     stop: Stop,
     /// Waiters woken with a grant, since start.
     wakeups: AtomicU64,
+    /// The [`Supply`] of every bucket, encoded (0 own, 1 leased, n + 1 split n ways), so a new
+    /// bucket starts with the current one.
+    supply: AtomicU64,
+}
+
+fn encode(s: Supply) -> u64 {
+    match s {
+        Supply::Own => 0,
+        Supply::Leased => 1,
+        Supply::Split(n) => n.max(1).saturating_add(1),
+    }
+}
+
+fn decode(v: u64) -> Supply {
+    match v {
+        0 => Supply::Own,
+        1 => Supply::Leased,
+        n => Supply::Split(n - 1),
+    }
 }
 
 impl Limiter {
@@ -343,6 +473,7 @@ impl Limiter {
             stopping: AtomicBool::new(false),
             stop: Stop::new(),
             wakeups: AtomicU64::new(0),
+            supply: AtomicU64::new(0),
         })
     }
 
@@ -365,7 +496,9 @@ impl Limiter {
         let served = match map.get_mut(&**user) {
             Some(b) => b.set_rate(rate, self.tick, now),
             None => {
-                map.insert(user.clone(), Bucket::new(rate, self.tick, now));
+                let mut b = Bucket::new(rate, self.tick, now);
+                b.supply = self.supply();
+                map.insert(user.clone(), b);
                 Vec::new()
             }
         };
@@ -404,6 +537,7 @@ impl Limiter {
             return serial;
         }
         let mut b = Bucket::new(rate.load(Ordering::Relaxed), self.tick, Instant::now());
+        b.supply = self.supply();
         b.holders = 1;
         b.serial = self.serials.fetch_add(1, Ordering::Relaxed) + 1;
         let serial = b.serial;
@@ -429,6 +563,56 @@ impl Limiter {
     /// [`Limiter::set_rate`]).
     pub fn buckets(&self) -> usize {
         self.buckets.lock().len()
+    }
+
+    /// Where every bucket's tokens come from now.
+    pub fn supply(&self) -> Supply {
+        decode(self.supply.load(Ordering::Relaxed))
+    }
+
+    /// Changes where every bucket's tokens come from (the lease thread: leased while Redis
+    /// answers, split while it does not). What accrued under the old supply is kept.
+    pub fn set_supply(&self, supply: Supply) {
+        if self.supply.swap(encode(supply), Ordering::Relaxed) == encode(supply) {
+            return;
+        }
+        let now = Instant::now();
+        let mut served = Vec::new();
+        for b in self.buckets.lock().values_mut() {
+            served.extend(b.set_supply(supply, now));
+        }
+        self.wake(served);
+    }
+
+    /// Each limited user's demand since the last call, for users with relays waiting, bytes
+    /// moved, or leased tokens left (taken out of the pool: they go back to the fleet).
+    pub fn take_demand(&self) -> Vec<Demand> {
+        let mut map = self.buckets.lock();
+        map.iter_mut()
+            .filter(|(_, b)| b.rate > 0)
+            .filter_map(|(user, b)| {
+                let (queued, moved, unused) = b.take_demand()?;
+                Some(Demand {
+                    user: user.clone(),
+                    rate: b.rate,
+                    queued,
+                    moved,
+                    unused,
+                })
+            })
+            .collect()
+    }
+
+    /// Adds leased tokens to a user's pool; the refill tick draws from it. Tokens for a user
+    /// this server no longer has are dropped (returns false).
+    pub fn grant(&self, user: &str, tokens: u64) -> bool {
+        match self.buckets.lock().get_mut(user) {
+            Some(b) => {
+                b.grant(tokens);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Empties a user's bucket (its first connection after being idle): the first second then
@@ -895,6 +1079,87 @@ mod tests {
         assert_eq!(lim.acquire("dz", &w, 10), Ok(10));
         lim.close("dz", new);
         assert_eq!(lim.buckets(), 0);
+    }
+
+    #[test]
+    fn a_leased_bucket_draws_its_pool_at_most_at_the_rate_and_never_more() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(100_000, TICK, t0); // 1000 bytes a tick
+        b.set_supply(Supply::Leased, t0);
+        b.refill(ms(t0, 10));
+        assert_eq!(b.tokens(), 0, "nothing leased, nothing accrues");
+        b.grant(2500);
+        b.refill(ms(t0, 20));
+        assert_eq!(
+            b.try_take(u64::MAX),
+            1000,
+            "the pool is drawn at the user's rate"
+        );
+        b.refill(ms(t0, 100)); // 8 ticks of accrual, but only 1500 left in the pool
+        assert_eq!(b.try_take(u64::MAX), 1500);
+        assert_eq!(b.pool(), 0);
+        b.refill(ms(t0, 200));
+        assert_eq!(b.tokens(), 0, "an empty pool gives nothing");
+    }
+
+    #[test]
+    fn a_full_leased_bucket_keeps_the_rest_in_the_pool() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(100_000, TICK, t0); // capacity 4000
+        b.set_supply(Supply::Leased, t0);
+        b.grant(10_000);
+        b.refill(ms(t0, 1000));
+        assert_eq!(
+            (b.tokens(), b.pool()),
+            (4000, 6000),
+            "nothing leased is capped away"
+        );
+    }
+
+    #[test]
+    fn a_split_bucket_runs_at_its_share_of_the_rate() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(300_000, TICK, t0);
+        b.set_supply(Supply::Split(3), t0);
+        let mut total = 0;
+        for i in 1..=100 {
+            b.refill(ms(t0, 10 * i));
+            total += b.try_take(u64::MAX);
+        }
+        assert_eq!(total, 100_000, "a second at a third of the rate");
+    }
+
+    #[test]
+    fn demand_is_what_waits_plus_what_moved_and_the_pool_goes_back() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(100_000, TICK, t0);
+        b.set_supply(Supply::Leased, t0);
+        assert_eq!(b.take_demand(), None, "an idle user says nothing");
+        b.grant(3000);
+        b.refill(ms(t0, 10));
+        assert_eq!(b.try_take(800), 800);
+        b.give_back(300);
+        let w = Waiter::new();
+        b.enqueue(w, 64 * 1024);
+        assert_eq!(b.take_demand(), Some((64 * 1024, 500, 2000)));
+        assert_eq!(b.pool(), 0);
+        assert_eq!(b.take_demand(), Some((64 * 1024, 0, 0)), "counts restart");
+    }
+
+    #[test]
+    fn the_limiter_hands_grants_to_its_buckets_and_reports_demand() {
+        let lim = Limiter::new(Duration::from_secs(3600));
+        let user: Arc<str> = Arc::from("f");
+        lim.set_supply(Supply::Leased);
+        lim.set_rate(&user, 10_000);
+        assert!(lim.grant("f", 700));
+        assert!(!lim.grant("nobody", 700), "no bucket, no tokens");
+        let d = lim.take_demand();
+        assert_eq!(d.len(), 1);
+        assert_eq!((d[0].rate, d[0].unused, d[0].bytes()), (10_000, 700, 0));
+        assert_eq!(lim.supply(), Supply::Leased);
+        lim.set_supply(Supply::Split(4));
+        assert_eq!(lim.supply(), Supply::Split(4));
     }
 
     #[test]

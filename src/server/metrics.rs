@@ -7,6 +7,7 @@
 
 use crate::auth::Directory;
 use crate::flow::account::Account;
+use crate::flow::lease::LeaseStats;
 use crate::flow::limiter::Limiter;
 use crate::net::admission::Full;
 use crate::units::format_rate;
@@ -73,6 +74,67 @@ pub struct Sources {
     pub limiter: Arc<Limiter>,
     /// Connection outcomes.
     pub counters: Arc<Counters>,
+    /// The fleet lease thread's figures, when in a fleet.
+    pub fleet: Option<Arc<LeaseStats>>,
+}
+
+/// The fleet's lines: Redis up, round trips, leases, fallback time, servers alive.
+fn render_fleet(o: &mut String, f: &LeaseStats) {
+    let lines: [(&str, &str, &str, String); 7] = [
+        (
+            "sluice_fleet_redis_up",
+            "gauge",
+            "1 while Redis answers the lease round trips.",
+            u8::from(f.redis_up()).to_string(),
+        ),
+        (
+            "sluice_fleet_lease_rounds_total",
+            "counter",
+            "Lease round trips answered.",
+            f.rounds().to_string(),
+        ),
+        (
+            "sluice_fleet_lease_round_trip_seconds_total",
+            "counter",
+            "Time spent in answered lease round trips.",
+            format!("{:.6}", f.round_trip_total().as_secs_f64()),
+        ),
+        (
+            "sluice_fleet_lease_round_trip_last_seconds",
+            "gauge",
+            "The last lease round trip.",
+            format!("{:.6}", f.round_trip_last().as_secs_f64()),
+        ),
+        (
+            "sluice_fleet_leases_total",
+            "counter",
+            "Per-user lease script calls answered.",
+            f.leases().to_string(),
+        ),
+        (
+            "sluice_fleet_leased_bytes_total",
+            "counter",
+            "Bytes leased from the fleet.",
+            f.tokens_leased().to_string(),
+        ),
+        (
+            "sluice_fleet_fallback_seconds_total",
+            "counter",
+            "Time run on rate / servers alive because Redis did not answer.",
+            format!("{:.3}", f.fallback().as_secs_f64()),
+        ),
+    ];
+    for (name, kind, help, v) in lines {
+        family(o, name, kind, help);
+        let _ = writeln!(o, "{name} {v}");
+    }
+    family(
+        o,
+        "sluice_fleet_servers_alive",
+        "gauge",
+        "Servers with a live heartbeat, last known.",
+    );
+    let _ = writeln!(o, "sluice_fleet_servers_alive {}", f.servers_alive());
 }
 
 /// A per-user gauge or counter: name, type, help, and how to read it.
@@ -215,6 +277,9 @@ pub fn render_prometheus(src: &Sources) -> String {
         "Relays woken with a grant.",
     );
     let _ = writeln!(o, "sluice_limiter_wakeups_total {}", src.limiter.wakeups());
+    if let Some(f) = &src.fleet {
+        render_fleet(&mut o, f);
+    }
     o
 }
 
@@ -390,6 +455,7 @@ mod tests {
                 directory: dir.clone(),
                 limiter: lim.clone(),
                 counters: Arc::new(Counters::default()),
+                fleet: None,
             })
             .contains("we\\\"ird"),
             "a user who never logged in is listed"
@@ -401,6 +467,7 @@ mod tests {
             directory: dir,
             limiter: lim,
             counters,
+            fleet: Some(Arc::new(LeaseStats::default())),
         };
         let text = render_prometheus(&src);
         let mut typed = std::collections::HashSet::new();

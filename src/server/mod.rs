@@ -18,6 +18,7 @@ use self::shared::Shared;
 use crate::auth::login::Logins;
 use crate::auth::{self, Directory};
 use crate::error::{Error, Result};
+use crate::flow::lease::{self, FleetConfig, LeaseStats};
 use crate::flow::limiter::{self, Limiter};
 use crate::net::accept::{CONN_STACK, Intake, Service, accept_loop, wake};
 use crate::net::admission::{self, Handshakes};
@@ -71,6 +72,9 @@ pub struct ServerConfig {
     /// Most descriptors relay pipes may hold at once. `None`: what the open-files limit leaves
     /// after the connection cap. Process-wide, like the descriptors it counts.
     pub pipe_budget: Option<usize>,
+    /// Share each user's one bandwidth (and quota) with the other servers of a fleet, through
+    /// Redis leases. `None`: this server alone.
+    pub fleet: Option<FleetConfig>,
 }
 
 impl Default for ServerConfig {
@@ -90,6 +94,7 @@ impl Default for ServerConfig {
             max_handshakes: None,
             release_after: relay::DEFAULT_RELEASE_AFTER,
             pipe_budget: None,
+            fleet: None,
         }
     }
 }
@@ -113,6 +118,7 @@ pub struct ServerHandle {
     /// Given by a [`Stopper`]: what [`ServerHandle::wait`] waits for.
     asked: Arc<Stop>,
     threads: Vec<JoinHandle<()>>,
+    fleet: Option<Arc<LeaseStats>>,
 }
 
 impl ServerHandle {
@@ -139,6 +145,11 @@ impl ServerHandle {
     /// The server's counters (what `/metrics` shows).
     pub fn counters(&self) -> &Counters {
         &self.shared.counters
+    }
+
+    /// The fleet lease thread's figures, when the server is in a fleet.
+    pub fn fleet(&self) -> Option<&Arc<LeaseStats>> {
+        self.fleet.as_ref()
     }
 
     /// argon2 verifications run since start (joined and cached logins run none).
@@ -277,12 +288,55 @@ pub fn start(config: &ServerConfig) -> Result<ServerHandle> {
                 .map_err(spawn_err)?,
         );
     }
+    // A Redis store makes a fleet: each user's one bandwidth is leased from the same Redis
+    // (a config may set its own lease period or server id; a Cluster cannot lease yet).
+    let fleet = config.fleet.clone().or_else(|| match config.db.redis() {
+        Some(spec) if spec.cluster => {
+            warn!(
+                "fleet: {spec} is a Redis Cluster; bandwidth leases over a Cluster are not \
+                 supported yet, so each server holds each user to its whole bandwidth"
+            );
+            None
+        }
+        Some(spec) => Some(FleetConfig::new(spec.clone())),
+        None => None,
+    });
+    let fleet_stats = match &fleet {
+        Some(f) => {
+            let stats = Arc::new(LeaseStats::default());
+            let mut f = f.clone();
+            if f.server_id.is_empty() {
+                f.server_id = default_server_id(local_addr);
+            }
+            info!(
+                "fleet: bandwidth leased from {} every {} ms as server {}",
+                f.redis,
+                f.lease_period.as_millis(),
+                f.server_id
+            );
+            let dir = directory.clone();
+            let lookup: lease::Lookup = Arc::new(move |name: &str| dir.account(name));
+            let dir = directory.clone();
+            let capped: lease::Capped = Arc::new(move || {
+                let mut v = dir.accounts();
+                v.retain(|a| a.max_connections() > 0);
+                v
+            });
+            threads.push(
+                lease::spawn(f, limiter.clone(), lookup, capped, stats.clone(), &db_stop)
+                    .map_err(spawn_err)?,
+            );
+            Some(stats)
+        }
+        None => None,
+    };
     let mut metrics_addr = None;
     if let Some(addr) = config.metrics {
         let src = Arc::new(Sources {
             directory: directory.clone(),
             limiter: limiter.clone(),
             counters: shared.counters.clone(),
+            fleet: fleet_stats.clone(),
         });
         let (bound, h) = metrics::serve(addr, src, stop.clone())
             .map_err(|e| Error::Io(format!("cannot serve metrics on {addr}"), e))?;
@@ -335,7 +389,17 @@ pub fn start(config: &ServerConfig) -> Result<ServerHandle> {
         db_stop,
         asked: Arc::new(Stop::new()),
         threads,
+        fleet: fleet_stats,
     })
+}
+
+/// A server's default name in a fleet: host name, process id and port, unique on one host and
+/// across hosts with distinct names.
+fn default_server_id(addr: SocketAddr) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
+    format!("{host}-{}-{}", std::process::id(), addr.port())
 }
 
 /// Warns when group or others can read the database or its `-wal`/`-shm` files (they hold the

@@ -16,6 +16,7 @@
 mod accuracy;
 mod client;
 mod control;
+mod fleet;
 mod http_forward;
 mod logins;
 mod origin;
@@ -46,7 +47,7 @@ use table::Table;
 const USAGE: &str = "usage: sluice-bench [--quick] [--runs N] [--only 1,5,12] [--no-peers]
   --quick      every scenario once, with short windows (a smoke test)
   --runs N     runs per figure (default 3; the median is reported)
-  --only LIST  scenario numbers to run (1-17)
+  --only LIST  scenario numbers to run (1-18)
   --no-peers   skip the reference proxies
   SLUICE_BENCH_KEEP=1 keeps the scratch directory (logs, configs)";
 
@@ -109,7 +110,7 @@ fn main() -> ExitCode {
 
 /// Scenarios in the order they run; the number is the one `--only` takes.
 type Scenario = fn(&mut Ctx) -> Result<(), String>;
-const SCENARIOS: [(u32, &str, Scenario); 15] = [
+const SCENARIOS: [(u32, &str, Scenario); 16] = [
     (1, "1 · unlimited, 1 conn", throughput::single),
     (2, "2 · unlimited, 8 conns", throughput::eight),
     // Before 4, after which the peers are stopped.
@@ -126,6 +127,7 @@ const SCENARIOS: [(u32, &str, Scenario); 15] = [
     (13, "13 · TLS between local and server", tls::run),
     (15, "15 · logins under a flood", logins::run),
     (16, "16 · users", users::run),
+    (18, "18 · fleet", fleet::run),
 ];
 
 fn run(args: &Args) -> Result<(), String> {
@@ -209,7 +211,7 @@ fn run(args: &Args) -> Result<(), String> {
 }
 
 /// How the figures were taken, printed under the table.
-const NOTES: [&str; 7] = [
+const NOTES: [&str; 8] = [
     "Everything runs on 127.0.0.1 and shares the 2 cores: origin and clients in the benchmark \
      process, `sluice server` (default log level, to a file) and the peers as child processes. \
      \"direct\" is the client straight to the origin, measured in the same run: the ceiling, and \
@@ -233,6 +235,11 @@ const NOTES: [&str; 7] = [
      timed from connect to the login status. As deployed: the default handshake caps apply.",
     "Users (16): servers of their own, one per table size (100,000 and 1,000,000 users) and a \
      10-user baseline; see its note above for how each figure is taken.",
+    "Fleet (18): three `sluice server --fleet redis://…` processes on one redis-server (its own \
+     database and Redis); 100 users at 100 KiB/s, 10 download connections each (4 on one server, \
+     3 on each other, rotating); one run; Redis figures from INFO over the window; Redis is \
+     then killed and the fallback measured; last, one server without a fleet carries the same \
+     1,000 connections for the CPU comparison.",
 ];
 
 /// Every user any scenario needs, created before the server starts.

@@ -20,3 +20,5 @@ fn redis_restart_keeps_what_was_written() {
     r.restart();
     assert_eq!(r.cmd(&["GET", "{alice}:probe"]), "42");
 }
+
+mod lease;

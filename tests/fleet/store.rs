@@ -776,3 +776,38 @@ fn idle_accounts_are_not_flushed_but_the_end_of_activity_is() {
     s.flush_usage(&[idle], 4).unwrap();
     assert_eq!(calls(), before, "a second idle delta was flushed");
 }
+
+/// `--db redis://…` alone makes a fleet: two server processes on one Redis hold a user to its one
+/// bandwidth together (leases), not each to the whole of it.
+#[test]
+fn servers_on_one_redis_store_share_a_users_one_bandwidth() {
+    let redis = Redis::start();
+    let url = redis.url();
+    let origin = Origin::start();
+    assert!(run(&url, &["user", "add", "u", "--bandwidth", "64K"]).contains("exit Some(0)"));
+    let servers: Vec<Daemon> = (0..2).map(|_| server_process(Path::new(&url))).collect();
+    for s in &servers {
+        assert!(
+            s.log
+                .iter()
+                .any(|l| l.contains(&format!("fleet: bandwidth leased from {url}"))),
+            "no fleet line: {:?}",
+            s.log
+        );
+    }
+    let flows: Vec<Download> = servers
+        .iter()
+        .map(|s| Download::start(s.addr, "u", &origin))
+        .collect();
+    thread::sleep(Duration::from_millis(500));
+    let before: u64 = flows.iter().map(Download::bytes).sum();
+    let t = Instant::now();
+    thread::sleep(Duration::from_secs(3));
+    let total = (flows.iter().map(Download::bytes).sum::<u64>() - before) as f64
+        / t.elapsed().as_secs_f64();
+    let r = total / (64 * KIB) as f64;
+    assert!(
+        (0.7..1.3).contains(&r),
+        "two servers together moved {r:.2} x the user's bandwidth"
+    );
+}

@@ -186,6 +186,15 @@ impl RedisSpec {
     /// # Errors
     /// [`Error::Database`] naming the address (never the password) and what went wrong.
     pub fn connect(&self) -> Result<Conn> {
+        self.connect_within(CONNECT_TIMEOUT, IO_TIMEOUT)
+    }
+
+    /// [`RedisSpec::connect`] with its own bounds: the lease thread waits a lease period or so,
+    /// not seconds.
+    ///
+    /// # Errors
+    /// As [`RedisSpec::connect`].
+    pub fn connect_within(&self, connect: Duration, io: Duration) -> Result<Conn> {
         let err = |e: RedisError| self.error(e);
         if self.cluster {
             let mut b = ClusterClientBuilder::new(
@@ -195,8 +204,8 @@ impl RedisSpec {
                     .collect::<RedisResult<Vec<_>>>()
                     .map_err(err)?,
             )
-            .connection_timeout(CONNECT_TIMEOUT)
-            .response_timeout(IO_TIMEOUT)
+            .connection_timeout(connect)
+            .response_timeout(io)
             .retries(1);
             if let Some(p) = &self.password {
                 b = b.password(p);
@@ -232,10 +241,10 @@ impl RedisSpec {
         };
         let c = client
             .map_err(err)?
-            .get_connection_with_timeout(CONNECT_TIMEOUT)
+            .get_connection_with_timeout(connect)
             .map_err(err)?;
-        c.set_read_timeout(Some(IO_TIMEOUT)).map_err(err)?;
-        c.set_write_timeout(Some(IO_TIMEOUT)).map_err(err)?;
+        c.set_read_timeout(Some(io)).map_err(err)?;
+        c.set_write_timeout(Some(io)).map_err(err)?;
         Ok(Conn::One(Box::new(c)))
     }
 

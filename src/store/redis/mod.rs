@@ -21,6 +21,8 @@
 //! (trimmed, or a Redis that lost its data) it reports a change to everything.
 
 pub mod conn;
+pub mod conns;
+pub mod lease;
 pub mod migrate;
 pub mod throttle;
 

@@ -1,0 +1,405 @@
+//! The lease thread: each user's one bandwidth across a fleet of servers, through Redis.
+//!
+//! Every lease period (its own setting, not the refill tick) the thread reads each user's demand
+//! from the limiter ([`Limiter::take_demand`]: bytes its relays wait for and moved, and the leased
+//! tokens they left), sends one pipelined round trip to Redis (`store/redis/lease.rs`: a lease
+//! script call per user, a heartbeat now and then) and hands the grants to the limiter
+//! ([`Limiter::grant`]), whose refill thread tops buckets up from them every tick. Neither the
+//! refill thread nor a relay ever waits on the network.
+//!
+//! Redis down: the limiter switches to [`Supply::Split`] (each user's rate ÷ the servers alive
+//! when last known), the outage is logged once, and bytes moved meanwhile are kept per user; the
+//! thread tries Redis again every [`RETRY`], and the first round that succeeds switches back to
+//! leases and charges those bytes to the fleet's quota count. Logins never wait on any of this.
+//!
+//! A user's `max_connections` holds across the fleet: with each heartbeat the thread writes this
+//! server's open connections of every capped user and reads the other live servers' counts
+//! into the account, which admission checks without waiting (the counts are at most one
+//! heartbeat old, so a burst of logins on several servers at once can pass the cap by what
+//! arrives within that time).
+//!
+//! What it leaves to others: the users themselves (the directory, through a lookup function),
+//! the Redis commands (`store/redis/lease.rs`), the metrics' rendering (`server/metrics.rs`).
+
+use crate::flow::account::Account;
+use crate::flow::limiter::{Demand, Limiter, Supply};
+use crate::flow::usage::unix_now;
+use crate::stop::Stop;
+use crate::store::redis::conn::RedisSpec;
+use crate::store::redis::lease::{LeaseLink, LeaseRequest, RedisDown};
+use crossbeam_channel::{select, tick};
+use log::{info, warn};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Default lease period: a new server's share arrives within ~75 ms, and each active user
+/// costs Redis about 13 script calls a second per server.
+pub const DEFAULT_LEASE_PERIOD: Duration = Duration::from_millis(75);
+/// The fleet bucket holds at most this many lease periods of the user's rate.
+pub const BURST_PERIODS: u64 = 2;
+/// While Redis is down, it is tried again this often (so leasing resumes within about this).
+pub const RETRY: Duration = Duration::from_millis(250);
+/// A heartbeat is sent at least this often (the servers-alive count is read with it). It is
+/// stamped with this server's clock: servers whose clocks differ by more than a second or so
+/// misjudge each other's liveness.
+pub const HEARTBEAT_EVERY: Duration = Duration::from_millis(500);
+/// Bound on a connect, and on each read and write of a round trip.
+pub const REDIS_TIMEOUT: Duration = Duration::from_millis(250);
+
+/// How a server joins a fleet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetConfig {
+    /// The fleet's Redis (the server's `--db redis://…`).
+    pub redis: RedisSpec,
+    /// How often leases are asked for.
+    pub lease_period: Duration,
+    /// This server's name in the fleet (unique per server); empty: derived at start from the
+    /// host name, the process id and the listening port.
+    pub server_id: String,
+}
+
+impl FleetConfig {
+    /// A fleet on `redis` with the default period and a derived server id.
+    pub fn new(redis: RedisSpec) -> FleetConfig {
+        FleetConfig {
+            redis,
+            lease_period: DEFAULT_LEASE_PERIOD,
+            server_id: String::new(),
+        }
+    }
+}
+
+/// The fleet bucket's depth for `rate` with leases every `period`: [`BURST_PERIODS`] periods.
+pub fn fleet_burst(rate: u64, period: Duration) -> u64 {
+    let per_period = u128::from(rate) * period.as_nanos() / 1_000_000_000;
+    u64::try_from(per_period)
+        .unwrap_or(u64::MAX)
+        .saturating_mul(BURST_PERIODS)
+        .max(1)
+}
+
+/// The lease thread's figures, for the metrics.
+#[derive(Default)]
+pub struct LeaseStats {
+    up: AtomicBool,
+    rounds: AtomicU64,
+    rtt_ns_total: AtomicU64,
+    rtt_ns_last: AtomicU64,
+    leases: AtomicU64,
+    tokens: AtomicU64,
+    fallback_ns: AtomicU64,
+    alive: AtomicU64,
+}
+
+impl LeaseStats {
+    /// True while Redis answers.
+    pub fn redis_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+    /// Round trips that succeeded since start.
+    pub fn rounds(&self) -> u64 {
+        self.rounds.load(Ordering::Relaxed)
+    }
+    /// Total time of those round trips.
+    pub fn round_trip_total(&self) -> Duration {
+        Duration::from_nanos(self.rtt_ns_total.load(Ordering::Relaxed))
+    }
+    /// The last round trip's time.
+    pub fn round_trip_last(&self) -> Duration {
+        Duration::from_nanos(self.rtt_ns_last.load(Ordering::Relaxed))
+    }
+    /// Lease script calls answered since start.
+    pub fn leases(&self) -> u64 {
+        self.leases.load(Ordering::Relaxed)
+    }
+    /// Bytes leased since start.
+    pub fn tokens_leased(&self) -> u64 {
+        self.tokens.load(Ordering::Relaxed)
+    }
+    /// Time spent without leases (Redis down) since start.
+    pub fn fallback(&self) -> Duration {
+        Duration::from_nanos(self.fallback_ns.load(Ordering::Relaxed))
+    }
+    /// Servers alive when last known (this one included).
+    pub fn servers_alive(&self) -> u64 {
+        self.alive.load(Ordering::Relaxed)
+    }
+}
+
+/// Finds a user's account by name (the directory's, given by the server).
+pub type Lookup = Arc<dyn Fn(&str) -> Option<Arc<Account>> + Send + Sync>;
+/// The accounts with a connection cap (`max_connections` > 0), whose open connections are
+/// shared with the fleet.
+pub type Capped = Arc<dyn Fn() -> Vec<Arc<Account>> + Send + Sync>;
+
+/// Starts the lease thread; it ends when `stop` is given. The limiter is switched to leased
+/// supply at once (a user gets nothing until the first grant, a period later).
+///
+/// # Errors
+/// The thread could not be spawned.
+pub fn spawn(
+    config: FleetConfig,
+    limiter: Arc<Limiter>,
+    lookup: Lookup,
+    capped: Capped,
+    stats: Arc<LeaseStats>,
+    stop: &Stop,
+) -> std::io::Result<thread::JoinHandle<()>> {
+    let stop = stop.receiver();
+    limiter.set_supply(Supply::Leased);
+    stats.alive.store(1, Ordering::Relaxed);
+    stats.up.store(true, Ordering::Relaxed);
+    let period = config.lease_period.max(Duration::from_millis(5));
+    let mut leaser = Leaser {
+        link: LeaseLink::new(config.redis.clone(), REDIS_TIMEOUT),
+        config,
+        limiter,
+        lookup,
+        capped,
+        stats,
+        carry: HashMap::new(),
+        alive: 1,
+        last_heartbeat: None,
+        down: None,
+        last_try: None,
+        exhausted: HashMap::new(),
+    };
+    thread::Builder::new()
+        .name("fleet lease".into())
+        .stack_size(256 * 1024)
+        .spawn(move || {
+            let ticks = tick(period);
+            loop {
+                select! {
+                    recv(ticks) -> _ => leaser.round(Instant::now()),
+                    recv(stop) -> _ => return,
+                }
+            }
+        })
+}
+
+/// An outage in progress.
+struct Down {
+    since: Instant,
+    last_round: Instant,
+}
+
+struct Leaser {
+    config: FleetConfig,
+    link: LeaseLink,
+    limiter: Arc<Limiter>,
+    lookup: Lookup,
+    capped: Capped,
+    stats: Arc<LeaseStats>,
+    /// Bytes moved without a lease (Redis down), per user, not yet charged.
+    carry: HashMap<Arc<str>, u64>,
+    alive: u64,
+    last_heartbeat: Option<Instant>,
+    down: Option<Down>,
+    last_try: Option<Instant>,
+    /// Users told "quota used up" this period start (logged once each).
+    exhausted: HashMap<Arc<str>, u64>,
+}
+
+impl Leaser {
+    fn round(&mut self, now: Instant) {
+        let demands = self.limiter.take_demand();
+        if let Some(d) = &mut self.down {
+            for x in &demands {
+                *self.carry.entry(x.user.clone()).or_default() += x.moved;
+            }
+            let gap = now.saturating_duration_since(d.last_round);
+            self.stats
+                .fallback_ns
+                .fetch_add(nanos(gap), Ordering::Relaxed);
+            d.last_round = now;
+            if self
+                .last_try
+                .is_some_and(|t| now.saturating_duration_since(t) < RETRY)
+            {
+                return;
+            }
+        }
+        let heartbeat = self.down.is_some()
+            || self
+                .last_heartbeat
+                .is_none_or(|t| now.saturating_duration_since(t) >= HEARTBEAT_EVERY);
+        let (requests, accounts) = self.requests(&demands);
+        if requests.is_empty() && !heartbeat {
+            return;
+        }
+        self.last_try = Some(now);
+        let t = Instant::now();
+        let result = self.link.round(
+            &self.config.server_id,
+            self.config.lease_period,
+            &requests,
+            heartbeat.then(unix_ms),
+        );
+        match result {
+            Ok(r) => {
+                self.back_up(t.elapsed(), now);
+                if heartbeat {
+                    self.last_heartbeat = Some(now);
+                }
+                if let Some(a) = r.alive {
+                    self.alive = a.max(1);
+                    self.stats.alive.store(self.alive, Ordering::Relaxed);
+                }
+                self.carry.clear();
+                for ((req, g), account) in requests.iter().zip(&r.grants).zip(&accounts) {
+                    self.limiter.grant(&req.user, g.tokens);
+                    self.stats.tokens.fetch_add(g.tokens, Ordering::Relaxed);
+                    if g.exhausted && g.tokens == 0 {
+                        self.quota_used_up(account, req.period_start);
+                    }
+                }
+                self.stats
+                    .leases
+                    .fetch_add(requests.len() as u64, Ordering::Relaxed);
+                if heartbeat {
+                    self.share_connections(now);
+                }
+            }
+            Err(e) => self.went_down(&e, now),
+        }
+    }
+
+    /// With each heartbeat: this server's open connections of every capped user out, the other
+    /// live servers' in (admission reads them from the account; it never waits on Redis).
+    fn share_connections(&mut self, now: Instant) {
+        let accounts = (self.capped)();
+        let counts: Vec<(String, u64)> = accounts
+            .iter()
+            .map(|a| (a.name.to_string(), a.open_connections() as u64))
+            .collect();
+        match self.link.conns(&self.config.server_id, unix_ms(), &counts) {
+            Ok(others) => {
+                for (a, n) in accounts.iter().zip(others) {
+                    a.set_elsewhere(n);
+                }
+            }
+            Err(e) => self.went_down(&e, now),
+        }
+    }
+
+    /// The lease requests for this round: one per user with demand, and one per user with bytes
+    /// moved during an outage not yet charged.
+    fn requests(&self, demands: &[Demand]) -> (Vec<LeaseRequest>, Vec<Arc<Account>>) {
+        let mut reqs = Vec::with_capacity(demands.len());
+        let mut accounts = Vec::with_capacity(demands.len());
+        let now_unix = unix_now();
+        let mut push = |user: &str, rate: u64, demand: u64, unused: u64| {
+            let Some(a) = (self.lookup)(user) else {
+                return;
+            };
+            reqs.push(LeaseRequest {
+                user: user.to_string(),
+                account_id: a.id,
+                rate,
+                burst: fleet_burst(rate, self.config.lease_period),
+                demand,
+                unused,
+                extra: self.carry.get(user).copied().unwrap_or(0),
+                quota: a.quota(),
+                period_start: a.period().start_of(now_unix),
+            });
+            accounts.push(a);
+        };
+        for d in demands {
+            // While down, the pool is not drawn (split supply); what it held is handed back.
+            push(&d.user, d.rate, d.bytes(), d.unused);
+        }
+        for (user, extra) in &self.carry {
+            if *extra > 0 && !demands.iter().any(|d| d.user == *user) {
+                let rate = (self.lookup)(user).map_or(0, |a| a.rate());
+                push(user, rate, 0, 0);
+            }
+        }
+        (reqs, accounts)
+    }
+
+    fn back_up(&mut self, rtt: Duration, now: Instant) {
+        self.stats.rounds.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .rtt_ns_total
+            .fetch_add(nanos(rtt), Ordering::Relaxed);
+        self.stats.rtt_ns_last.store(nanos(rtt), Ordering::Relaxed);
+        if let Some(d) = self.down.take() {
+            let moved: u64 = self.carry.values().sum();
+            info!(
+                "fleet: redis answers again after {:.1} s: leasing resumes; {moved} bytes moved meanwhile are charged",
+                now.saturating_duration_since(d.since).as_secs_f64()
+            );
+            self.limiter.set_supply(Supply::Leased);
+        }
+        self.stats.up.store(true, Ordering::Relaxed);
+    }
+
+    fn went_down(&mut self, e: &RedisDown, now: Instant) {
+        self.stats.up.store(false, Ordering::Relaxed);
+        if self.down.is_some() {
+            return;
+        }
+        warn!(
+            "fleet: {e}: no leases; each user runs at its bandwidth ÷ {} server(s) (last known alive) until redis answers again; logins go on",
+            self.alive
+        );
+        self.down = Some(Down {
+            since: now,
+            last_round: now,
+        });
+        self.limiter.set_supply(Supply::Split(self.alive));
+    }
+
+    /// The fleet has leased the user's whole quota: no more comes this period. Its open
+    /// connections are closed and new ones refused (the account's quota count is full).
+    fn quota_used_up(&mut self, a: &Arc<Account>, period_start: u64) {
+        a.restart_quota(a.quota());
+        a.close_all();
+        if self.exhausted.insert(a.name.clone(), period_start) != Some(period_start) {
+            info!(
+                "fleet: {}: quota used up across the fleet; its connections are closed",
+                a.name
+            );
+        }
+    }
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flow::limiter::fallback_rate;
+
+    #[test]
+    fn the_fleet_bucket_holds_two_periods() {
+        assert_eq!(fleet_burst(1_000_000, Duration::from_millis(75)), 150_000);
+        assert_eq!(fleet_burst(1, Duration::from_millis(75)), 1);
+        assert_eq!(fleet_burst(u64::MAX, Duration::from_secs(10)), u64::MAX);
+    }
+
+    #[test]
+    fn an_outage_splits_the_rate_over_the_servers_last_known() {
+        assert_eq!(fallback_rate(3_000_000, 3), 1_000_000);
+        assert_eq!(fallback_rate(3_000_000, 0), 3_000_000, "never divide by 0");
+        assert_eq!(
+            fallback_rate(2, 3),
+            1,
+            "a limited user never becomes unlimited"
+        );
+        assert_eq!(fallback_rate(0, 3), 0);
+    }
+}

@@ -1,0 +1,101 @@
+//! A user's `max_connections` over the fleet: each server's open connections of every capped
+//! user in Redis, one hash per user (`sluice:{name}:conns`, field = server id, under the user's
+//! hash tag), written and read with each heartbeat over the lease link. A server whose heartbeat
+//! expired is not counted, so a dead server's connections are released by that expiry.
+//!
+//! The `redis` crate appears only in the store's Redis files; callers see counts.
+
+use super::lease::{HEARTBEAT_TTL, LeaseLink, RedisDown, SERVERS_KEY};
+use redis::{ConnectionLike, Value};
+use std::collections::HashMap;
+
+/// The connection-count hash of `user`: server id → connections open there.
+pub fn conns_key(user: &str) -> String {
+    format!("sluice:{{{user}}}:conns")
+}
+
+/// Writes this server's open connections of each `(user, count)` and reads every live
+/// server's, in one pipelined round trip: returns, per user, the connections open on the
+/// *other* servers with a heartbeat younger than [`HEARTBEAT_TTL`] (a dead server's count is
+/// dropped, so its connections are released by its heartbeat's expiry). `now_ms` is this
+/// server's unix time in ms. Blocking.
+///
+/// # Errors
+/// Redis unreachable, timed out, or answering with an error.
+pub fn conns_round(
+    con: &mut dyn ConnectionLike,
+    server: &str,
+    now_ms: u64,
+    counts: &[(String, u64)],
+) -> Result<Vec<u64>, RedisDown> {
+    if counts.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ttl = u64::try_from(HEARTBEAT_TTL.as_millis()).unwrap_or(u64::MAX);
+    let mut pipe = redis::pipe();
+    pipe.cmd("ZRANGEBYSCORE")
+        .arg(SERVERS_KEY)
+        .arg(now_ms.saturating_sub(ttl))
+        .arg("+inf");
+    for (user, n) in counts {
+        let key = conns_key(user);
+        if *n > 0 {
+            pipe.cmd("HSET").arg(&key).arg(server).arg(*n).ignore();
+        } else {
+            pipe.cmd("HDEL").arg(&key).arg(server).ignore();
+        }
+        pipe.cmd("HGETALL").arg(&key);
+    }
+    let (alive, tables): (Vec<String>, Vec<Vec<(String, u64)>>) = {
+        let mut v: Vec<Value> = pipe.query(con)?;
+        let rest = v.split_off(1);
+        let alive: Vec<String> = redis::from_redis_value(v.remove(0))?;
+        let tables = rest
+            .into_iter()
+            .map(|t| {
+                let m: HashMap<String, u64> = redis::from_redis_value(t)?;
+                Ok(m.into_iter().collect())
+            })
+            .collect::<Result<Vec<_>, redis::ParsingError>>()?;
+        (alive, tables)
+    };
+    Ok(tables
+        .iter()
+        .map(|t| {
+            t.iter()
+                .filter(|(s, _)| s != server && alive.contains(s))
+                .map(|(_, n)| n)
+                .sum()
+        })
+        .collect())
+}
+
+impl LeaseLink {
+    /// [`conns_round`] over this link, connecting first if needed; an error drops the
+    /// connection. Blocking.
+    ///
+    /// # Errors
+    /// As [`connect`] and [`conns_round`].
+    pub fn conns(
+        &mut self,
+        server: &str,
+        now_ms: u64,
+        counts: &[(String, u64)],
+    ) -> Result<Vec<u64>, RedisDown> {
+        let r = conns_round(self.connection()?, server, now_ms, counts);
+        if r.is_err() {
+            self.reset();
+        }
+        r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_count_hash_carries_the_users_hash_tag() {
+        assert_eq!(conns_key("bob"), "sluice:{bob}:conns");
+    }
+}

@@ -1,0 +1,438 @@
+//! Bandwidth and quota leases from Redis: one user's one bandwidth across a fleet of servers.
+//!
+//! Each lease period a server sends one pipelined round trip: a heartbeat, and one call of the
+//! lease script ([`LEASE_SCRIPT`]) per user with relays waiting on this server. The script runs
+//! a token bucket at the user's rate on Redis' own clock (`TIME`), and gives each server a share
+//! of the rate **in proportion to its demand** (what its relays wait for), over the time since
+//! that server's last lease. Demand per server is kept in the user's keys and forgotten after
+//! three periods, so an idle server's share goes to the busy ones. A server hands back what it
+//! did not use (`unused`), so leased tokens never pile up on an idle server; a busy server may
+//! take back what it handed back on top of its share (it was its share, late).
+//!
+//! Quota: one total over the fleet, counted in the user's usage hash (`lease_bytes` for the
+//! period starting `lease_period`): every grant is charged when leased, what comes back unused is
+//! credited, and bytes a server moved while Redis was down are charged when it is back
+//! (`extra`). A grant never exceeds what is left, so the overshoot is at most what servers hold
+//! leased at once (one lease per server).
+//!
+//! Keys (all of one user share the hash tag `{name}`, and the script touches only one user's
+//! keys, so it runs unchanged on Redis Cluster):
+//! - `sluice:{name}:bucket`  hash `tokens`, `t` (µs, Redis time): the fleet bucket
+//! - `sluice:{name}:demand`  hash server id → "demand last_lease_µs"
+//! - `sluice:{name}:usage:<account id>` hash `lease_period`, `lease_bytes` (the store's usage
+//!   hash of that account; these two fields are the lease's)
+//! - `sluice:{name}:conns`   hash server id → connections open there (`conns.rs`)
+//! - `sluice:{servers}` sorted set server id → last heartbeat (ms): servers alive
+//!
+//! The `redis` crate appears only in the store's Redis files; the rest of the program sees the
+//! plain structs here. Calls block (a network round trip) and are made only by the lease thread.
+
+use super::conn::{Conn, RedisSpec};
+use redis::{Connection, ConnectionLike, Value};
+use std::fmt;
+use std::time::Duration;
+
+/// The lease script. KEYS: bucket, demand, usage. ARGV: server id, rate (B/s), burst (B),
+/// demand (B), lease period (µs), unused (B), extra (B), quota (B, 0 = none), quota period start.
+/// Returns {grant, exhausted (0/1), fleet demand}.
+pub const LEASE_SCRIPT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local server = ARGV[1]
+local rate = tonumber(ARGV[2])
+local burst = tonumber(ARGV[3])
+local demand = tonumber(ARGV[4])
+local period = tonumber(ARGV[5])
+local unused = tonumber(ARGV[6])
+local extra = tonumber(ARGV[7])
+local quota = tonumber(ARGV[8])
+local pstart = ARGV[9]
+local fresh = 3 * period
+local u = redis.call('HMGET', KEYS[3], 'lease_period', 'lease_bytes')
+local used = 0
+if u[1] == pstart then used = tonumber(u[2]) or 0 end
+used = math.max(0, used + extra - unused)
+local total = demand
+local mine = nil
+local all = redis.call('HGETALL', KEYS[2])
+for i = 1, #all, 2 do
+  local d, last = string.match(all[i + 1], '^(%d+) (%d+)$')
+  d = tonumber(d) or 0
+  last = tonumber(last) or 0
+  if all[i] == server then
+    mine = last
+  elseif now - last <= fresh then
+    total = total + d
+  else
+    redis.call('HDEL', KEYS[2], all[i])
+  end
+end
+local elapsed = period
+if mine then elapsed = math.min(math.max(now - mine, 0), fresh) end
+local grant = demand
+if rate > 0 then
+  local b = redis.call('HMGET', KEYS[1], 'tokens', 't')
+  local tokens = tonumber(b[1]) or 0
+  local last = tonumber(b[2]) or now
+  tokens = math.min(burst, tokens + rate * math.max(now - last, 0) / 1000000 + unused)
+  local share = 0
+  if total > 0 then share = demand / total end
+  grant = math.floor(math.min(tokens, rate * elapsed / 1000000 * share + unused))
+  tokens = tokens - grant
+  redis.call('HSET', KEYS[1], 'tokens', string.format('%.3f', tokens), 't', string.format('%d', now))
+  redis.call('PEXPIRE', KEYS[1], 60000)
+end
+local exhausted = 0
+if quota > 0 then
+  local left = math.max(quota - used, 0)
+  if grant >= left then
+    grant = left
+    exhausted = 1
+  end
+end
+used = used + grant
+redis.call('HSET', KEYS[3], 'lease_period', pstart, 'lease_bytes', string.format('%d', used))
+if demand > 0 then
+  redis.call('HSET', KEYS[2], server, string.format('%d %d', demand, now))
+else
+  redis.call('HDEL', KEYS[2], server)
+end
+redis.call('PEXPIRE', KEYS[2], math.floor(fresh / 1000) + 1000)
+return {grant, exhausted, total}
+";
+
+/// The servers-alive sorted set (its own hash tag: one slot on a Cluster).
+pub const SERVERS_KEY: &str = "sluice:{servers}";
+
+/// A heartbeat older than this marks a server dead (its share of fallback and its connection
+/// counts are let go).
+pub const HEARTBEAT_TTL: Duration = Duration::from_secs(3);
+
+/// What one server asks for one user in one lease round.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseRequest {
+    /// The user's name (its keys' hash tag).
+    pub user: String,
+    /// The account id its usage hash is keyed by.
+    pub account_id: u64,
+    /// The user's bandwidth (bytes per second; 0 = unlimited: only the quota is leased).
+    pub rate: u64,
+    /// The fleet bucket's depth in bytes.
+    pub burst: u64,
+    /// Bytes this server's relays wait for (queued asks plus what they moved last period).
+    pub demand: u64,
+    /// Leased bytes this server did not use and hands back.
+    pub unused: u64,
+    /// Bytes this server moved without a lease (while Redis was down), charged to the quota.
+    pub extra: u64,
+    /// The quota in bytes per period (0 = none).
+    pub quota: u64,
+    /// Start of the current quota period (unix seconds).
+    pub period_start: u64,
+}
+
+/// What the fleet granted one user on this server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LeaseGrant {
+    /// Bytes this server may move for the user.
+    pub tokens: u64,
+    /// The quota is leased out to its end: no more will come this period.
+    pub exhausted: bool,
+    /// The demand of all servers for this user (bytes), for metrics.
+    pub fleet_demand: u64,
+}
+
+/// What one round trip brought back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseRound {
+    /// One grant per request, in order.
+    pub grants: Vec<LeaseGrant>,
+    /// Servers with a heartbeat younger than [`HEARTBEAT_TTL`] (this one included), when the
+    /// round carried a heartbeat.
+    pub alive: Option<u64>,
+}
+
+/// Redis could not be reached or answered with an error (one line, no password).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisDown(pub String);
+
+impl fmt::Display for RedisDown {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "redis: {}", self.0)
+    }
+}
+
+impl From<redis::ParsingError> for RedisDown {
+    fn from(e: redis::ParsingError) -> RedisDown {
+        RedisDown(format!("unexpected reply: {e}").to_lowercase())
+    }
+}
+
+impl From<redis::RedisError> for RedisDown {
+    fn from(e: redis::RedisError) -> RedisDown {
+        RedisDown(e.to_string().to_lowercase())
+    }
+}
+
+/// Opens a connection to `url` with `timeout` for the connect and for every read and write,
+/// so a stalled Redis costs a lease round at most that long. Blocking.
+///
+/// # Errors
+/// A URL that is not `redis://…`/`rediss://…`, or a server that does not answer in time.
+pub fn connect(spec: &RedisSpec, timeout: Duration) -> Result<Connection, RedisDown> {
+    match spec.connect_within(timeout, timeout) {
+        Ok(Conn::One(c)) => Ok(*c),
+        // The lease round is one pipeline of EVALSHAs, which a Cluster pipeline refuses.
+        Ok(Conn::Cluster(_)) => Err(RedisDown(
+            "leases over a Redis Cluster are not supported yet".into(),
+        )),
+        Err(e) => Err(RedisDown(e.to_string())),
+    }
+}
+
+/// The SHA1 of [`LEASE_SCRIPT`] (what `EVALSHA` names).
+pub fn script_sha() -> String {
+    redis::Script::new(LEASE_SCRIPT).get_hash().to_string()
+}
+
+/// Loads the lease script (after a connect, or when Redis answered `NOSCRIPT`). Blocking.
+///
+/// # Errors
+/// Redis unreachable or refusing the script.
+pub fn load_script(con: &mut dyn ConnectionLike) -> Result<(), RedisDown> {
+    let _: String = redis::cmd("SCRIPT")
+        .arg("LOAD")
+        .arg(LEASE_SCRIPT)
+        .query(con)?;
+    Ok(())
+}
+
+/// The keys of `user`'s lease: bucket, demand, usage of `account_id`.
+pub fn lease_keys(user: &str, account_id: u64) -> [String; 3] {
+    [
+        format!("sluice:{{{user}}}:bucket"),
+        format!("sluice:{{{user}}}:demand"),
+        format!("sluice:{{{user}}}:usage:{account_id}"),
+    ]
+}
+
+/// One lease round: a heartbeat for `server` (when `heartbeat_ms` is given: this server's unix
+/// time in ms) and one lease script call per request, in one pipelined round trip. Loads the
+/// script and tries once more when Redis does not have it (a restarted Redis). Blocking.
+///
+/// # Errors
+/// Redis unreachable, timed out, or answering with an error.
+pub fn lease_round(
+    con: &mut dyn ConnectionLike,
+    server: &str,
+    period: Duration,
+    requests: &[LeaseRequest],
+    heartbeat_ms: Option<u64>,
+) -> Result<LeaseRound, RedisDown> {
+    match try_round(con, server, period, requests, heartbeat_ms) {
+        Err(e) if e.0.contains("noscript") => {
+            load_script(con)?;
+            try_round(con, server, period, requests, heartbeat_ms)
+        }
+        r => r,
+    }
+}
+
+fn try_round(
+    con: &mut dyn ConnectionLike,
+    server: &str,
+    period: Duration,
+    requests: &[LeaseRequest],
+    heartbeat_ms: Option<u64>,
+) -> Result<LeaseRound, RedisDown> {
+    let sha = script_sha();
+    let period_us = u64::try_from(period.as_micros()).unwrap_or(u64::MAX);
+    let mut pipe = redis::pipe();
+    if let Some(ms) = heartbeat_ms {
+        let ttl = u64::try_from(HEARTBEAT_TTL.as_millis()).unwrap_or(u64::MAX);
+        pipe.cmd("ZADD")
+            .arg(SERVERS_KEY)
+            .arg(ms)
+            .arg(server)
+            .ignore();
+        pipe.cmd("ZREMRANGEBYSCORE")
+            .arg(SERVERS_KEY)
+            .arg("-inf")
+            .arg(format!("({}", ms.saturating_sub(ttl)))
+            .ignore();
+        pipe.cmd("ZCARD").arg(SERVERS_KEY);
+    }
+    for r in requests {
+        let keys = lease_keys(&r.user, r.account_id);
+        pipe.cmd("EVALSHA").arg(&sha).arg(3).arg(&keys[..]);
+        pipe.arg(server)
+            .arg(r.rate)
+            .arg(r.burst)
+            .arg(r.demand)
+            .arg(period_us)
+            .arg(r.unused)
+            .arg(r.extra)
+            .arg(r.quota)
+            .arg(r.period_start);
+    }
+    if pipe.is_empty() {
+        return Ok(LeaseRound {
+            grants: Vec::new(),
+            alive: None,
+        });
+    }
+    let values: Vec<Value> = pipe.query(con)?;
+    let mut it = values.into_iter();
+    let alive = match heartbeat_ms {
+        Some(_) => Some(int(it.next())?),
+        None => None,
+    };
+    let grants = it.map(grant_of).collect::<Result<Vec<_>, _>>()?;
+    if grants.len() != requests.len() {
+        return Err(RedisDown(format!(
+            "expected {} lease replies, got {}",
+            requests.len(),
+            grants.len()
+        )));
+    }
+    Ok(LeaseRound { grants, alive })
+}
+
+fn int(v: Option<Value>) -> Result<u64, RedisDown> {
+    match v {
+        Some(Value::Int(n)) => Ok(u64::try_from(n).unwrap_or(0)),
+        other => Err(RedisDown(format!(
+            "expected an integer reply, got {other:?}"
+        ))),
+    }
+}
+
+fn grant_of(v: Value) -> Result<LeaseGrant, RedisDown> {
+    match v {
+        Value::Array(items) if items.len() == 3 => {
+            let mut it = items.into_iter();
+            Ok(LeaseGrant {
+                tokens: int(it.next())?,
+                exhausted: int(it.next())? != 0,
+                fleet_demand: int(it.next())?,
+            })
+        }
+        Value::ServerError(e) => Err(RedisDown(format!("lease script: {e:?}").to_lowercase())),
+        other => Err(RedisDown(format!(
+            "expected a lease reply {{grant, exhausted, demand}}, got {other:?}"
+        ))),
+    }
+}
+
+/// A lease connection that opens itself when needed and lets go of itself after an error, so
+/// the lease thread names no type of the `redis` crate.
+pub struct LeaseLink {
+    spec: RedisSpec,
+    timeout: Duration,
+    con: Option<Connection>,
+}
+
+impl LeaseLink {
+    /// A link to `url` (not yet connected); `timeout` bounds the connect and every read and
+    /// write.
+    pub fn new(spec: RedisSpec, timeout: Duration) -> LeaseLink {
+        LeaseLink {
+            spec,
+            timeout,
+            con: None,
+        }
+    }
+
+    /// True while a connection is open (the last round trip succeeded).
+    pub fn is_connected(&self) -> bool {
+        self.con.is_some()
+    }
+
+    /// [`lease_round`] over this link, connecting (and loading the script) first if needed.
+    /// After an error the connection is dropped; the next call connects again. Blocking.
+    ///
+    /// # Errors
+    /// As [`connect`] and [`lease_round`].
+    pub fn round(
+        &mut self,
+        server: &str,
+        period: Duration,
+        requests: &[LeaseRequest],
+        heartbeat_ms: Option<u64>,
+    ) -> Result<LeaseRound, RedisDown> {
+        let r = lease_round(self.connection()?, server, period, requests, heartbeat_ms);
+        if r.is_err() {
+            self.con = None;
+        }
+        r
+    }
+
+    /// The open connection, opened (and the script loaded) first if there is none.
+    pub(super) fn connection(&mut self) -> Result<&mut Connection, RedisDown> {
+        if self.con.is_none() {
+            let mut con = connect(&self.spec, self.timeout)?;
+            load_script(&mut con)?;
+            self.con = Some(con);
+        }
+        self.con
+            .as_mut()
+            .ok_or_else(|| RedisDown("not connected".into()))
+    }
+
+    /// Lets go of the connection after an error (the next call connects again).
+    pub(super) fn reset(&mut self) {
+        self.con = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_key_of_a_user_shares_its_hash_tag() {
+        for k in lease_keys("alice", 7) {
+            assert!(k.contains("{alice}"), "{k}");
+        }
+        assert_eq!(lease_keys("a", 7)[2], "sluice:{a}:usage:7");
+    }
+
+    #[test]
+    fn the_script_sha_is_stable_and_forty_hex_digits() {
+        let sha = script_sha();
+        assert_eq!(sha.len(), 40);
+        assert!(sha.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_eq!(sha, script_sha());
+    }
+
+    #[test]
+    fn replies_are_decoded_and_bad_ones_refused() {
+        let g = grant_of(Value::Array(vec![
+            Value::Int(1000),
+            Value::Int(1),
+            Value::Int(5000),
+        ]))
+        .unwrap();
+        assert_eq!(
+            g,
+            LeaseGrant {
+                tokens: 1000,
+                exhausted: true,
+                fleet_demand: 5000
+            }
+        );
+        assert!(grant_of(Value::Nil).is_err());
+        assert!(grant_of(Value::Array(vec![Value::Int(1)])).is_err());
+        assert!(int(Some(Value::Nil)).is_err());
+    }
+
+    #[test]
+    fn an_unreachable_redis_is_an_error_not_a_hang() {
+        // Port 1 on loopback: refused at once.
+        let spec = RedisSpec::parse("redis://127.0.0.1:1").unwrap();
+        let Err(e) = connect(&spec, Duration::from_millis(200)) else {
+            panic!("connected to a closed port");
+        };
+        assert!(e.to_string().starts_with("redis: "), "{e}");
+    }
+}
