@@ -235,7 +235,7 @@ const NOTES: [&str; 8] = [
      timed from connect to the login status. As deployed: the default handshake caps apply.",
     "Users (16): servers of their own, one per table size (100,000 and 1,000,000 users) and a \
      10-user baseline; see its note above for how each figure is taken.",
-    "Fleet (18): three `sluice server --fleet redis://…` processes on one redis-server (its own \
+    "Fleet (18): three `sluice server --db redis://…` processes on one redis-server (users moved there by `sluice migrate`; its own \
      database and Redis); 100 users at 100 KiB/s, 10 download connections each (4 on one server, \
      3 on each other, rotating); one run; Redis figures from INFO over the window; Redis is \
      then killed and the fallback measured; last, one server without a fleet carries the same \
