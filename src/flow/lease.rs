@@ -166,6 +166,8 @@ pub fn spawn(
         down: None,
         last_try: None,
         exhausted: HashMap::new(),
+        unreturned: HashMap::new(),
+        shared: Vec::new(),
     };
     thread::Builder::new()
         .name("fleet lease".into())
@@ -202,6 +204,13 @@ struct Leaser {
     last_try: Option<Instant>,
     /// Users told "quota used up" this period start (logged once each).
     exhausted: HashMap<Arc<str>, u64>,
+    /// Leased tokens no bucket took (its last connection closed during the round trip, or
+    /// Redis was down when the pool was emptied), per user: handed back in the next round, since
+    /// the fleet already charged them to the bucket and the quota.
+    unreturned: HashMap<Arc<str>, u64>,
+    /// Users whose connection count this server last wrote as more than 0: a user that left
+    /// the capped list (deleted, or no longer capped) gets its count cleared once.
+    shared: Vec<String>,
 }
 
 impl Leaser {
@@ -209,7 +218,12 @@ impl Leaser {
         let demands = self.limiter.take_demand();
         if let Some(d) = &mut self.down {
             for x in &demands {
-                *self.carry.entry(x.user.clone()).or_default() += x.moved;
+                let c = self.carry.entry(x.user.clone()).or_default();
+                *c = c.saturating_add(x.moved);
+                if x.unused > 0 {
+                    let u = self.unreturned.entry(x.user.clone()).or_default();
+                    *u = u.saturating_add(x.unused);
+                }
             }
             let gap = now.saturating_duration_since(d.last_round);
             self.stats
@@ -250,8 +264,14 @@ impl Leaser {
                     self.stats.alive.store(self.alive, Ordering::Relaxed);
                 }
                 self.carry.clear();
+                for req in &requests {
+                    self.unreturned.remove(req.user.as_str());
+                }
                 for ((req, g), account) in requests.iter().zip(&r.grants).zip(&accounts) {
-                    self.limiter.grant(&req.user, g.tokens);
+                    if !self.limiter.grant(&req.user, g.tokens) && g.tokens > 0 {
+                        let u = self.unreturned.entry(account.name.clone()).or_default();
+                        *u = u.saturating_add(g.tokens);
+                    }
                     self.stats.tokens.fetch_add(g.tokens, Ordering::Relaxed);
                     if g.exhausted && g.tokens == 0 {
                         self.quota_used_up(account, req.period_start);
@@ -261,7 +281,7 @@ impl Leaser {
                     .leases
                     .fetch_add(requests.len() as u64, Ordering::Relaxed);
                 if heartbeat {
-                    self.share_connections(now);
+                    self.share_connections();
                 }
             }
             Err(e) => self.went_down(&e, now),
@@ -270,19 +290,33 @@ impl Leaser {
 
     /// With each heartbeat: this server's open connections of every capped user out, the other
     /// live servers' in (admission reads them from the account; it never waits on Redis).
-    fn share_connections(&mut self, now: Instant) {
+    fn share_connections(&mut self) {
         let accounts = (self.capped)();
-        let counts: Vec<(String, u64)> = accounts
+        let mut counts: Vec<(String, u64)> = accounts
             .iter()
             .map(|a| (a.name.to_string(), a.open_connections() as u64))
             .collect();
+        // Users written before that left the list: their count here is cleared (after the
+        // accounts, whose replies are read in order).
+        for name in &self.shared {
+            if !counts.iter().any(|(n, _)| n == name) {
+                counts.push((name.clone(), 0));
+            }
+        }
         match self.link.conns(&self.config.server_id, unix_ms(), &counts) {
             Ok(others) => {
                 for (a, n) in accounts.iter().zip(others) {
                     a.set_elsewhere(n);
                 }
+                self.shared = counts
+                    .into_iter()
+                    .filter(|(_, n)| *n > 0)
+                    .map(|(name, _)| name)
+                    .collect();
             }
-            Err(e) => self.went_down(&e, now),
+            // The lease round just worked: the supply stays leased; admission keeps the last
+            // known counts.
+            Err(e) => warn!("fleet: connection counts not shared this round: {e}"),
         }
     }
 
@@ -309,14 +343,24 @@ impl Leaser {
             });
             accounts.push(a);
         };
+        let back = |user: &str| self.unreturned.get(user).copied().unwrap_or(0);
         for d in demands {
             // While down, the pool is not drawn (split supply); what it held is handed back.
-            push(&d.user, d.rate, d.bytes(), d.unused);
+            push(
+                &d.user,
+                d.rate,
+                d.bytes(),
+                d.unused.saturating_add(back(&d.user)),
+            );
         }
-        for (user, extra) in &self.carry {
-            if *extra > 0 && !demands.iter().any(|d| d.user == *user) {
+        let others = self.carry.keys().chain(self.unreturned.keys());
+        let mut seen: Vec<&Arc<str>> = Vec::new();
+        for user in others {
+            let owed = self.carry.get(user).copied().unwrap_or(0) > 0 || back(user) > 0;
+            if owed && !seen.contains(&user) && !demands.iter().any(|d| d.user == *user) {
+                seen.push(user);
                 let rate = (self.lookup)(user).map_or(0, |a| a.rate());
-                push(user, rate, 0, 0);
+                push(user, rate, 0, back(user));
             }
         }
         (reqs, accounts)

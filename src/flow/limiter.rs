@@ -276,7 +276,10 @@ impl Bucket {
         if self.supply == Supply::Leased {
             // At most the user's rate, and never more than was leased; what the bucket has no
             // room for stays in the pool rather than being capped away.
-            let room = self.capacity.saturating_sub(self.tokens) + self.debt;
+            let room = self
+                .capacity
+                .saturating_sub(self.tokens)
+                .saturating_add(self.debt);
             let n = whole.min(self.pool).min(room);
             if n < whole {
                 self.frac = 0;

@@ -289,18 +289,11 @@ pub fn start(config: &ServerConfig) -> Result<ServerHandle> {
         );
     }
     // A Redis store makes a fleet: each user's one bandwidth is leased from the same Redis
-    // (a config may set its own lease period or server id; a Cluster cannot lease yet).
-    let fleet = config.fleet.clone().or_else(|| match config.db.redis() {
-        Some(spec) if spec.cluster => {
-            warn!(
-                "fleet: {spec} is a Redis Cluster; bandwidth leases over a Cluster are not \
-                 supported yet, so each server holds each user to its whole bandwidth"
-            );
-            None
-        }
-        Some(spec) => Some(FleetConfig::new(spec.clone())),
-        None => None,
-    });
+    // (a config may set its own lease period or server id).
+    let fleet = config
+        .fleet
+        .clone()
+        .or_else(|| config.db.redis().map(|spec| FleetConfig::new(spec.clone())));
     let fleet_stats = match &fleet {
         Some(f) => {
             let stats = Arc::new(LeaseStats::default());

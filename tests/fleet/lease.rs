@@ -407,6 +407,62 @@ fn the_lease_script_splits_the_rate_in_proportion_to_demand() {
     );
 }
 
+/// What a server hands back while it wants nothing goes back to the fleet, not round again to
+/// it; and a grant the quota cuts leaves the rest in the fleet bucket.
+#[test]
+fn the_lease_script_keeps_hand_backs_of_an_idle_server_and_quota_cuts_in_the_bucket() {
+    let redis = Redis::start();
+    let mut link = LeaseLink::new(
+        RedisSpec::parse(&redis.url()).unwrap(),
+        Duration::from_secs(2),
+    );
+    let rate = 1_000_000;
+    let req = |demand: u64, unused: u64, quota: u64| LeaseRequest {
+        user: "h".into(),
+        account_id: 3,
+        rate,
+        burst: rate / 5,
+        demand,
+        unused,
+        extra: 0,
+        quota,
+        period_start: 0,
+    };
+    // The fleet bucket starts empty on Redis' clock: it fills over a lease period.
+    link.round("a", PERIOD, &[req(50_000, 0, 0)], None).unwrap();
+    thread::sleep(PERIOD);
+    let first = link.round("a", PERIOD, &[req(50_000, 0, 0)], None).unwrap();
+    assert!(first.grants[0].tokens > 0, "{:?}", first.grants);
+    let idle = link
+        .round("a", PERIOD, &[req(0, first.grants[0].tokens, 0)], None)
+        .unwrap();
+    assert_eq!(
+        idle.grants[0].tokens, 0,
+        "an idle server got its hand-back again"
+    );
+    let tokens = |r: &Redis| {
+        r.cmd(&["HGET", "sluice:{h}:bucket", "tokens"])
+            .parse::<f64>()
+            .unwrap()
+    };
+    let before = tokens(&redis);
+    // The quota has 10 bytes left (used so far: the first grant).
+    let used = redis
+        .cmd(&["HGET", "sluice:{h}:usage:3", "lease_bytes"])
+        .parse::<u64>()
+        .unwrap();
+    let cut = link
+        .round("a", PERIOD, &[req(200_000, 0, used + 10)], None)
+        .unwrap();
+    assert_eq!(cut.grants[0].tokens, 10);
+    assert!(cut.grants[0].exhausted);
+    assert!(
+        tokens(&redis) >= before - 10.0,
+        "the bucket was charged for what the quota refused: {before} -> {}",
+        tokens(&redis)
+    );
+}
+
 #[test]
 fn max_connections_hold_across_the_fleet_and_a_dead_servers_are_released() {
     let redis = Redis::start();

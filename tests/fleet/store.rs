@@ -811,3 +811,59 @@ fn servers_on_one_redis_store_share_a_users_one_bandwidth() {
         "two servers together moved {r:.2} x the user's bandwidth"
     );
 }
+
+/// Leases over a Redis Cluster: two servers on a three-master cluster hold a user to its one
+/// bandwidth together (the lease script goes as EVAL in each node's pipeline).
+#[test]
+fn servers_on_a_redis_cluster_share_a_users_one_bandwidth() {
+    let nodes = cluster();
+    let url = format!("redis+cluster://{},{}", nodes[0].addr(), nodes[1].addr());
+    let origin = Origin::start();
+    assert!(run(&url, &["user", "add", "u", "--bandwidth", "64K"]).contains("exit Some(0)"));
+    let servers: Vec<Daemon> = (0..2).map(|_| server_process(Path::new(&url))).collect();
+    let flows: Vec<Download> = servers
+        .iter()
+        .map(|s| Download::start(s.addr, "u", &origin))
+        .collect();
+    thread::sleep(Duration::from_millis(500));
+    let before: u64 = flows.iter().map(Download::bytes).sum();
+    let t = Instant::now();
+    thread::sleep(Duration::from_secs(3));
+    let total = (flows.iter().map(Download::bytes).sum::<u64>() - before) as f64
+        / t.elapsed().as_secs_f64();
+    let r = total / (64 * KIB) as f64;
+    assert!(
+        (0.7..1.3).contains(&r),
+        "two servers on a cluster together moved {r:.2} x the user's bandwidth"
+    );
+    let bucket = "sluice:{u}:bucket";
+    assert!(
+        nodes.iter().any(|n| n.cmd(&["EXISTS", bucket]) == "1"),
+        "no lease bucket on any master"
+    );
+}
+
+/// A server's count of a user's connections leaves Redis when the user is deleted: a user
+/// added again under the name is not refused for connections of the old one.
+#[test]
+fn a_deleted_users_connection_count_leaves_redis() {
+    let redis = Redis::start();
+    let url = redis.url();
+    let origin = Origin::start();
+    let add = ["user", "add", "c", "--max-connections", "2"];
+    assert!(run(&url, &add).contains("exit Some(0)"));
+    let srv = server_process(Path::new(&url));
+    let held = socks5(srv.addr, "c", "pw", "127.0.0.1", origin.addr.port()).unwrap();
+    let key = "sluice:{c}:conns";
+    assert!(
+        wait_until(Duration::from_secs(3), || redis.cmd(&["HLEN", key]) == "1"),
+        "the open connection was never counted in redis"
+    );
+    assert!(run(&url, &["user", "del", "c"]).contains("exit Some(0)"));
+    assert!(
+        wait_until(Duration::from_secs(3), || redis.cmd(&["HLEN", key]) == "0"),
+        "the deleted user's count stayed in redis: {}",
+        redis.cmd(&["HGETALL", key])
+    );
+    drop(held);
+}

@@ -396,6 +396,46 @@ impl Conn {
     }
 }
 
+impl Conn {
+    /// As [`Conn::batch`], but the commands marked `true` give no reply (pipeline `ignore`):
+    /// the replies that come back are those of the unmarked commands, in order.
+    ///
+    /// # Errors
+    /// The first error, from the connection or any command.
+    pub fn batch_some(&mut self, cmds: Vec<(Cmd, bool)>) -> RedisResult<Vec<Value>> {
+        if cmds.is_empty() {
+            return Ok(Vec::new());
+        }
+        match self {
+            Conn::One(c) => {
+                let mut p = ::redis::pipe();
+                for (cmd, ignore) in cmds {
+                    p.add_command(cmd);
+                    if ignore {
+                        p.ignore();
+                    }
+                }
+                p.query(&mut **c)
+            }
+            Conn::Cluster(c) => {
+                let mut p = cluster_pipe();
+                for (cmd, ignore) in cmds {
+                    p.add_command(cmd);
+                    if ignore {
+                        p.ignore();
+                    }
+                }
+                p.query(c)
+            }
+        }
+    }
+
+    /// True for a Redis Cluster.
+    pub fn is_cluster_conn(&self) -> bool {
+        matches!(self, Conn::Cluster(_))
+    }
+}
+
 /// True for an error after which the connection is no use (closed, timed out, refused).
 pub fn is_connection_error(e: &RedisError) -> bool {
     e.is_io_error()

@@ -5,8 +5,9 @@
 //!
 //! The `redis` crate appears only in the store's Redis files; callers see counts.
 
+use super::conn::Conn;
 use super::lease::{HEARTBEAT_TTL, LeaseLink, RedisDown, SERVERS_KEY};
-use redis::{ConnectionLike, Value};
+use redis::{Cmd, Value};
 use std::collections::HashMap;
 
 /// The connection-count hash of `user`: server id → connections open there.
@@ -23,7 +24,7 @@ pub fn conns_key(user: &str) -> String {
 /// # Errors
 /// Redis unreachable, timed out, or answering with an error.
 pub fn conns_round(
-    con: &mut dyn ConnectionLike,
+    con: &mut Conn,
     server: &str,
     now_ms: u64,
     counts: &[(String, u64)],
@@ -32,22 +33,33 @@ pub fn conns_round(
         return Ok(Vec::new());
     }
     let ttl = u64::try_from(HEARTBEAT_TTL.as_millis()).unwrap_or(u64::MAX);
-    let mut pipe = redis::pipe();
-    pipe.cmd("ZRANGEBYSCORE")
-        .arg(SERVERS_KEY)
+    let mut cmds: Vec<(Cmd, bool)> = Vec::new();
+    let mut live = redis::cmd("ZRANGEBYSCORE");
+    live.arg(SERVERS_KEY)
         .arg(now_ms.saturating_sub(ttl))
         .arg("+inf");
+    cmds.push((live, false));
     for (user, n) in counts {
         let key = conns_key(user);
-        if *n > 0 {
-            pipe.cmd("HSET").arg(&key).arg(server).arg(*n).ignore();
+        let write = if *n > 0 {
+            let mut c = redis::cmd("HSET");
+            c.arg(&key).arg(server).arg(*n);
+            c
         } else {
-            pipe.cmd("HDEL").arg(&key).arg(server).ignore();
-        }
-        pipe.cmd("HGETALL").arg(&key);
+            let mut c = redis::cmd("HDEL");
+            c.arg(&key).arg(server);
+            c
+        };
+        cmds.push((write, true));
+        let mut read = redis::cmd("HGETALL");
+        read.arg(&key);
+        cmds.push((read, false));
     }
     let (alive, tables): (Vec<String>, Vec<Vec<(String, u64)>>) = {
-        let mut v: Vec<Value> = pipe.query(con)?;
+        let mut v: Vec<Value> = con.batch_some(cmds)?;
+        if v.is_empty() {
+            return Err(RedisDown("no reply to the connection counts".into()));
+        }
         let rest = v.split_off(1);
         let alive: Vec<String> = redis::from_redis_value(v.remove(0))?;
         let tables = rest
@@ -59,6 +71,13 @@ pub fn conns_round(
             .collect::<Result<Vec<_>, redis::ParsingError>>()?;
         (alive, tables)
     };
+    if tables.len() != counts.len() {
+        return Err(RedisDown(format!(
+            "expected {} connection counts, got {}",
+            counts.len(),
+            tables.len()
+        )));
+    }
     Ok(tables
         .iter()
         .map(|t| {

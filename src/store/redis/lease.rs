@@ -28,7 +28,7 @@
 //! plain structs here. Calls block (a network round trip) and are made only by the lease thread.
 
 use super::conn::{Conn, RedisSpec};
-use redis::{Connection, ConnectionLike, Value};
+use redis::{Cmd, ConnectionLike, Value};
 use std::fmt;
 use std::time::Duration;
 
@@ -69,6 +69,9 @@ for i = 1, #all, 2 do
 end
 local elapsed = period
 if mine then elapsed = math.min(math.max(now - mine, 0), fresh) end
+local left = nil
+if quota > 0 then left = math.max(quota - used, 0) end
+local exhausted = 0
 local grant = demand
 if rate > 0 then
   local b = redis.call('HMGET', KEYS[1], 'tokens', 't')
@@ -77,18 +80,21 @@ if rate > 0 then
   tokens = math.min(burst, tokens + rate * math.max(now - last, 0) / 1000000 + unused)
   local share = 0
   if total > 0 then share = demand / total end
-  grant = math.floor(math.min(tokens, rate * elapsed / 1000000 * share + unused))
-  tokens = tokens - grant
-  redis.call('HSET', KEYS[1], 'tokens', string.format('%.3f', tokens), 't', string.format('%d', now))
-  redis.call('PEXPIRE', KEYS[1], 60000)
-end
-local exhausted = 0
-if quota > 0 then
-  local left = math.max(quota - used, 0)
-  if grant >= left then
+  -- What a server handed back comes back to it only while it still wants bytes.
+  local back = 0
+  if demand > 0 then back = unused end
+  grant = math.floor(math.min(tokens, rate * elapsed / 1000000 * share + back))
+  -- Cut to the quota before the bucket is charged, so what the quota refuses stays there.
+  if left and grant >= left then
     grant = left
     exhausted = 1
   end
+  tokens = tokens - grant
+  redis.call('HSET', KEYS[1], 'tokens', string.format('%.3f', tokens), 't', string.format('%d', now))
+  redis.call('PEXPIRE', KEYS[1], 60000)
+elseif left and grant >= left then
+  grant = left
+  exhausted = 1
 end
 used = used + grant
 redis.call('HSET', KEYS[3], 'lease_period', pstart, 'lease_bytes', string.format('%d', used))
@@ -179,15 +185,9 @@ impl From<redis::RedisError> for RedisDown {
 ///
 /// # Errors
 /// A URL that is not `redis://…`/`rediss://…`, or a server that does not answer in time.
-pub fn connect(spec: &RedisSpec, timeout: Duration) -> Result<Connection, RedisDown> {
-    match spec.connect_within(timeout, timeout) {
-        Ok(Conn::One(c)) => Ok(*c),
-        // The lease round is one pipeline of EVALSHAs, which a Cluster pipeline refuses.
-        Ok(Conn::Cluster(_)) => Err(RedisDown(
-            "leases over a Redis Cluster are not supported yet".into(),
-        )),
-        Err(e) => Err(RedisDown(e.to_string())),
-    }
+pub fn connect(spec: &RedisSpec, timeout: Duration) -> Result<Conn, RedisDown> {
+    spec.connect_within(timeout, timeout)
+        .map_err(|e| RedisDown(e.to_string()))
 }
 
 /// The SHA1 of [`LEASE_SCRIPT`] (what `EVALSHA` names).
@@ -223,7 +223,7 @@ pub fn lease_keys(user: &str, account_id: u64) -> [String; 3] {
 /// # Errors
 /// Redis unreachable, timed out, or answering with an error.
 pub fn lease_round(
-    con: &mut dyn ConnectionLike,
+    con: &mut Conn,
     server: &str,
     period: Duration,
     requests: &[LeaseRequest],
@@ -231,7 +231,7 @@ pub fn lease_round(
 ) -> Result<LeaseRound, RedisDown> {
     match try_round(con, server, period, requests, heartbeat_ms) {
         Err(e) if e.0.contains("noscript") => {
-            load_script(con)?;
+            load_script(con.like())?;
             try_round(con, server, period, requests, heartbeat_ms)
         }
         r => r,
@@ -239,33 +239,44 @@ pub fn lease_round(
 }
 
 fn try_round(
-    con: &mut dyn ConnectionLike,
+    con: &mut Conn,
     server: &str,
     period: Duration,
     requests: &[LeaseRequest],
     heartbeat_ms: Option<u64>,
 ) -> Result<LeaseRound, RedisDown> {
     let sha = script_sha();
+    // A cluster pipeline refuses EVALSHA: there the script goes whole with each call (EVAL).
+    let cluster = con.is_cluster_conn();
     let period_us = u64::try_from(period.as_micros()).unwrap_or(u64::MAX);
-    let mut pipe = redis::pipe();
+    let mut cmds: Vec<(Cmd, bool)> = Vec::new();
     if let Some(ms) = heartbeat_ms {
         let ttl = u64::try_from(HEARTBEAT_TTL.as_millis()).unwrap_or(u64::MAX);
-        pipe.cmd("ZADD")
-            .arg(SERVERS_KEY)
-            .arg(ms)
-            .arg(server)
-            .ignore();
-        pipe.cmd("ZREMRANGEBYSCORE")
-            .arg(SERVERS_KEY)
+        let mut add = redis::cmd("ZADD");
+        add.arg(SERVERS_KEY).arg(ms).arg(server);
+        cmds.push((add, true));
+        let mut trim = redis::cmd("ZREMRANGEBYSCORE");
+        trim.arg(SERVERS_KEY)
             .arg("-inf")
-            .arg(format!("({}", ms.saturating_sub(ttl)))
-            .ignore();
-        pipe.cmd("ZCARD").arg(SERVERS_KEY);
+            .arg(format!("({}", ms.saturating_sub(ttl)));
+        cmds.push((trim, true));
+        let mut card = redis::cmd("ZCARD");
+        card.arg(SERVERS_KEY);
+        cmds.push((card, false));
     }
     for r in requests {
         let keys = lease_keys(&r.user, r.account_id);
-        pipe.cmd("EVALSHA").arg(&sha).arg(3).arg(&keys[..]);
-        pipe.arg(server)
+        let mut c = if cluster {
+            let mut c = redis::cmd("EVAL");
+            c.arg(LEASE_SCRIPT);
+            c
+        } else {
+            let mut c = redis::cmd("EVALSHA");
+            c.arg(&sha);
+            c
+        };
+        c.arg(3).arg(&keys[..]);
+        c.arg(server)
             .arg(r.rate)
             .arg(r.burst)
             .arg(r.demand)
@@ -274,14 +285,15 @@ fn try_round(
             .arg(r.extra)
             .arg(r.quota)
             .arg(r.period_start);
+        cmds.push((c, false));
     }
-    if pipe.is_empty() {
+    if cmds.is_empty() {
         return Ok(LeaseRound {
             grants: Vec::new(),
             alive: None,
         });
     }
-    let values: Vec<Value> = pipe.query(con)?;
+    let values: Vec<Value> = con.batch_some(cmds)?;
     let mut it = values.into_iter();
     let alive = match heartbeat_ms {
         Some(_) => Some(int(it.next())?),
@@ -329,7 +341,7 @@ fn grant_of(v: Value) -> Result<LeaseGrant, RedisDown> {
 pub struct LeaseLink {
     spec: RedisSpec,
     timeout: Duration,
-    con: Option<Connection>,
+    con: Option<Conn>,
 }
 
 impl LeaseLink {
@@ -368,10 +380,12 @@ impl LeaseLink {
     }
 
     /// The open connection, opened (and the script loaded) first if there is none.
-    pub(super) fn connection(&mut self) -> Result<&mut Connection, RedisDown> {
+    pub(super) fn connection(&mut self) -> Result<&mut Conn, RedisDown> {
         if self.con.is_none() {
             let mut con = connect(&self.spec, self.timeout)?;
-            load_script(&mut con)?;
+            if !con.is_cluster_conn() {
+                load_script(con.like())?;
+            }
             self.con = Some(con);
         }
         self.con

@@ -874,7 +874,7 @@ impl UserStore for RedisStore {
             .zip(names)
             .filter_map(|(d, name)| {
                 let name = name?; // a deleted account: its counts reach nobody
-                let seen = if d.open_now > 0 || d.bytes_up + d.bytes_down > 0 {
+                let seen = if d.open_now > 0 || d.bytes_up.saturating_add(d.bytes_down) > 0 {
                     now.to_string()
                 } else {
                     String::new()
