@@ -777,6 +777,20 @@ fn idle_accounts_are_not_flushed_but_the_end_of_activity_is() {
     assert_eq!(calls(), before, "a second idle delta was flushed");
 }
 
+/// One download as `user` through each of `servers`: their bytes per second together over 3 s
+/// (a measurement, so plain sleeps).
+fn together(servers: &[Daemon], user: &str, origin: &Origin) -> f64 {
+    let flows: Vec<Download> = servers
+        .iter()
+        .map(|s| Download::start(s.addr, user, origin))
+        .collect();
+    thread::sleep(Duration::from_millis(500));
+    let before: u64 = flows.iter().map(Download::bytes).sum();
+    let t = Instant::now();
+    thread::sleep(Duration::from_secs(3));
+    (flows.iter().map(Download::bytes).sum::<u64>() - before) as f64 / t.elapsed().as_secs_f64()
+}
+
 /// `--db redis://…` alone makes a fleet: two server processes on one Redis hold a user to its one
 /// bandwidth together (leases), not each to the whole of it.
 #[test]
@@ -795,17 +809,7 @@ fn servers_on_one_redis_store_share_a_users_one_bandwidth() {
             s.log
         );
     }
-    let flows: Vec<Download> = servers
-        .iter()
-        .map(|s| Download::start(s.addr, "u", &origin))
-        .collect();
-    thread::sleep(Duration::from_millis(500));
-    let before: u64 = flows.iter().map(Download::bytes).sum();
-    let t = Instant::now();
-    thread::sleep(Duration::from_secs(3));
-    let total = (flows.iter().map(Download::bytes).sum::<u64>() - before) as f64
-        / t.elapsed().as_secs_f64();
-    let r = total / (64 * KIB) as f64;
+    let r = together(&servers, "u", &origin) / (64 * KIB) as f64;
     assert!(
         (0.7..1.3).contains(&r),
         "two servers together moved {r:.2} x the user's bandwidth"
@@ -821,17 +825,7 @@ fn servers_on_a_redis_cluster_share_a_users_one_bandwidth() {
     let origin = Origin::start();
     assert!(run(&url, &["user", "add", "u", "--bandwidth", "64K"]).contains("exit Some(0)"));
     let servers: Vec<Daemon> = (0..2).map(|_| server_process(Path::new(&url))).collect();
-    let flows: Vec<Download> = servers
-        .iter()
-        .map(|s| Download::start(s.addr, "u", &origin))
-        .collect();
-    thread::sleep(Duration::from_millis(500));
-    let before: u64 = flows.iter().map(Download::bytes).sum();
-    let t = Instant::now();
-    thread::sleep(Duration::from_secs(3));
-    let total = (flows.iter().map(Download::bytes).sum::<u64>() - before) as f64
-        / t.elapsed().as_secs_f64();
-    let r = total / (64 * KIB) as f64;
+    let r = together(&servers, "u", &origin) / (64 * KIB) as f64;
     assert!(
         (0.7..1.3).contains(&r),
         "two servers on a cluster together moved {r:.2} x the user's bandwidth"
