@@ -374,29 +374,9 @@ impl Conn {
     /// # Errors
     /// The first error, from the connection or any command.
     pub fn batch(&mut self, cmds: Vec<Cmd>) -> RedisResult<Vec<Value>> {
-        if cmds.is_empty() {
-            return Ok(Vec::new());
-        }
-        match self {
-            Conn::One(c) => {
-                let mut p = ::redis::pipe();
-                for cmd in cmds {
-                    p.add_command(cmd);
-                }
-                p.query(&mut **c)
-            }
-            Conn::Cluster(c) => {
-                let mut p = cluster_pipe();
-                for cmd in cmds {
-                    p.add_command(cmd);
-                }
-                p.query(c)
-            }
-        }
+        self.batch_some(cmds.into_iter().map(|c| (c, false)).collect())
     }
-}
 
-impl Conn {
     /// As [`Conn::batch`], but the commands marked `true` give no reply (pipeline `ignore`):
     /// the replies that come back are those of the unmarked commands, in order.
     ///
@@ -428,11 +408,6 @@ impl Conn {
                 p.query(c)
             }
         }
-    }
-
-    /// True for a Redis Cluster.
-    pub fn is_cluster_conn(&self) -> bool {
-        matches!(self, Conn::Cluster(_))
     }
 }
 

@@ -247,7 +247,7 @@ fn try_round(
 ) -> Result<LeaseRound, RedisDown> {
     let sha = script_sha();
     // A cluster pipeline refuses EVALSHA: there the script goes whole with each call (EVAL).
-    let cluster = con.is_cluster_conn();
+    let cluster = con.is_cluster();
     let period_us = u64::try_from(period.as_micros()).unwrap_or(u64::MAX);
     let mut cmds: Vec<(Cmd, bool)> = Vec::new();
     if let Some(ms) = heartbeat_ms {
@@ -383,7 +383,7 @@ impl LeaseLink {
     pub(super) fn connection(&mut self) -> Result<&mut Conn, RedisDown> {
         if self.con.is_none() {
             let mut con = connect(&self.spec, self.timeout)?;
-            if !con.is_cluster_conn() {
+            if !con.is_cluster() {
                 load_script(con.like())?;
             }
             self.con = Some(con);
