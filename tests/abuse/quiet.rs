@@ -57,24 +57,30 @@ fn keep_busy(s: TcpStream, stop: Arc<AtomicBool>) -> thread::JoinHandle<()> {
     })
 }
 
-/// The most descriptors `srv` held over `rounds` readings 10 ms apart.
-fn most_fds(srv: &ServerProcess, rounds: usize) -> usize {
+/// The most `count` read over `rounds` readings 10 ms apart.
+fn most_of(rounds: usize, count: impl Fn() -> usize) -> usize {
     (0..rounds)
         .map(|_| {
             thread::sleep(Duration::from_millis(10));
-            srv.fds()
+            count()
         })
         .max()
         .unwrap_or(0)
 }
 
-#[test]
-fn a_quiet_tunnel_gives_back_its_pipes_and_still_relays_exactly() {
-    let dir = TempDir::new("quiet");
+/// A server process with the one user `u` (unlimited) and `args`, and an origin to tunnel to.
+fn quiet_server(name: &str, args: &[&str]) -> (TempDir, Origin, ServerProcess) {
+    let dir = TempDir::new(name);
     let db = dir.path("users.db");
     make_db(&db, &[("u", "pw", 0)]);
     let origin = Origin::start();
-    let srv = ServerProcess::start(&db, &["--release-ms", RELEASE_MS]);
+    let srv = ServerProcess::start(&db, args);
+    (dir, origin, srv)
+}
+
+#[test]
+fn a_quiet_tunnel_gives_back_its_pipes_and_still_relays_exactly() {
+    let (_dir, origin, srv) = quiet_server("quiet", &["--release-ms", RELEASE_MS]);
     let before = srv.fds();
     let s = echo_tunnel(&srv, &origin);
     echo_exact(&s, 10, 0);
@@ -88,7 +94,7 @@ fn a_quiet_tunnel_gives_back_its_pipes_and_still_relays_exactly() {
     // Busy both ways: each direction holds a pipe (two descriptors each).
     let stop = Arc::new(AtomicBool::new(false));
     let busy = keep_busy(s.try_clone().unwrap(), stop.clone());
-    let most = most_fds(&srv, 50);
+    let most = most_of(50, || srv.fds());
     stop.store(true, Ordering::Relaxed);
     busy.join().unwrap();
     assert!(
@@ -113,11 +119,7 @@ fn a_quiet_tunnel_gives_back_its_pipes_and_still_relays_exactly() {
 
 #[test]
 fn with_no_pipe_budget_tunnels_copy_through_buffers() {
-    let dir = TempDir::new("nopipes");
-    let db = dir.path("users.db");
-    make_db(&db, &[("u", "pw", 0)]);
-    let origin = Origin::start();
-    let srv = ServerProcess::start(&db, &["--pipe-budget", "1"]);
+    let (_dir, origin, srv) = quiet_server("nopipes", &["--pipe-budget", "1"]);
     let before = srv.fds();
     let s = echo_tunnel(&srv, &origin);
     echo_exact(&s, 10, 0);
@@ -125,7 +127,7 @@ fn with_no_pipe_budget_tunnels_copy_through_buffers() {
     let open = before + 2;
     let stop = Arc::new(AtomicBool::new(false));
     let busy = keep_busy(s.try_clone().unwrap(), stop.clone());
-    let most = most_fds(&srv, 50);
+    let most = most_of(50, || srv.fds());
     stop.store(true, Ordering::Relaxed);
     busy.join().unwrap();
     assert!(
@@ -167,12 +169,8 @@ fn pipe_fds(pid: u32) -> usize {
 
 #[test]
 fn busy_tunnels_take_pipes_only_up_to_the_budget() {
-    let dir = TempDir::new("budget");
-    let db = dir.path("users.db");
-    make_db(&db, &[("u", "pw", 0)]);
-    let origin = Origin::start();
     // Two pipes' worth; six tunnels echoing at once want twelve.
-    let srv = ServerProcess::start(&db, &["--pipe-budget", "4"]);
+    let (_dir, origin, srv) = quiet_server("budget", &["--pipe-budget", "4"]);
     let before = pipe_fds(srv.pid());
     let stop = Arc::new(AtomicBool::new(false));
     let loads: Vec<_> = (0..6)
@@ -190,13 +188,7 @@ fn busy_tunnels_take_pipes_only_up_to_the_budget() {
             })
         })
         .collect();
-    let most = (0..50)
-        .map(|_| {
-            thread::sleep(Duration::from_millis(10));
-            pipe_fds(srv.pid())
-        })
-        .max()
-        .unwrap_or(0);
+    let most = most_of(50, || pipe_fds(srv.pid()));
     stop.store(true, Ordering::Relaxed);
     for l in loads {
         l.join().unwrap();
@@ -210,12 +202,8 @@ fn busy_tunnels_take_pipes_only_up_to_the_budget() {
 
 #[test]
 fn a_busy_direction_without_a_pipe_takes_one_once_the_budget_has_room() {
-    let dir = TempDir::new("upgrade");
-    let db = dir.path("users.db");
-    make_db(&db, &[("u", "pw", 0)]);
-    let origin = Origin::start();
     // One pipe's worth.
-    let srv = ServerProcess::start(&db, &["--pipe-budget", "2"]);
+    let (_dir, origin, srv) = quiet_server("upgrade", &["--pipe-budget", "2"]);
     let pid = srv.pid();
     let before = pipe_fds(pid);
     // A uploads and holds the one pipe.
@@ -258,7 +246,7 @@ fn a_busy_direction_without_a_pipe_takes_one_once_the_budget_has_room() {
             got
         })
     };
-    let most = most_pipe_fds(pid, 30);
+    let most = most_of(30, || pipe_fds(pid));
     assert!(
         most <= before + 2,
         "past the budget: {most}, {before} before"
@@ -278,15 +266,4 @@ fn a_busy_direction_without_a_pipe_takes_one_once_the_budget_has_room() {
     stop_b.store(true, Ordering::Relaxed);
     b.shutdown(std::net::Shutdown::Both).unwrap();
     assert!(down.join().unwrap() > 0);
-}
-
-/// The most pipe descriptors process `pid` held over `rounds` readings 10 ms apart.
-fn most_pipe_fds(pid: u32, rounds: usize) -> usize {
-    (0..rounds)
-        .map(|_| {
-            thread::sleep(Duration::from_millis(10));
-            pipe_fds(pid)
-        })
-        .max()
-        .unwrap_or(0)
 }
