@@ -1,6 +1,8 @@
 //! `sluice stats`: per-user usage read from the database, as a table for people or JSON for
 //! scripts. Live figures (connections open, current rate, share throttled) come from the running
-//! server's last flush and are shown only while it is fresh.
+//! server's last flush and are shown only while it is fresh; on a Redis fleet the store has
+//! already summed them over the servers that flushed in the last [`LIVE_FRESH_SECS`]
+//! (`store::redis::sum_live`), so this file reads one set of figures either way.
 
 use crate::server::metrics::escape_json;
 use crate::store::{QuotaPeriod, Usage, UserRow};

@@ -3,6 +3,7 @@
 //! named; everything after the stream was trimmed past it), account ids, `migrate`, a dead or
 //! password-protected Redis, and a three-master Redis Cluster.
 
+use crate::support::json::Json;
 use crate::support::redis::Redis;
 use crate::support::*;
 use sluice::store::{self, Changed, UsageDelta};
@@ -768,9 +769,12 @@ fn idle_accounts_are_not_flushed_but_the_end_of_activity_is() {
     s.flush_usage(&[busy], 2).unwrap();
     s.flush_usage(std::slice::from_ref(&idle), 3).unwrap();
     let u = &s.load_usage().unwrap()[0];
-    assert_eq!(
-        (u.bytes_down, u.open_now, u.rate_now, u.live_at),
-        (10, 0, 0, 3)
+    assert_eq!((u.bytes_down, u.open_now, u.rate_now), (10, 0, 0));
+    let now = sluice::flow::usage::unix_now();
+    assert!(
+        u.live_at + 2 >= now && u.live_at <= now,
+        "live figures stamped {} at {now}",
+        u.live_at
     );
     let before = calls();
     s.flush_usage(&[idle], 4).unwrap();
@@ -860,4 +864,69 @@ fn a_deleted_users_connection_count_leaves_redis() {
         redis.cmd(&["HGETALL", key])
     );
     drop(held);
+}
+
+/// `sluice stats --db redis://… --json` as (connections_open, rate, throttled_now) of `user`.
+fn live_of(url: &str, user: &str) -> (f64, f64, f64) {
+    let out = sluice(&["stats", "--db", url, "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let body = String::from_utf8_lossy(&out.stdout).into_owned();
+    let Ok(Json::Arr(lines)) = Json::parse(&body) else {
+        panic!("stats --json is not a JSON array: {body}");
+    };
+    let l = lines
+        .iter()
+        .find(|l| l.get("user").and_then(Json::as_str) == Some(user))
+        .unwrap_or_else(|| panic!("no {user} in {body}"));
+    (
+        l.num("connections_open"),
+        l.num("rate"),
+        l.num("throttled_now"),
+    )
+}
+
+/// Each server flushes its live figures under its own id: `sluice stats` on a fleet shows a
+/// user's connections open and rate summed over the servers, not the last flusher's.
+#[test]
+fn stats_on_a_fleet_sums_the_live_figures_of_every_server() {
+    let redis = Redis::start();
+    let url = redis.url();
+    let origin = Origin::start();
+    assert!(run(&url, &["user", "add", "u", "--bandwidth", "64K"]).contains("exit Some(0)"));
+    let servers: Vec<Daemon> = (0..2).map(|_| server_process(Path::new(&url))).collect();
+    // Two downloads on each server (equal demand, so each has about half the rate), and one
+    // idle tunnel more on the second: 5 open, 2 or 3 on either server alone.
+    let flows: Vec<Download> = servers
+        .iter()
+        .flat_map(|s| [0, 1].map(|_| Download::start(s.addr, "u", &origin)))
+        .collect();
+    let _idle = socks5(servers[1].addr, "u", "pw", "127.0.0.1", origin.addr.port()).unwrap();
+    let mut last = (0.0, 0.0, 0.0);
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            last = live_of(&url, "u");
+            last.0 == 5.0
+        }),
+        "stats showed {last:?}, not 5 connections open"
+    );
+    // The rate stats shows (each server's last second, summed) against what the clients got
+    // over the same seconds; one server's alone would be about half.
+    let bytes = || flows.iter().map(Download::bytes).sum::<u64>();
+    let (b0, t0) = (bytes(), Instant::now());
+    let mut shown = Vec::new();
+    for _ in 0..3 {
+        thread::sleep(Duration::from_secs(1));
+        let l = live_of(&url, "u");
+        assert_eq!(l.0, 5.0, "connections open: {l:?}");
+        assert!((0.3..=1.0).contains(&l.2), "throttled now: {l:?}");
+        shown.push(l.1);
+    }
+    let got = (bytes() - b0) as f64 / t0.elapsed().as_secs_f64();
+    let r = shown.iter().sum::<f64>() / shown.len() as f64 / got;
+    assert!(
+        (0.75..1.3).contains(&r),
+        "stats showed rates {shown:?} while the clients got {got:.0} B/s ({r:.2} x)"
+    );
+    let fields = redis.cmd(&["HKEYS", &format!("sluice:{{u}}:live:{}", 1)]);
+    assert_eq!(fields.lines().count(), 2, "live fields: {fields}");
 }

@@ -12,6 +12,7 @@
 //! | `sluice:ids`                | hash   | account id → user name (for usage flushes)             |
 //! | `sluice:{NAME}:user`        | hash   | `id username password_hash bandwidth quota_bytes quota_period max_connections created_at updated_at` |
 //! | `sluice:{NAME}:usage:ID`    | hash   | the usage of account ID: the fields of [`Usage`]       |
+//! | `sluice:{NAME}:live:ID`     | hash   | server → `AT_MS OPEN RATE THROTTLED ACTIVE_MS`: each server's live figures of account ID (Redis clock; TTL [`LIVE_TTL_MS`]) |
 //! | `sluice:changes`            | stream | `user NAME` or `unban SOURCE` per write, `MAXLEN ~` [`STREAM_MAXLEN`] |
 //! | `sluice:fail:{SOURCE}`      | hash   | the fleet's failed logins: `*` of the source, `u:NAME` of a user at it (`throttle.rs`) |
 //!
@@ -19,6 +20,11 @@
 //! Cluster refuses one script over two users' slots, and the stream is a key of its own). Each
 //! reader remembers the last stream id it saw and reads on from there; when that entry is gone
 //! (trimmed, or a Redis that lost its data) it reports a change to everything.
+//!
+//! Live figures (connections open, rate and share throttled now) are one field per server in the
+//! account's live hash, written by the same script call as the usage deltas (no extra command),
+//! stamped with Redis' clock. [`UserStore::load_usage`] (what `sluice stats` reads) sums the
+//! fields younger than [`LIVE_FRESH_MS`] over the fleet: see [`sum_live`].
 
 pub mod conn;
 pub mod conns;
@@ -33,6 +39,7 @@ use ::redis::{Cmd, RedisResult, Script, Value, cmd};
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The key layout version this build writes.
 pub const SCHEMA_VERSION: u64 = 1;
@@ -51,6 +58,11 @@ pub const NEXT_ID_KEY: &str = "sluice:next_id";
 pub const IDS_KEY: &str = "sluice:ids";
 /// `sluice:changes`.
 pub const CHANGES_KEY: &str = "sluice:changes";
+/// A server's live figures older than this (by Redis' clock) are left out of the fleet's sum:
+/// that server stopped flushing. The same window as `sluice stats`' `LIVE_FRESH_SECS`.
+pub const LIVE_FRESH_MS: u64 = 5_000;
+/// A live hash nobody wrote for this long is dropped by Redis.
+pub const LIVE_TTL_MS: u64 = 3 * LIVE_FRESH_MS;
 
 /// A name as it sits inside a hash tag: `{`, `}` and `%` escaped, so the tag is the whole name
 /// and two names never share a key.
@@ -75,6 +87,11 @@ pub fn user_key(name: &str) -> String {
 /// `sluice:{NAME}:usage:ID`.
 pub fn usage_key(name: &str, id: u64) -> String {
     format!("sluice:{{{}}}:usage:{id}", tag(name))
+}
+
+/// `sluice:{NAME}:live:ID`.
+pub fn live_key(name: &str, id: u64) -> String {
+    format!("sluice:{{{}}}:live:{id}", tag(name))
 }
 
 /// Creates the user hash unless the name is taken. KEYS: user. ARGV: field, value, ...
@@ -104,8 +121,11 @@ redis.call('HINCRBY', KEYS[2], 'reset_epoch', 1)
 return 1";
 
 /// Adds one account's deltas if the user is still that account (a delta of a deleted account
-/// reaches nobody). KEYS: user, usage. ARGV: id, up, down, connections, throttled_ms,
-/// active_ms, last_seen (or ''), period_start, up+down, open_now, rate_now, throttled_now, now.
+/// reaches nobody), and sets this server's field of its live hash, stamped with Redis' clock
+/// (the servers' clocks may differ). A server new to the hash first drops the fields of servers
+/// that stopped writing, so a hash holds about one field per server flushing. KEYS: user, usage,
+/// live. ARGV: id, up, down, connections, throttled_ms, active_ms, last_seen (or ''),
+/// period_start, up+down, server, open_now, rate_now, throttled_now, fresh_ms, ttl_ms.
 const FLUSH: &str = r"
 if redis.call('HGET', KEYS[1], 'id') ~= ARGV[1] then return 0 end
 local u = KEYS[2]
@@ -120,9 +140,25 @@ if redis.call('HGET', u, 'period_start') == ARGV[8] then
 else
     redis.call('HSET', u, 'period_bytes', ARGV[9])
 end
-redis.call('HSET', u, 'period_start', ARGV[8], 'open_now', ARGV[10], 'rate_now', ARGV[11],
-    'throttled_now', ARGV[12], 'live_at', ARGV[13])
+redis.call('HSET', u, 'period_start', ARGV[8])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local fig = string.format('%d %s %s %s %s', now, ARGV[11], ARGV[12], ARGV[13], ARGV[6])
+if redis.call('HSET', KEYS[3], ARGV[10], fig) == 1 then
+    local all = redis.call('HGETALL', KEYS[3])
+    for i = 1, #all, 2 do
+        local at = tonumber(string.match(all[i + 1], '^%d+'))
+        if at == nil or now - at > tonumber(ARGV[14]) then redis.call('HDEL', KEYS[3], all[i]) end
+    end
+end
+redis.call('PEXPIRE', KEYS[3], ARGV[15])
 return 1";
+
+/// Redis' clock and an account's live hash, so freshness is judged by the clock that stamped
+/// it. KEYS: live. Returns [seconds, microseconds, [field, value, ...]].
+const LIVE: &str = r"
+local t = redis.call('TIME')
+return {t[1], t[2], redis.call('HGETALL', KEYS[1])}";
 
 /// Raises `sluice:next_id` to at least ARGV[1]. KEYS: next_id.
 const RAISE_ID: &str = r"
@@ -137,6 +173,7 @@ struct Scripts {
     delete: Script,
     reset: Script,
     flush: Script,
+    live: Script,
     raise_id: Script,
 }
 
@@ -148,6 +185,7 @@ impl Scripts {
             delete: Script::new(DELETE),
             reset: Script::new(RESET),
             flush: Script::new(FLUSH),
+            live: Script::new(LIVE),
             raise_id: Script::new(RAISE_ID),
         }
     }
@@ -166,6 +204,9 @@ pub struct RedisStore {
     /// Accounts whose last flushed delta was not idle: their next idle one is still written
     /// (live figures back to 0), later idle ones are not (Redis work grows with active users).
     live: RefCell<HashSet<u64>>,
+    /// This store's field in the live hashes: one per server process, and per store within
+    /// it (a test runs several servers in one process).
+    writer: String,
 }
 
 impl RedisStore {
@@ -184,6 +225,7 @@ impl RedisStore {
             seen: "0-0".into(),
             unbans: RefCell::new(Vec::new()),
             live: RefCell::new(HashSet::new()),
+            writer: writer_id(),
         };
         let version: Option<String> = s.with(|c| {
             if create {
@@ -298,7 +340,7 @@ impl RedisStore {
         Ok((good, bad))
     }
 
-    /// The usage of the accounts of `rows` that have any.
+    /// The usage of the accounts of `rows` that have any, as their usage hashes hold it.
     fn usage_of_rows(&self, rows: &[UserRow]) -> Result<Vec<Usage>> {
         let cmds: Vec<Cmd> = rows
             .iter()
@@ -319,6 +361,49 @@ impl RedisStore {
             .collect())
     }
 
+    /// As [`RedisStore::usage_of_rows`], with each account's live figures summed over the
+    /// servers that wrote them in the last [`LIVE_FRESH_MS`] (one more command per user, in the
+    /// same pipeline). An account without a live hash keeps what its usage hash holds (a
+    /// migrated one: the figures of the SQLite server, as stale as they were there).
+    fn usage_of_rows_live(&self, rows: &[UserRow]) -> Result<Vec<Usage>> {
+        let s = &self.scripts.live;
+        let replies = self.batch_scripts(s, |c| {
+            rows.iter()
+                .flat_map(|r| {
+                    let mut u = cmd("HGETALL");
+                    u.arg(usage_key(&r.username, r.id));
+                    let live = [live_key(&r.username, r.id)];
+                    [u, Self::script_cmd(c, s, LIVE, &live, &[])]
+                })
+                .collect()
+        })?;
+        let local_now = unix_now();
+        let mut replies = replies.into_iter();
+        let mut out = Vec::new();
+        for r in rows {
+            let (Some(u), Some(live)) = (replies.next(), replies.next()) else {
+                break;
+            };
+            let h = hash_of(u);
+            if h.is_empty() {
+                continue;
+            }
+            let mut usage = usage_from_hash(r, &h);
+            if let Some((redis_ms, fields)) = live_reply(live)
+                && let Some(l) = sum_live(redis_ms, &fields)
+            {
+                usage.open_now = l.open;
+                usage.rate_now = l.rate;
+                usage.throttled_now = l.throttled;
+                // In this machine's clock, which `sluice stats` compares with; rounded up so
+                // a field just past the window reads as stale there too.
+                usage.live_at = local_now.saturating_sub(l.age_ms.div_ceil(1000));
+            }
+            out.push(usage);
+        }
+        Ok(out)
+    }
+
     /// The script call `s` as a command for a pipeline: EVALSHA on one Redis, EVAL on a
     /// cluster (whose pipelines refuse EVALSHA).
     fn script_cmd(c: &Conn, s: &Script, src: &str, keys: &[String], args: &[String]) -> Cmd {
@@ -333,6 +418,23 @@ impl RedisStore {
         };
         x.arg(keys.len()).arg(keys).arg(args);
         x
+    }
+
+    /// Sends what `build` makes in one pipeline. When Redis does not know `script` (restarted,
+    /// or its scripts flushed), every EVALSHA of the pipeline failed alike and none ran: the
+    /// script is loaded and the pipeline sent again (its other commands must be reads).
+    fn batch_scripts(
+        &self,
+        script: &Script,
+        build: impl Fn(&Conn) -> Vec<Cmd>,
+    ) -> Result<Vec<Value>> {
+        self.with(|c| match c.batch(build(c)) {
+            Err(e) if e.code() == Some("NOSCRIPT") => {
+                script.load(c.like())?;
+                c.batch(build(c))
+            }
+            r => r,
+        })
     }
 
     /// Creates `row` as it is (its id, hash and limits) with `usage`, unless its name is taken;
@@ -615,6 +717,100 @@ fn usage_from_hash(r: &UserRow, h: &HashMap<String, String>) -> Usage {
     }
 }
 
+/// This process's name for a store's live figures: host, process id and a count of the
+/// stores opened in the process (several servers may run in one).
+fn writer_id() -> String {
+    static OPENED: AtomicU64 = AtomicU64::new(0);
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
+    let n = OPENED.fetch_add(1, Ordering::Relaxed);
+    format!("{host}-{}-{n}", std::process::id())
+}
+
+/// A share (0..=1) as the live hash holds it: a plain decimal, never `NaN` or `inf`.
+fn share(v: f64) -> String {
+    let v = if v.is_finite() {
+        v.clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
+    format!("{v:.4}")
+}
+
+/// The reply of the [`LIVE`] script: Redis' clock in milliseconds and the hash's fields.
+fn live_reply(v: Value) -> Option<(u64, Vec<(String, String)>)> {
+    let Value::Array(parts) = v else { return None };
+    let mut it = parts.into_iter();
+    let secs: u64 = text(it.next()?)?.parse().ok()?;
+    let micros: u64 = text(it.next()?)?.parse().ok()?;
+    let ms = secs.checked_mul(1000)?.checked_add(micros / 1000)?;
+    Some((ms, pairs(it.next()?)))
+}
+
+/// One account's live figures over the fleet.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Live {
+    /// Connections open now, summed over the servers.
+    pub open: u64,
+    /// Bytes per second now, summed over the servers.
+    pub rate: u64,
+    /// Share of the last second the user's relays waited for tokens, over the whole fleet: each
+    /// server's share weighted by its relays' working time in its last flush (so it is the
+    /// fleet's waiting time over its working time); the plain mean when none worked.
+    pub throttled: f64,
+    /// Age of the newest field (whether fresh or not), in Redis' clock.
+    pub age_ms: u64,
+}
+
+/// Sums the fields of a live hash (`server → AT_MS OPEN RATE THROTTLED ACTIVE_MS`) that are at
+/// most [`LIVE_FRESH_MS`] older than `now_ms` (Redis' clock); fields that cannot be read (a hand
+/// edit) are skipped. `None` when no field can be read.
+pub fn sum_live(now_ms: u64, fields: &[(String, String)]) -> Option<Live> {
+    let mut l = Live {
+        open: 0,
+        rate: 0,
+        throttled: 0.0,
+        age_ms: u64::MAX,
+    };
+    let (mut weighted, mut worked, mut plain, mut fresh) = (0.0, 0.0, 0.0, 0u32);
+    for (_, v) in fields {
+        let mut w = v.split_ascii_whitespace();
+        let mut num = || w.next().and_then(|x| x.parse::<u64>().ok());
+        let (Some(at), Some(open), Some(rate)) = (num(), num(), num()) else {
+            continue;
+        };
+        let thr = w
+            .next()
+            .and_then(|x| x.parse::<f64>().ok())
+            .filter(|x| x.is_finite())
+            .map_or(0.0, |x| x.clamp(0.0, 1.0));
+        let active = w.next().and_then(|x| x.parse::<u64>().ok()).unwrap_or(0) as f64;
+        let age = now_ms.saturating_sub(at);
+        l.age_ms = l.age_ms.min(age);
+        if age > LIVE_FRESH_MS {
+            continue;
+        }
+        l.open = l.open.saturating_add(open);
+        l.rate = l.rate.saturating_add(rate);
+        weighted += thr * active;
+        worked += active;
+        plain += thr;
+        fresh += 1;
+    }
+    if l.age_ms == u64::MAX {
+        return None;
+    }
+    l.throttled = if worked > 0.0 {
+        weighted / worked
+    } else if fresh > 0 {
+        plain / f64::from(fresh)
+    } else {
+        0.0
+    };
+    Some(l)
+}
+
 /// What one look at the stream found.
 struct Look {
     /// The last entry was gone, or too many came: read everything.
@@ -725,11 +921,21 @@ impl UserStore for RedisStore {
         self.rows(names)
     }
 
+    /// With the live figures summed over the fleet ([`sum_live`]).
     fn load_usage(&self) -> Result<Vec<Usage>> {
         let (rows, _) = self.load()?;
-        self.usage_of_rows(&rows)
+        self.usage_of_rows_live(&rows)
     }
 
+    /// Without the fleet's live figures (a reload needs only the counts, and reading them would
+    /// double its commands): they are what the usage hash holds.
+    fn each_usage(&self, f: &mut dyn FnMut(Usage)) -> Result<()> {
+        let (rows, _) = self.load()?;
+        self.usage_of_rows(&rows)?.into_iter().for_each(f);
+        Ok(())
+    }
+
+    /// Without the fleet's live figures, as [`UserStore::each_usage`].
     fn load_usage_of(&self, names: &[String]) -> Result<Vec<Usage>> {
         let (rows, _) = self.rows(names)?;
         self.usage_of_rows(&rows)
@@ -869,7 +1075,7 @@ impl UserStore for RedisStore {
         let names: Vec<Option<String>> =
             self.with(|c| cmd("HMGET").arg(IDS_KEY).arg(&ids).query(c.like()))?;
         let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX).to_string();
-        let calls: Vec<([String; 2], Vec<String>)> = deltas
+        let calls: Vec<([String; 3], Vec<String>)> = deltas
             .iter()
             .zip(names)
             .filter_map(|(d, name)| {
@@ -879,7 +1085,11 @@ impl UserStore for RedisStore {
                 } else {
                     String::new()
                 };
-                let keys = [user_key(&name), usage_key(&name, d.account_id)];
+                let keys = [
+                    user_key(&name),
+                    usage_key(&name, d.account_id),
+                    live_key(&name, d.account_id),
+                ];
                 let args = vec![
                     d.account_id.to_string(),
                     n(d.bytes_up),
@@ -890,36 +1100,27 @@ impl UserStore for RedisStore {
                     seen,
                     n(d.period_start),
                     n(d.bytes_up.saturating_add(d.bytes_down)),
+                    self.writer.clone(),
                     n(d.open_now),
                     n(d.rate_now),
-                    d.throttled_now.to_string(),
-                    now.to_string(),
+                    share(d.throttled_now),
+                    LIVE_FRESH_MS.to_string(),
+                    LIVE_TTL_MS.to_string(),
                 ];
                 Some((keys, args))
             })
             .collect();
         let s = &self.scripts.flush;
-        let r = self.with(|c| {
-            let build = |c: &Conn| -> Vec<Cmd> {
-                calls
-                    .iter()
-                    .map(|(k, a)| Self::script_cmd(c, s, FLUSH, k, a))
-                    .collect()
-            };
-            match c.batch(build(c)) {
-                Err(e) if e.code() == Some("NOSCRIPT") => {
-                    // Redis restarted (or its scripts were flushed): every EVALSHA of the
-                    // batch failed alike, so none counted; load the script and send it again.
-                    s.load(c.like())?;
-                    c.batch(build(c)).map(|_| ())
-                }
-                r => r.map(|_| ()),
-            }
+        let r = self.batch_scripts(s, |c| {
+            calls
+                .iter()
+                .map(|(k, a)| Self::script_cmd(c, s, FLUSH, k, a))
+                .collect()
         });
         if r.is_ok() {
             *self.live.borrow_mut() = busy;
         }
-        r
+        r.map(|_| ())
     }
 
     /// Also drops the fleet's shared failure counts of `source` (`throttle.rs`), so no server
@@ -945,6 +1146,41 @@ mod tests {
         assert_eq!(usage_key("alice", 7), "sluice:{alice}:usage:7");
         assert_eq!(user_key("a}b{%"), "sluice:{a%7Db%7B%25}:user");
         assert_ne!(user_key("%7D"), user_key("}"));
+    }
+
+    #[test]
+    fn live_figures_sum_over_the_fresh_servers_only() {
+        let f = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+                .collect()
+        };
+        let now = 1_000_000;
+        // a: 3 open, throttled half of 800 ms of work; b: 2 open, a quarter of 200 ms; c stopped
+        // flushing 6 s ago; d is a hand edit.
+        let h = f(&[
+            ("a", "999000 3 6000 0.5 800"),
+            ("b", "998500 2 4000 0.25 200"),
+            ("c", "994000 9 9000 1 1000"),
+            ("d", "lots"),
+        ]);
+        let l = sum_live(now, &h).unwrap();
+        assert_eq!((l.open, l.rate, l.age_ms), (5, 10_000, 1000));
+        assert!((l.throttled - 0.45).abs() < 1e-9, "{}", l.throttled);
+        // Only stale fields: nothing open now, and how old the newest is.
+        let stale = sum_live(now + 10_000, &h).unwrap();
+        assert_eq!((stale.open, stale.rate, stale.age_ms), (0, 0, 11_000));
+        assert_eq!(stale.throttled, 0.0);
+        // No working time anywhere: the plain mean; no readable field: nothing.
+        let idle = sum_live(
+            now,
+            &f(&[("a", "999000 1 0 0.2 0"), ("b", "999000 1 0 0.4")]),
+        );
+        assert!((idle.unwrap().throttled - 0.3).abs() < 1e-9);
+        assert_eq!(sum_live(now, &f(&[("x", "1 2")])), None);
+        assert_eq!(share(f64::NAN), "0.0000");
+        assert_eq!(share(2.0), "1.0000");
     }
 
     #[test]
