@@ -7,6 +7,12 @@
 //! ([`Limiter::grant`]), whose refill thread tops buckets up from them every tick. Neither the
 //! refill thread nor a relay ever waits on the network.
 //!
+//! A quota is one total over the fleet, charged by the lease script as bytes are leased. A user
+//! with a quota and unlimited bandwidth leases quota too: its relays take from a quota allowance
+//! in its (rate 0) bucket, which the thread tops up each period in chunks sized from the user's
+//! recent use ([`quota_ask`], which states the bound). When the fleet has no more to lease and
+//! the allowance is spent, the user is stopped as a local quota would stop it.
+//!
 //! Redis down: the limiter switches to [`Supply::Split`] (each user's rate ÷ the servers alive
 //! when last known), the outage is logged once, and bytes moved meanwhile are kept per user; the
 //! thread tries Redis again every [`RETRY`], and the first round that succeeds switches back to
@@ -46,6 +52,12 @@ pub const RETRY: Duration = Duration::from_millis(250);
 /// stamped with this server's clock: servers whose clocks differ by more than a second or so
 /// misjudge each other's liveness.
 pub const HEARTBEAT_EVERY: Duration = Duration::from_millis(500);
+/// The least quota allowance an unlimited user's server keeps on hand (bytes): four relay
+/// reads, so a slow user's relays do not wait a lease period for each read.
+pub const MIN_QUOTA_LEASE: u64 = 256 * 1024;
+/// The most quota allowance an unlimited user's server keeps on hand (bytes): 64 MiB is two
+/// lease periods of ~430 MiB/s on one server, so a fast user is not slowed below that.
+pub const MAX_QUOTA_LEASE: u64 = 64 * 1024 * 1024;
 /// Bound on a connect, and on each read and write of a round trip.
 pub const REDIS_TIMEOUT: Duration = Duration::from_millis(250);
 
@@ -70,6 +82,27 @@ impl FleetConfig {
             server_id: String::new(),
         }
     }
+}
+
+/// How much quota an unlimited user's server asks for this round, given its demand: enough
+/// to hold twice what its relays moved last period (at least [`MIN_QUOTA_LEASE`], at most
+/// [`MAX_QUOTA_LEASE`], and never less than what they wait for), less what it holds. Sized
+/// from recent use, so a fast user's allowance doubles each period until it keeps up.
+///
+/// The bound it gives, while Redis answers: every byte is leased (and charged to the fleet's
+/// quota count) before it moves, and a lease never exceeds what is left of the quota, so the
+/// fleet never moves more than the quota (a datagram may pass a server's last allowance by
+/// less than one datagram). It may stop short: what the other servers hold when the quota runs
+/// out, at most one lease each (≤ [`MAX_QUOTA_LEASE`]), which they use or hand back within a
+/// period of going idle. While Redis is down each server counts on its own (the account's
+/// quota) and the bytes are charged when it is back.
+pub fn quota_ask(d: &Demand) -> u64 {
+    let target = d
+        .moved
+        .saturating_mul(2)
+        .clamp(MIN_QUOTA_LEASE, MAX_QUOTA_LEASE)
+        .max(d.queued);
+    target.saturating_sub(d.held)
 }
 
 /// The fleet bucket's depth for `rate` with leases every `period`: [`BURST_PERIODS`] periods.
@@ -267,13 +300,15 @@ impl Leaser {
                 for req in &requests {
                     self.unreturned.remove(req.user.as_str());
                 }
-                for ((req, g), account) in requests.iter().zip(&r.grants).zip(&accounts) {
+                for ((req, g), (account, held)) in requests.iter().zip(&r.grants).zip(&accounts) {
                     if !self.limiter.grant(&req.user, g.tokens) && g.tokens > 0 {
                         let u = self.unreturned.entry(account.name.clone()).or_default();
                         *u = u.saturating_add(g.tokens);
                     }
                     self.stats.tokens.fetch_add(g.tokens, Ordering::Relaxed);
-                    if g.exhausted && g.tokens == 0 {
+                    // An allowance still held is used first (it was charged): the user stops
+                    // when it asks again with none.
+                    if g.exhausted && g.tokens == 0 && *held == 0 {
                         self.quota_used_up(account, req.period_start);
                     }
                 }
@@ -320,13 +355,14 @@ impl Leaser {
         }
     }
 
-    /// The lease requests for this round: one per user with demand, and one per user with bytes
-    /// moved during an outage not yet charged.
-    fn requests(&self, demands: &[Demand]) -> (Vec<LeaseRequest>, Vec<Arc<Account>>) {
+    /// The lease requests for this round: one per user with demand (an unlimited user's: the
+    /// quota allowance it asks for, [`quota_ask`]), and one per user with bytes moved during an
+    /// outage not yet charged. With each, its account and the allowance its server still holds.
+    fn requests(&self, demands: &[Demand]) -> (Vec<LeaseRequest>, Vec<(Arc<Account>, u64)>) {
         let mut reqs = Vec::with_capacity(demands.len());
         let mut accounts = Vec::with_capacity(demands.len());
         let now_unix = unix_now();
-        let mut push = |user: &str, rate: u64, demand: u64, unused: u64| {
+        let mut push = |user: &str, rate: u64, demand: u64, unused: u64, held: u64| {
             let Some(a) = (self.lookup)(user) else {
                 return;
             };
@@ -341,17 +377,20 @@ impl Leaser {
                 quota: a.quota(),
                 period_start: a.period().start_of(now_unix),
             });
-            accounts.push(a);
+            accounts.push((a, held));
         };
         let back = |user: &str| self.unreturned.get(user).copied().unwrap_or(0);
         for d in demands {
             // While down, the pool is not drawn (split supply); what it held is handed back.
-            push(
-                &d.user,
-                d.rate,
-                d.bytes(),
-                d.unused.saturating_add(back(&d.user)),
-            );
+            let unused = d.unused.saturating_add(back(&d.user));
+            if d.rate > 0 {
+                push(&d.user, d.rate, d.bytes(), unused, 0);
+                continue;
+            }
+            let ask = quota_ask(d);
+            if ask > 0 || unused > 0 || self.carry.get(&d.user).is_some_and(|c| *c > 0) {
+                push(&d.user, 0, ask, unused, d.held);
+            }
         }
         let others = self.carry.keys().chain(self.unreturned.keys());
         let mut seen: Vec<&Arc<str>> = Vec::new();
@@ -360,7 +399,7 @@ impl Leaser {
             if owed && !seen.contains(&user) && !demands.iter().any(|d| d.user == *user) {
                 seen.push(user);
                 let rate = (self.lookup)(user).map_or(0, |a| a.rate());
-                push(user, rate, 0, back(user));
+                push(user, rate, 0, back(user), 0);
             }
         }
         (reqs, accounts)
@@ -404,6 +443,7 @@ impl Leaser {
     fn quota_used_up(&mut self, a: &Arc<Account>, period_start: u64) {
         a.restart_quota(a.quota());
         a.close_all();
+        self.limiter.quota_used_up(&a.name);
         if self.exhausted.insert(a.name.clone(), period_start) != Some(period_start) {
             info!(
                 "fleet: {}: quota used up across the fleet; its connections are closed",

@@ -347,6 +347,58 @@ fn a_quota_across_three_servers_stops_the_user_within_one_lease_per_server() {
     );
 }
 
+/// Issue 21: "a user with a quota leases quota even when its bandwidth is unlimited". Before,
+/// an unlimited user held no lease and each server counted the quota alone: three servers let
+/// 3 × the quota through.
+#[test]
+fn an_unlimited_user_with_a_quota_is_stopped_at_the_fleets_quota() {
+    let redis = Redis::start();
+    let quota = 10 * MIB;
+    let servers = fleet(&redis, 3, &[("uq", "p", 0)]);
+    for s in &servers {
+        s.store()
+            .change(
+                "uq",
+                &UserChange {
+                    quota_bytes: Some(quota),
+                    ..UserChange::default()
+                },
+            )
+            .unwrap();
+    }
+    // The watchers apply the quota within a second.
+    thread::sleep(Duration::from_millis(1500));
+    let origin = Origin::start();
+    let mut load = Load::new();
+    for s in &servers {
+        load.downloads(2, s.addr, &origin, "uq");
+    }
+    let all_ended = wait_until(Duration::from_secs(15), || load.ended() == 6);
+    let got = load.bytes();
+    eprintln!("unlimited, quota {quota}: {got} bytes went through");
+    assert!(all_ended, "the quota did not stop the user ({got} bytes)");
+    // Every byte is leased before it moves: at most the quota (1 MiB of slack for a noisy
+    // machine), and far from the 3 × quota three servers counting alone let through.
+    assert!(
+        got <= quota + MIB,
+        "{got} bytes through a {quota}-byte quota over the fleet"
+    );
+    assert!(got as f64 >= 0.9 * quota as f64, "stopped early at {got}");
+    let charged: u64 = redis
+        .cmd(&["HGET", "sluice:{uq}:usage:1", "lease_bytes"])
+        .parse()
+        .unwrap();
+    assert!(
+        charged <= quota,
+        "the fleet's count passed the quota: {charged}"
+    );
+    assert_eq!(
+        socks5(servers[1].addr, "uq", "p", "127.0.0.1", origin.addr.port()).err(),
+        Some(2),
+        "a new connection after the quota is refused"
+    );
+}
+
 #[test]
 fn the_lease_script_splits_the_rate_in_proportion_to_demand() {
     let redis = Redis::start();

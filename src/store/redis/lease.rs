@@ -13,7 +13,9 @@
 //! period starting `lease_period`): every grant is charged when leased, what comes back unused is
 //! credited, and bytes a server moved while Redis was down are charged when it is back
 //! (`extra`). A grant never exceeds what is left, so the overshoot is at most what servers hold
-//! leased at once (one lease per server).
+//! leased at once (one lease per server). A user with unlimited bandwidth (rate 0) leases quota
+//! alone: its grant is what its server asks for (`flow/lease.rs`: an allowance sized from its
+//! recent use), cut to what is left.
 //!
 //! Keys (all of one user share the hash tag `{name}`, and the script touches only one user's
 //! keys, so it runs unchanged on Redis Cluster):
