@@ -29,7 +29,6 @@
 
 use crate::flow::account::Account;
 use crate::flow::limiter::{Demand, Limiter, Supply};
-use crate::flow::usage::unix_now;
 use crate::stop::Stop;
 use crate::store::redis::conn::RedisSpec;
 use crate::store::redis::lease::{LeaseLink, LeaseRequest, RedisDown};
@@ -49,8 +48,8 @@ pub const BURST_PERIODS: u64 = 2;
 /// While Redis is down, it is tried again this often (so leasing resumes within about this).
 pub const RETRY: Duration = Duration::from_millis(250);
 /// A heartbeat is sent at least this often (the servers-alive count is read with it). It is
-/// stamped with this server's clock: servers whose clocks differ by more than a second or so
-/// misjudge each other's liveness.
+/// stamped with Redis' clock (`TIME`), so servers with skewed clocks still judge each other's
+/// liveness alike.
 pub const HEARTBEAT_EVERY: Duration = Duration::from_millis(500);
 /// The least quota allowance an unlimited user's server keeps on hand (bytes): four relay
 /// reads, so a slow user's relays do not wait a lease period for each read.
@@ -71,6 +70,10 @@ pub struct FleetConfig {
     /// This server's name in the fleet (unique per server); empty: derived at start from the
     /// host name, the process id and the listening port.
     pub server_id: String,
+    /// Milliseconds added to this server's wall clock as the lease thread reads it (0): only
+    /// the quota period's start depends on it, not liveness (heartbeats are scored with Redis'
+    /// clock). Tests give a server a skewed clock with it.
+    pub clock_offset_ms: i64,
 }
 
 impl FleetConfig {
@@ -80,6 +83,7 @@ impl FleetConfig {
             redis,
             lease_period: DEFAULT_LEASE_PERIOD,
             server_id: String::new(),
+            clock_offset_ms: 0,
         }
     }
 }
@@ -284,7 +288,7 @@ impl Leaser {
             &self.config.server_id,
             self.config.lease_period,
             &requests,
-            heartbeat.then(unix_ms),
+            heartbeat,
         );
         match result {
             Ok(r) => {
@@ -338,7 +342,7 @@ impl Leaser {
                 counts.push((name.clone(), 0));
             }
         }
-        match self.link.conns(&self.config.server_id, unix_ms(), &counts) {
+        match self.link.conns(&self.config.server_id, &counts) {
             Ok(others) => {
                 for (a, n) in accounts.iter().zip(others) {
                     a.set_elsewhere(n);
@@ -361,7 +365,7 @@ impl Leaser {
     fn requests(&self, demands: &[Demand]) -> (Vec<LeaseRequest>, Vec<(Arc<Account>, u64)>) {
         let mut reqs = Vec::with_capacity(demands.len());
         let mut accounts = Vec::with_capacity(demands.len());
-        let now_unix = unix_now();
+        let now_unix = self.unix_ms() / 1000;
         let mut push = |user: &str, rate: u64, demand: u64, unused: u64, held: u64| {
             let Some(a) = (self.lookup)(user) else {
                 return;
@@ -403,6 +407,11 @@ impl Leaser {
             }
         }
         (reqs, accounts)
+    }
+
+    /// This server's wall clock (unix ms), with the configured offset.
+    fn unix_ms(&self) -> u64 {
+        unix_ms().saturating_add_signed(self.config.clock_offset_ms)
     }
 
     fn back_up(&mut self, rtt: Duration, now: Instant) {

@@ -29,6 +29,7 @@ fn fleet(redis: &Redis, n: usize, users: &[(&str, &str, u64)]) -> Vec<TestServer
                     redis: RedisSpec::parse(&redis.url()).unwrap(),
                     lease_period: PERIOD,
                     server_id: format!("s{i}"),
+                    clock_offset_ms: 0,
                 });
             })
         })
@@ -399,6 +400,36 @@ fn an_unlimited_user_with_a_quota_is_stopped_at_the_fleets_quota() {
     );
 }
 
+/// Heartbeats are scored with Redis' clock: a server whose own clock is a minute behind is still
+/// counted alive by the others (before, its heartbeat looked a minute old and was trimmed).
+#[test]
+fn a_server_with_a_skewed_clock_is_counted_alive() {
+    let redis = Redis::start();
+    let servers: Vec<TestServer> = [0, -60_000]
+        .into_iter()
+        .enumerate()
+        .map(|(i, skew)| {
+            TestServer::start_with(&[("k", "p", 0)], |c| {
+                c.fleet = Some(FleetConfig {
+                    redis: RedisSpec::parse(&redis.url()).unwrap(),
+                    lease_period: PERIOD,
+                    server_id: format!("s{i}"),
+                    clock_offset_ms: skew,
+                });
+            })
+        })
+        .collect();
+    let stats: Vec<_> = servers
+        .iter()
+        .map(|s| s.handle.as_ref().unwrap().fleet().unwrap().clone())
+        .collect();
+    let both = wait_until(Duration::from_secs(5), || {
+        stats.iter().all(|f| f.servers_alive() == 2)
+    });
+    let alive: Vec<u64> = stats.iter().map(|f| f.servers_alive()).collect();
+    assert!(both, "servers alive as each counts them: {alive:?}");
+}
+
 #[test]
 fn the_lease_script_splits_the_rate_in_proportion_to_demand() {
     let redis = Redis::start();
@@ -427,7 +458,7 @@ fn the_lease_script_splits_the_rate_in_proportion_to_demand() {
         }
         for (i, d) in [100_000u64, 100_000, 200_000].iter().enumerate() {
             let r = link
-                .round(&format!("s{i}"), PERIOD, &[req(*d)], Some(1))
+                .round(&format!("s{i}"), PERIOD, &[req(*d)], true)
                 .unwrap();
             got[i] += r.grants[0].tokens;
         }
@@ -481,12 +512,15 @@ fn the_lease_script_keeps_hand_backs_of_an_idle_server_and_quota_cuts_in_the_buc
         period_start: 0,
     };
     // The fleet bucket starts empty on Redis' clock: it fills over a lease period.
-    link.round("a", PERIOD, &[req(50_000, 0, 0)], None).unwrap();
+    link.round("a", PERIOD, &[req(50_000, 0, 0)], false)
+        .unwrap();
     thread::sleep(PERIOD);
-    let first = link.round("a", PERIOD, &[req(50_000, 0, 0)], None).unwrap();
+    let first = link
+        .round("a", PERIOD, &[req(50_000, 0, 0)], false)
+        .unwrap();
     assert!(first.grants[0].tokens > 0, "{:?}", first.grants);
     let idle = link
-        .round("a", PERIOD, &[req(0, first.grants[0].tokens, 0)], None)
+        .round("a", PERIOD, &[req(0, first.grants[0].tokens, 0)], false)
         .unwrap();
     assert_eq!(
         idle.grants[0].tokens, 0,
@@ -504,7 +538,7 @@ fn the_lease_script_keeps_hand_backs_of_an_idle_server_and_quota_cuts_in_the_buc
         .parse::<u64>()
         .unwrap();
     let cut = link
-        .round("a", PERIOD, &[req(200_000, 0, used + 10)], None)
+        .round("a", PERIOD, &[req(200_000, 0, used + 10)], false)
         .unwrap();
     assert_eq!(cut.grants[0].tokens, 10);
     assert!(cut.grants[0].exhausted);
