@@ -242,8 +242,9 @@ struct Leaser {
     /// Users told "quota used up" this period start (logged once each).
     exhausted: HashMap<Arc<str>, u64>,
     /// Leased tokens no bucket took (its last connection closed during the round trip, or
-    /// Redis was down when the pool was emptied), per user: handed back in the next round, since
-    /// the fleet already charged them to the bucket and the quota.
+    /// Redis was down when the pool was emptied) or a bucket held when it was dropped, per
+    /// user: handed back in the next round, since the fleet already charged them to the bucket
+    /// and the quota.
     unreturned: HashMap<Arc<str>, u64>,
     /// Users whose connection count this server last wrote as more than 0: a user that left
     /// the capped list (deleted, or no longer capped) gets its count cleared once.
@@ -252,6 +253,10 @@ struct Leaser {
 
 impl Leaser {
     fn round(&mut self, now: Instant) {
+        for (user, n) in self.limiter.take_left() {
+            let u = self.unreturned.entry(user).or_default();
+            *u = u.saturating_add(n);
+        }
         let demands = self.limiter.take_demand();
         if let Some(d) = &mut self.down {
             for x in &demands {

@@ -551,6 +551,9 @@ pub struct Limiter {
     /// The [`Supply`] of every bucket, encoded (0 own, 1 leased, n + 1 split n ways), so a new
     /// bucket starts with the current one.
     supply: AtomicU64,
+    /// Leased tokens and quota allowances of buckets dropped (the user's last connection
+    /// closed), per user, for the lease thread to hand back to the fleet ([`Limiter::take_left`]).
+    left: Mutex<HashMap<Arc<str>, u64>>,
 }
 
 fn encode(s: Supply) -> u64 {
@@ -580,6 +583,7 @@ impl Limiter {
             stop: Stop::new(),
             wakeups: AtomicU64::new(0),
             supply: AtomicU64::new(0),
+            left: Mutex::new(HashMap::new()),
         })
     }
 
@@ -652,7 +656,9 @@ impl Limiter {
     }
 
     /// A connection of `user` that [`Limiter::open`]ed bucket `serial` ended: the last one drops
-    /// the bucket. A close for a bucket removed meanwhile does nothing.
+    /// the bucket, even with a relay still queued (it wakes with [`Closed::Revoked`]: its
+    /// connection is gone), so no bucket outlives its holders. A close for a bucket removed
+    /// meanwhile does nothing.
     pub fn close(&self, user: &str, serial: u64) {
         let mut map = self.buckets.lock();
         let Some(b) = map.get_mut(user) else { return };
@@ -660,9 +666,34 @@ impl Limiter {
             return;
         }
         b.holders -= 1;
-        if b.holders == 0 && b.queue.is_empty() {
-            map.remove(user);
+        if b.holders > 0 {
+            return;
         }
+        let removed = map.remove_entry(user);
+        drop(map);
+        if let Some((name, b)) = removed {
+            self.drop_bucket(name, b);
+        }
+    }
+
+    /// A bucket leaves: its waiters wake with no grant, and what it held leased is kept for the
+    /// lease thread to hand back (the fleet charged it).
+    fn drop_bucket(&self, user: Arc<str>, mut b: Bucket) {
+        for w in b.close_all() {
+            w.notify();
+        }
+        let held = b.pool.saturating_add(b.allowance);
+        if held > 0 {
+            let mut left = self.left.lock();
+            let n = left.entry(user).or_default();
+            *n = n.saturating_add(held);
+        }
+    }
+
+    /// Leased tokens and quota allowances of buckets dropped since the last call, per user
+    /// (to be handed back to the fleet).
+    pub fn take_left(&self) -> Vec<(Arc<str>, u64)> {
+        std::mem::take(&mut *self.left.lock()).into_iter().collect()
     }
 
     /// How many buckets there are (users with connections open, plus any made by
@@ -755,11 +786,9 @@ impl Limiter {
 
     /// Forgets a user: its waiting relays wake with [`Closed::Revoked`].
     pub fn remove(&self, user: &str) {
-        let removed = self.buckets.lock().remove(user);
-        if let Some(mut b) = removed {
-            for w in b.close_all() {
-                w.notify();
-            }
+        let removed = self.buckets.lock().remove_entry(user);
+        if let Some((name, b)) = removed {
+            self.drop_bucket(name, b);
         }
     }
 
@@ -1212,6 +1241,25 @@ mod tests {
         let m = lim.buckets.lock();
         let bk = m.get("a").unwrap();
         assert_eq!((bk.rate(), bk.tokens()), (3000, 0));
+    }
+
+    #[test]
+    fn a_bucket_goes_with_its_last_holder_even_with_a_waiter_queued() {
+        let lim = Limiter::new(Duration::from_secs(3600)); // no refill thread: nothing accrues
+        let u: Arc<str> = Arc::from("wq");
+        let serial = lim.open(&u, &AtomicU64::new(1000));
+        let l2 = lim.clone();
+        let t = thread::spawn(move || l2.acquire("wq", &Waiter::new(), 500));
+        while lim.buckets.lock().get("wq").map(Bucket::waiting) != Some(1) {
+            thread::yield_now();
+        }
+        lim.set_supply(Supply::Leased);
+        assert!(lim.grant("wq", 300));
+        lim.close("wq", serial);
+        assert_eq!(lim.buckets(), 0, "a bucket outlived its last connection");
+        assert_eq!(t.join().unwrap(), Err(Closed::Revoked));
+        assert_eq!(lim.take_left(), vec![(u, 300)], "its lease goes back");
+        assert!(lim.take_left().is_empty());
     }
 
     #[test]
