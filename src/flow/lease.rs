@@ -18,9 +18,10 @@
 //! thread tries Redis again every [`RETRY`], and the first round that succeeds switches back to
 //! leases and charges those bytes to the fleet's quota count. Logins never wait on any of this.
 //!
-//! A user's `max_connections` holds across the fleet: with each heartbeat the thread writes this
-//! server's open connections of every capped user and reads the other live servers' counts
-//! into the account, which admission checks without waiting (the counts are at most one
+//! A user's `max_connections` holds across the fleet: with each heartbeat, and in the round
+//! after a capped user's first connection on this server (within a lease period), the thread
+//! writes this server's open connections of every capped user and reads the other live servers'
+//! counts into the account, which admission checks without waiting (the counts are at most one
 //! heartbeat old, so a burst of logins on several servers at once can pass the cap by what
 //! arrives within that time).
 //!
@@ -283,8 +284,11 @@ impl Leaser {
             || self
                 .last_heartbeat
                 .is_none_or(|t| now.saturating_duration_since(t) >= HEARTBEAT_EVERY);
+        // A capped user's first connection here: its count goes out (and the others' come in)
+        // this round, not at the next heartbeat; the login did not wait for it.
+        let share = heartbeat || self.joined_capped();
         let (requests, accounts) = self.requests(&demands);
-        if requests.is_empty() && !heartbeat {
+        if requests.is_empty() && !share {
             return;
         }
         self.last_try = Some(now);
@@ -324,7 +328,7 @@ impl Leaser {
                 self.stats
                     .leases
                     .fetch_add(requests.len() as u64, Ordering::Relaxed);
-                if heartbeat {
+                if share {
                     self.share_connections();
                 }
             }
@@ -332,8 +336,18 @@ impl Leaser {
         }
     }
 
-    /// With each heartbeat: this server's open connections of every capped user out, the other
-    /// live servers' in (admission reads them from the account; it never waits on Redis).
+    /// True when a user with a connection cap made its bucket here since the last round (its
+    /// first connection on this server).
+    fn joined_capped(&self) -> bool {
+        self.limiter
+            .take_joined()
+            .iter()
+            .any(|u| (self.lookup)(u).is_some_and(|a| a.max_connections() > 0))
+    }
+
+    /// With each heartbeat, and in the round after a capped user's first connection here: this
+    /// server's open connections of every capped user out, the other live servers' in
+    /// (admission reads them from the account; it never waits on Redis).
     fn share_connections(&mut self) {
         let accounts = (self.capped)();
         let mut counts: Vec<(String, u64)> = accounts

@@ -554,6 +554,9 @@ pub struct Limiter {
     /// Leased tokens and quota allowances of buckets dropped (the user's last connection
     /// closed), per user, for the lease thread to hand back to the fleet ([`Limiter::take_left`]).
     left: Mutex<HashMap<Arc<str>, u64>>,
+    /// Users whose bucket was made (a first connection on this server) since the lease thread
+    /// last looked ([`Limiter::take_joined`]); kept only in a fleet.
+    joined: Mutex<Vec<Arc<str>>>,
 }
 
 fn encode(s: Supply) -> u64 {
@@ -584,6 +587,7 @@ impl Limiter {
             wakeups: AtomicU64::new(0),
             supply: AtomicU64::new(0),
             left: Mutex::new(HashMap::new()),
+            joined: Mutex::new(Vec::new()),
         })
     }
 
@@ -648,6 +652,11 @@ impl Limiter {
         }
         let mut b = Bucket::new(rate.load(Ordering::Relaxed), self.tick, Instant::now());
         b.supply = self.supply();
+        if b.supply != Supply::Own {
+            // The lease thread shares a capped user's count at its next round, not its next
+            // heartbeat (drained every lease period, so it stays short).
+            self.joined.lock().push(user.clone());
+        }
         b.holders = 1;
         b.serial = self.serials.fetch_add(1, Ordering::Relaxed) + 1;
         let serial = b.serial;
@@ -688,6 +697,12 @@ impl Limiter {
             let n = left.entry(user).or_default();
             *n = n.saturating_add(held);
         }
+    }
+
+    /// Users whose first connection on this server made their bucket since the last call (in a
+    /// fleet; alone, none are kept).
+    pub fn take_joined(&self) -> Vec<Arc<str>> {
+        std::mem::take(&mut *self.joined.lock())
     }
 
     /// Leased tokens and quota allowances of buckets dropped since the last call, per user
@@ -1258,8 +1273,21 @@ mod tests {
         lim.close("wq", serial);
         assert_eq!(lim.buckets(), 0, "a bucket outlived its last connection");
         assert_eq!(t.join().unwrap(), Err(Closed::Revoked));
-        assert_eq!(lim.take_left(), vec![(u, 300)], "its lease goes back");
+        assert_eq!(
+            lim.take_left(),
+            vec![(u.clone(), 300)],
+            "its lease goes back"
+        );
         assert!(lim.take_left().is_empty());
+        // In a fleet, a user's first connection here is told to the lease thread once.
+        let serial = lim.open(&u, &AtomicU64::new(1000));
+        lim.open(&u, &AtomicU64::new(1000));
+        assert_eq!(lim.take_joined(), vec![u.clone()]);
+        assert!(lim.take_joined().is_empty());
+        lim.close("wq", serial);
+        lim.set_supply(Supply::Own);
+        lim.open(&Arc::from("alone"), &AtomicU64::new(1000));
+        assert!(lim.take_joined().is_empty(), "alone, nobody keeps the list");
     }
 
     #[test]
