@@ -91,8 +91,9 @@ impl FleetConfig {
 
 /// How much quota an unlimited user's server asks for this round, given its demand: enough
 /// to hold twice what its relays moved last period (at least [`MIN_QUOTA_LEASE`], at most
-/// [`MAX_QUOTA_LEASE`], and never less than what they wait for), less what it holds. Sized
-/// from recent use, so a fast user's allowance doubles each period until it keeps up.
+/// [`MAX_QUOTA_LEASE`], never less than what they wait for up to that), less what it holds;
+/// nothing while its relays neither wait nor moved a byte (its allowance is being handed back).
+/// Sized from recent use, so a fast user's allowance doubles each period until it keeps up.
 ///
 /// The bound it gives, while Redis answers: every byte is leased (and charged to the fleet's
 /// quota count) before it moves, and a lease never exceeds what is left of the quota, so the
@@ -102,11 +103,14 @@ impl FleetConfig {
 /// period of going idle. While Redis is down each server counts on its own (the account's
 /// quota) and the bytes are charged when it is back.
 pub fn quota_ask(d: &Demand) -> u64 {
+    if d.queued == 0 && d.moved == 0 {
+        return 0;
+    }
     let target = d
         .moved
         .saturating_mul(2)
-        .clamp(MIN_QUOTA_LEASE, MAX_QUOTA_LEASE)
-        .max(d.queued);
+        .max(d.queued)
+        .clamp(MIN_QUOTA_LEASE, MAX_QUOTA_LEASE);
     target.saturating_sub(d.held)
 }
 
@@ -501,6 +505,29 @@ mod tests {
         assert_eq!(fleet_burst(1_000_000, Duration::from_millis(75)), 150_000);
         assert_eq!(fleet_burst(1, Duration::from_millis(75)), 1);
         assert_eq!(fleet_burst(u64::MAX, Duration::from_secs(10)), u64::MAX);
+    }
+
+    #[test]
+    fn an_unlimited_users_quota_ask_follows_its_use_within_bounds() {
+        let d = |queued, moved, held| Demand {
+            user: Arc::from("u"),
+            rate: 0,
+            queued,
+            moved,
+            unused: 0,
+            held,
+        };
+        assert_eq!(quota_ask(&d(0, 0, 0)), 0, "idle: nothing asked");
+        assert_eq!(quota_ask(&d(65_536, 0, 0)), MIN_QUOTA_LEASE);
+        assert_eq!(quota_ask(&d(0, 1_000_000, 300_000)), 1_700_000);
+        assert_eq!(quota_ask(&d(0, 1 << 40, 0)), MAX_QUOTA_LEASE);
+        assert_eq!(quota_ask(&d(0, 1000, 1 << 20)), 0, "holding enough");
+        assert_eq!(
+            quota_ask(&d(1 << 24, 0, 0)),
+            1 << 24,
+            "what waits, at least"
+        );
+        assert_eq!(quota_ask(&d(1 << 30, 0, 0)), MAX_QUOTA_LEASE, "but no more");
     }
 
     #[test]

@@ -743,7 +743,7 @@ impl Limiter {
     pub fn take_demand(&self) -> Vec<Demand> {
         let mut map = self.buckets.lock();
         map.iter_mut()
-            .filter(|(_, b)| b.rate > 0 || b.metered)
+            .filter(|(_, b)| b.rate > 0 || b.metered || b.pool > 0)
             .filter_map(|(user, b)| {
                 let (queued, moved, unused, held) = b.take_demand()?;
                 Some(Demand {

@@ -370,12 +370,22 @@ fn an_unlimited_user_with_a_quota_is_stopped_at_the_fleets_quota() {
     // The watchers apply the quota within a second.
     thread::sleep(Duration::from_millis(1500));
     let origin = Origin::start();
+    // A connection that moved a little and went quiet: its allowance goes back, and its server
+    // asks for no more while it stays quiet.
+    let mut idle = socks5(servers[0].addr, "uq", "p", "127.0.0.1", origin.addr.port()).unwrap();
+    idle.write_all(b"SEND 1000\n").unwrap();
+    idle.read_exact(&mut [0; 1000]).unwrap();
+    let stats = servers[0].handle.as_ref().unwrap().fleet().unwrap().clone();
+    thread::sleep(Duration::from_millis(400));
+    let leases = stats.leases();
+    thread::sleep(Duration::from_millis(600));
+    assert_eq!(stats.leases(), leases, "a quiet user kept leasing");
     let mut load = Load::new();
     for s in &servers {
         load.downloads(2, s.addr, &origin, "uq");
     }
     let all_ended = wait_until(Duration::from_secs(15), || load.ended() == 6);
-    let got = load.bytes();
+    let got = load.bytes() + 1000;
     eprintln!("unlimited, quota {quota}: {got} bytes went through");
     assert!(all_ended, "the quota did not stop the user ({got} bytes)");
     // Every byte is leased before it moves: at most the quota (1 MiB of slack for a noisy
