@@ -1,7 +1,9 @@
 //! Bandwidth and quota leases from Redis: one user's one bandwidth across a fleet of servers.
 //!
-//! Each lease period a server sends one pipelined round trip: a heartbeat, and one call of the
-//! lease script ([`LEASE_SCRIPT`]) per user with relays waiting on this server. The script runs
+//! Each lease period a server sends one pipelined round trip: a heartbeat now and then
+//! ([`HEARTBEAT_SCRIPT`], on Redis' clock), and one call of the lease script ([`LEASE_SCRIPT`])
+//! per user with relays waiting on this server (or wanting quota: an unlimited user with a
+//! quota, below). The script runs
 //! a token bucket at the user's rate on Redis' own clock (`TIME`), and gives each server a share
 //! of the rate **in proportion to its demand** (what its relays wait for), over the time since
 //! that server's last lease. Demand per server is kept in the user's keys and forgotten after
