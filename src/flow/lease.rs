@@ -7,14 +7,21 @@
 //! ([`Limiter::grant`]), whose refill thread tops buckets up from them every tick. Neither the
 //! refill thread nor a relay ever waits on the network.
 //!
+//! A quota is one total over the fleet, charged by the lease script as bytes are leased. A user
+//! with a quota and unlimited bandwidth leases quota too: its relays take from a quota allowance
+//! in its (rate 0) bucket, which the thread tops up each period in chunks sized from the user's
+//! recent use ([`quota_ask`], which states the bound). When the fleet has no more to lease and
+//! the allowance is spent, the user is stopped as a local quota would stop it.
+//!
 //! Redis down: the limiter switches to [`Supply::Split`] (each user's rate ÷ the servers alive
 //! when last known), the outage is logged once, and bytes moved meanwhile are kept per user; the
 //! thread tries Redis again every [`RETRY`], and the first round that succeeds switches back to
 //! leases and charges those bytes to the fleet's quota count. Logins never wait on any of this.
 //!
-//! A user's `max_connections` holds across the fleet: with each heartbeat the thread writes this
-//! server's open connections of every capped user and reads the other live servers' counts
-//! into the account, which admission checks without waiting (the counts are at most one
+//! A user's `max_connections` holds across the fleet: with each heartbeat, and in the round
+//! after a capped user's first connection on this server (within a lease period), the thread
+//! writes this server's open connections of every capped user and reads the other live servers'
+//! counts into the account, which admission checks without waiting (the counts are at most one
 //! heartbeat old, so a burst of logins on several servers at once can pass the cap by what
 //! arrives within that time).
 //!
@@ -23,7 +30,6 @@
 
 use crate::flow::account::Account;
 use crate::flow::limiter::{Demand, Limiter, Supply};
-use crate::flow::usage::unix_now;
 use crate::stop::Stop;
 use crate::store::redis::conn::RedisSpec;
 use crate::store::redis::lease::{LeaseLink, LeaseRequest, RedisDown};
@@ -43,9 +49,15 @@ pub const BURST_PERIODS: u64 = 2;
 /// While Redis is down, it is tried again this often (so leasing resumes within about this).
 pub const RETRY: Duration = Duration::from_millis(250);
 /// A heartbeat is sent at least this often (the servers-alive count is read with it). It is
-/// stamped with this server's clock: servers whose clocks differ by more than a second or so
-/// misjudge each other's liveness.
+/// stamped with Redis' clock (`TIME`), so servers with skewed clocks still judge each other's
+/// liveness alike.
 pub const HEARTBEAT_EVERY: Duration = Duration::from_millis(500);
+/// The least quota allowance an unlimited user's server keeps on hand (bytes): four relay
+/// reads, so a slow user's relays do not wait a lease period for each read.
+pub const MIN_QUOTA_LEASE: u64 = 256 * 1024;
+/// The most quota allowance an unlimited user's server keeps on hand (bytes): 64 MiB is two
+/// lease periods of ~430 MiB/s on one server, so a fast user is not slowed below that.
+pub const MAX_QUOTA_LEASE: u64 = 64 * 1024 * 1024;
 /// Bound on a connect, and on each read and write of a round trip.
 pub const REDIS_TIMEOUT: Duration = Duration::from_millis(250);
 
@@ -59,6 +71,10 @@ pub struct FleetConfig {
     /// This server's name in the fleet (unique per server); empty: derived at start from the
     /// host name, the process id and the listening port.
     pub server_id: String,
+    /// Milliseconds added to this server's wall clock as the lease thread reads it (0): only
+    /// the quota period's start depends on it, not liveness (heartbeats are scored with Redis'
+    /// clock). Tests give a server a skewed clock with it.
+    pub clock_offset_ms: i64,
 }
 
 impl FleetConfig {
@@ -68,8 +84,34 @@ impl FleetConfig {
             redis,
             lease_period: DEFAULT_LEASE_PERIOD,
             server_id: String::new(),
+            clock_offset_ms: 0,
         }
     }
+}
+
+/// How much quota an unlimited user's server asks for this round, given its demand: enough
+/// to hold twice what its relays moved last period (at least [`MIN_QUOTA_LEASE`], at most
+/// [`MAX_QUOTA_LEASE`], never less than what they wait for up to that), less what it holds;
+/// nothing while its relays neither wait nor moved a byte (its allowance is being handed back).
+/// Sized from recent use, so a fast user's allowance doubles each period until it keeps up.
+///
+/// The bound it gives, while Redis answers: every byte is leased (and charged to the fleet's
+/// quota count) before it moves, and a lease never exceeds what is left of the quota, so the
+/// fleet never moves more than the quota (a datagram may pass a server's last allowance by
+/// less than one datagram). It may stop short: what the other servers hold when the quota runs
+/// out, at most one lease each (≤ [`MAX_QUOTA_LEASE`]), which they use or hand back within a
+/// period of going idle. While Redis is down each server counts on its own (the account's
+/// quota) and the bytes are charged when it is back.
+pub fn quota_ask(d: &Demand) -> u64 {
+    if d.queued == 0 && d.moved == 0 {
+        return 0;
+    }
+    let target = d
+        .moved
+        .saturating_mul(2)
+        .max(d.queued)
+        .clamp(MIN_QUOTA_LEASE, MAX_QUOTA_LEASE);
+    target.saturating_sub(d.held)
 }
 
 /// The fleet bucket's depth for `rate` with leases every `period`: [`BURST_PERIODS`] periods.
@@ -205,8 +247,9 @@ struct Leaser {
     /// Users told "quota used up" this period start (logged once each).
     exhausted: HashMap<Arc<str>, u64>,
     /// Leased tokens no bucket took (its last connection closed during the round trip, or
-    /// Redis was down when the pool was emptied), per user: handed back in the next round, since
-    /// the fleet already charged them to the bucket and the quota.
+    /// Redis was down when the pool was emptied) or a bucket held when it was dropped, per
+    /// user: handed back in the next round, since the fleet already charged them to the bucket
+    /// and the quota.
     unreturned: HashMap<Arc<str>, u64>,
     /// Users whose connection count this server last wrote as more than 0: a user that left
     /// the capped list (deleted, or no longer capped) gets its count cleared once.
@@ -215,6 +258,10 @@ struct Leaser {
 
 impl Leaser {
     fn round(&mut self, now: Instant) {
+        for (user, n) in self.limiter.take_left() {
+            let u = self.unreturned.entry(user).or_default();
+            *u = u.saturating_add(n);
+        }
         let demands = self.limiter.take_demand();
         if let Some(d) = &mut self.down {
             for x in &demands {
@@ -241,8 +288,11 @@ impl Leaser {
             || self
                 .last_heartbeat
                 .is_none_or(|t| now.saturating_duration_since(t) >= HEARTBEAT_EVERY);
+        // A capped user's first connection here: its count goes out (and the others' come in)
+        // this round, not at the next heartbeat; the login did not wait for it.
+        let share = heartbeat || self.joined_capped();
         let (requests, accounts) = self.requests(&demands);
-        if requests.is_empty() && !heartbeat {
+        if requests.is_empty() && !share {
             return;
         }
         self.last_try = Some(now);
@@ -251,7 +301,7 @@ impl Leaser {
             &self.config.server_id,
             self.config.lease_period,
             &requests,
-            heartbeat.then(unix_ms),
+            heartbeat,
         );
         match result {
             Ok(r) => {
@@ -267,20 +317,22 @@ impl Leaser {
                 for req in &requests {
                     self.unreturned.remove(req.user.as_str());
                 }
-                for ((req, g), account) in requests.iter().zip(&r.grants).zip(&accounts) {
+                for ((req, g), (account, held)) in requests.iter().zip(&r.grants).zip(&accounts) {
                     if !self.limiter.grant(&req.user, g.tokens) && g.tokens > 0 {
                         let u = self.unreturned.entry(account.name.clone()).or_default();
                         *u = u.saturating_add(g.tokens);
                     }
                     self.stats.tokens.fetch_add(g.tokens, Ordering::Relaxed);
-                    if g.exhausted && g.tokens == 0 {
+                    // An allowance still held is used first (it was charged): the user stops
+                    // when it asks again with none.
+                    if g.exhausted && g.tokens == 0 && *held == 0 {
                         self.quota_used_up(account, req.period_start);
                     }
                 }
                 self.stats
                     .leases
                     .fetch_add(requests.len() as u64, Ordering::Relaxed);
-                if heartbeat {
+                if share {
                     self.share_connections();
                 }
             }
@@ -288,8 +340,18 @@ impl Leaser {
         }
     }
 
-    /// With each heartbeat: this server's open connections of every capped user out, the other
-    /// live servers' in (admission reads them from the account; it never waits on Redis).
+    /// True when a user with a connection cap made its bucket here since the last round (its
+    /// first connection on this server).
+    fn joined_capped(&self) -> bool {
+        self.limiter
+            .take_joined()
+            .iter()
+            .any(|u| (self.lookup)(u).is_some_and(|a| a.max_connections() > 0))
+    }
+
+    /// With each heartbeat, and in the round after a capped user's first connection here: this
+    /// server's open connections of every capped user out, the other live servers' in
+    /// (admission reads them from the account; it never waits on Redis).
     fn share_connections(&mut self) {
         let accounts = (self.capped)();
         let mut counts: Vec<(String, u64)> = accounts
@@ -303,7 +365,7 @@ impl Leaser {
                 counts.push((name.clone(), 0));
             }
         }
-        match self.link.conns(&self.config.server_id, unix_ms(), &counts) {
+        match self.link.conns(&self.config.server_id, &counts) {
             Ok(others) => {
                 for (a, n) in accounts.iter().zip(others) {
                     a.set_elsewhere(n);
@@ -320,13 +382,14 @@ impl Leaser {
         }
     }
 
-    /// The lease requests for this round: one per user with demand, and one per user with bytes
-    /// moved during an outage not yet charged.
-    fn requests(&self, demands: &[Demand]) -> (Vec<LeaseRequest>, Vec<Arc<Account>>) {
+    /// The lease requests for this round: one per user with demand (an unlimited user's: the
+    /// quota allowance it asks for, [`quota_ask`]), and one per user with bytes moved during an
+    /// outage not yet charged. With each, its account and the allowance its server still holds.
+    fn requests(&self, demands: &[Demand]) -> (Vec<LeaseRequest>, Vec<(Arc<Account>, u64)>) {
         let mut reqs = Vec::with_capacity(demands.len());
         let mut accounts = Vec::with_capacity(demands.len());
-        let now_unix = unix_now();
-        let mut push = |user: &str, rate: u64, demand: u64, unused: u64| {
+        let now_unix = self.unix_ms() / 1000;
+        let mut push = |user: &str, rate: u64, demand: u64, unused: u64, held: u64| {
             let Some(a) = (self.lookup)(user) else {
                 return;
             };
@@ -341,17 +404,20 @@ impl Leaser {
                 quota: a.quota(),
                 period_start: a.period().start_of(now_unix),
             });
-            accounts.push(a);
+            accounts.push((a, held));
         };
         let back = |user: &str| self.unreturned.get(user).copied().unwrap_or(0);
         for d in demands {
             // While down, the pool is not drawn (split supply); what it held is handed back.
-            push(
-                &d.user,
-                d.rate,
-                d.bytes(),
-                d.unused.saturating_add(back(&d.user)),
-            );
+            let unused = d.unused.saturating_add(back(&d.user));
+            if d.rate > 0 {
+                push(&d.user, d.rate, d.bytes(), unused, 0);
+                continue;
+            }
+            let ask = quota_ask(d);
+            if ask > 0 || unused > 0 || self.carry.get(&d.user).is_some_and(|c| *c > 0) {
+                push(&d.user, 0, ask, unused, d.held);
+            }
         }
         let others = self.carry.keys().chain(self.unreturned.keys());
         let mut seen: Vec<&Arc<str>> = Vec::new();
@@ -360,10 +426,15 @@ impl Leaser {
             if owed && !seen.contains(&user) && !demands.iter().any(|d| d.user == *user) {
                 seen.push(user);
                 let rate = (self.lookup)(user).map_or(0, |a| a.rate());
-                push(user, rate, 0, back(user));
+                push(user, rate, 0, back(user), 0);
             }
         }
         (reqs, accounts)
+    }
+
+    /// This server's wall clock (unix ms), with the configured offset.
+    fn unix_ms(&self) -> u64 {
+        unix_ms().saturating_add_signed(self.config.clock_offset_ms)
     }
 
     fn back_up(&mut self, rtt: Duration, now: Instant) {
@@ -404,6 +475,7 @@ impl Leaser {
     fn quota_used_up(&mut self, a: &Arc<Account>, period_start: u64) {
         a.restart_quota(a.quota());
         a.close_all();
+        self.limiter.quota_used_up(&a.name);
         if self.exhausted.insert(a.name.clone(), period_start) != Some(period_start) {
             info!(
                 "fleet: {}: quota used up across the fleet; its connections are closed",
@@ -433,6 +505,29 @@ mod tests {
         assert_eq!(fleet_burst(1_000_000, Duration::from_millis(75)), 150_000);
         assert_eq!(fleet_burst(1, Duration::from_millis(75)), 1);
         assert_eq!(fleet_burst(u64::MAX, Duration::from_secs(10)), u64::MAX);
+    }
+
+    #[test]
+    fn an_unlimited_users_quota_ask_follows_its_use_within_bounds() {
+        let d = |queued, moved, held| Demand {
+            user: Arc::from("u"),
+            rate: 0,
+            queued,
+            moved,
+            unused: 0,
+            held,
+        };
+        assert_eq!(quota_ask(&d(0, 0, 0)), 0, "idle: nothing asked");
+        assert_eq!(quota_ask(&d(65_536, 0, 0)), MIN_QUOTA_LEASE);
+        assert_eq!(quota_ask(&d(0, 1_000_000, 300_000)), 1_700_000);
+        assert_eq!(quota_ask(&d(0, 1 << 40, 0)), MAX_QUOTA_LEASE);
+        assert_eq!(quota_ask(&d(0, 1000, 1 << 20)), 0, "holding enough");
+        assert_eq!(
+            quota_ask(&d(1 << 24, 0, 0)),
+            1 << 24,
+            "what waits, at least"
+        );
+        assert_eq!(quota_ask(&d(1 << 30, 0, 0)), MAX_QUOTA_LEASE, "but no more");
     }
 
     #[test]

@@ -30,16 +30,21 @@
 //! tick and never waits on the network; the lease thread reads each user's demand
 //! ([`Limiter::take_demand`]) and hands grants in ([`Limiter::grant`]).
 //!
+//! An unlimited user's bucket has no rate; in a fleet, a user with a quota still takes its
+//! bytes here, from a quota allowance the lease thread leases for it ([`Limiter::leases_quota`]):
+//! it waits only while the allowance is spent, and is woken with [`Closed::Quota`] once the
+//! fleet's quota is used up.
+//!
 //! The lock is never held across I/O: callers do their reads and writes between `acquire` and
-//! `give_back`. Nothing here knows about sockets; a user is a name. Unlimited users never reach
-//! this file (see `Budget` in `net/relay.rs`).
+//! `give_back`. Nothing here knows about sockets; a user is a name. Unlimited users without a
+//! quota (or alone, without a fleet) never wait here (see `Budget` in `net/relay.rs`).
 
 use crate::stop::Stop;
 use crossbeam_channel::{select, tick};
 use parking_lot::{Condvar, Mutex};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -63,9 +68,15 @@ pub struct Waiter {
     cv: Condvar,
     /// Bytes handed to this waiter while it slept (written under the limiter's lock).
     granted: AtomicU64,
-    /// Set when the user was removed or the limiter stopped: no grant will come.
-    closed: AtomicBool,
+    /// Set when no grant will come: [`SHUT`] (the user was removed or the limiter stopped) or
+    /// [`QUOTA_USED_UP`]; 0 while open.
+    closed: AtomicU8,
 }
+
+/// [`Waiter::closed`]: the user was removed or the limiter stopped.
+const SHUT: u8 = 1;
+/// [`Waiter::closed`]: the fleet's quota is used up ([`Limiter::quota_used_up`]).
+const QUOTA_USED_UP: u8 = 2;
 
 impl Waiter {
     /// A fresh waiter for one relay thread.
@@ -88,12 +99,11 @@ impl Waiter {
             if n > 0 {
                 return Ok(n);
             }
-            if self.closed.load(Ordering::Acquire) {
-                return Err(if stopping.load(Ordering::Relaxed) {
-                    Closed::Stopping
-                } else {
-                    Closed::Revoked
-                });
+            match self.closed.load(Ordering::Acquire) {
+                0 => {}
+                QUOTA_USED_UP => return Err(Closed::Quota),
+                _ if stopping.load(Ordering::Relaxed) => return Err(Closed::Stopping),
+                _ => return Err(Closed::Revoked),
             }
             self.cv.wait(&mut g);
         }
@@ -141,6 +151,9 @@ pub struct Demand {
     pub moved: u64,
     /// Leased bytes left in the pool, taken out (handed back to the fleet).
     pub unused: u64,
+    /// An unlimited user's quota allowance kept on hand (not handed back: its relays are
+    /// using it); 0 for a limited user, whose pool goes back every look.
+    pub held: u64,
 }
 
 impl Demand {
@@ -174,6 +187,11 @@ pub struct Bucket {
     pool: u64,
     /// Bytes taken, net of give-backs, since the last [`Bucket::take_demand`].
     moved: u64,
+    /// An unlimited user's bucket in a fleet, whose relays take its quota from
+    /// [`Bucket::allowance`] (they asked, see [`Limiter::leases_quota`]).
+    metered: bool,
+    /// Quota bytes leased from the fleet for an unlimited user, not yet taken.
+    allowance: u64,
 }
 
 /// Why no grant came.
@@ -183,6 +201,8 @@ pub enum Closed {
     Revoked,
     /// The server is shutting down.
     Stopping,
+    /// The user's quota is used up across the fleet.
+    Quota,
 }
 
 impl Bucket {
@@ -203,6 +223,8 @@ impl Bucket {
             supply: Supply::Own,
             pool: 0,
             moved: 0,
+            metered: false,
+            allowance: 0,
         }
     }
 
@@ -212,14 +234,83 @@ impl Bucket {
         if supply == self.supply {
             return Vec::new();
         }
-        let served = self.refill(now);
+        let mut served = self.refill(now);
         self.supply = supply;
+        if self.rate == 0 && supply != Supply::Leased {
+            // Without leases an unlimited user's relays run free (counted, for the fleet's
+            // quota once it is back): the queue waits for no allowance.
+            served.extend(self.release_all());
+        }
         served
     }
 
-    /// Adds leased tokens to the pool the refill draws from.
-    pub fn grant(&mut self, tokens: u64) {
+    /// Adds leased tokens to the pool the refill draws from; for an unlimited user, to its
+    /// quota allowance, which is handed to the queue at once. Returns the waiters served.
+    pub fn grant(&mut self, tokens: u64) -> Vec<Arc<Waiter>> {
+        if self.rate == 0 {
+            self.allowance = self.allowance.saturating_add(tokens);
+            return self.serve_allowance();
+        }
         self.pool = self.pool.saturating_add(tokens);
+        Vec::new()
+    }
+
+    /// Quota bytes leased for an unlimited user and not yet taken.
+    pub fn allowance(&self) -> u64 {
+        self.allowance
+    }
+
+    /// An unlimited user's relay takes up to `want` bytes of its quota allowance (all of `want`
+    /// for a datagram, which may take the allowance's last bytes and pass it by less than one
+    /// datagram), if nobody is queued ahead. Returns what it took (maybe 0).
+    fn take_allowance(&mut self, want: u64, whole: bool) -> u64 {
+        self.metered = true;
+        if !self.queue.is_empty() || self.allowance == 0 {
+            return 0;
+        }
+        let n = if whole {
+            want
+        } else {
+            want.min(self.allowance)
+        };
+        self.allowance = self.allowance.saturating_sub(n);
+        self.moved = self.moved.saturating_add(n);
+        n
+    }
+
+    /// Hands the allowance to the queue in order: a stream what is there up to its ask, a
+    /// datagram its whole ask (see [`Bucket::take_allowance`]).
+    fn serve_allowance(&mut self) -> Vec<Arc<Waiter>> {
+        let mut served = Vec::new();
+        while self.allowance > 0 {
+            let Some(q) = self.queue.pop_front() else {
+                break;
+            };
+            let n = if q.whole {
+                q.want
+            } else {
+                q.want.min(self.allowance)
+            };
+            self.allowance = self.allowance.saturating_sub(n);
+            self.moved = self.moved.saturating_add(n);
+            q.waiter.granted.store(n, Ordering::Release);
+            served.push(q.waiter);
+        }
+        served
+    }
+
+    /// Every waiter gets what it asked for, untaken from anything (an unlimited user's queue
+    /// while leases cannot be had); it counts as moved.
+    fn release_all(&mut self) -> Vec<Arc<Waiter>> {
+        let queue = std::mem::take(&mut self.queue);
+        queue
+            .into_iter()
+            .map(|q| {
+                self.moved = self.moved.saturating_add(q.want);
+                q.waiter.granted.store(q.want, Ordering::Release);
+                q.waiter
+            })
+            .collect()
     }
 
     /// Leased tokens not yet drawn.
@@ -227,16 +318,23 @@ impl Bucket {
         self.pool
     }
 
-    /// This bucket's demand since the last call (and its pool, taken out), or `None` when it
-    /// has nothing to say: no relay waiting, nothing moved, nothing leased left.
-    pub fn take_demand(&mut self) -> Option<(u64, u64, u64)> {
+    /// This bucket's demand since the last call, or `None` when it has nothing to say: no
+    /// relay waiting, nothing moved, nothing leased left. Returns (queued, moved, unused,
+    /// held): a limited user's pool is taken out (`unused`, back to the fleet); an unlimited
+    /// user's quota allowance is kept (`held`) while its relays wait or moved bytes, and taken
+    /// out once they did neither for a whole lease period.
+    pub fn take_demand(&mut self) -> Option<(u64, u64, u64, u64)> {
         let queued: u64 = self.queue.iter().map(|q| q.want).sum();
-        if queued == 0 && self.moved == 0 && self.pool == 0 {
+        if queued == 0 && self.moved == 0 && self.pool == 0 && self.allowance == 0 {
             return None;
         }
-        let out = (queued, self.moved, self.pool);
+        let idle = queued == 0 && self.moved == 0;
+        let mut unused = std::mem::take(&mut self.pool);
+        if idle || self.rate > 0 {
+            unused = unused.saturating_add(std::mem::take(&mut self.allowance));
+        }
+        let out = (queued, self.moved, unused, self.allowance);
         self.moved = 0;
-        self.pool = 0;
         Some(out)
     }
 
@@ -409,11 +507,16 @@ impl Bucket {
         served
     }
 
+    /// Wakes every waiter with no grant: the user removed or the limiter stopped.
     fn close_all(&mut self) -> Vec<Arc<Waiter>> {
+        self.end_all(SHUT)
+    }
+
+    fn end_all(&mut self, why: u8) -> Vec<Arc<Waiter>> {
         self.queue
             .drain(..)
             .map(|q| {
-                q.waiter.closed.store(true, Ordering::Release);
+                q.waiter.closed.store(why, Ordering::Release);
                 q.waiter
             })
             .collect()
@@ -448,6 +551,12 @@ pub struct Limiter {
     /// The [`Supply`] of every bucket, encoded (0 own, 1 leased, n + 1 split n ways), so a new
     /// bucket starts with the current one.
     supply: AtomicU64,
+    /// Leased tokens and quota allowances of buckets dropped (the user's last connection
+    /// closed), per user, for the lease thread to hand back to the fleet ([`Limiter::take_left`]).
+    left: Mutex<HashMap<Arc<str>, u64>>,
+    /// Users whose bucket was made (a first connection on this server) since the lease thread
+    /// last looked ([`Limiter::take_joined`]); kept only in a fleet.
+    joined: Mutex<Vec<Arc<str>>>,
 }
 
 fn encode(s: Supply) -> u64 {
@@ -477,6 +586,8 @@ impl Limiter {
             stop: Stop::new(),
             wakeups: AtomicU64::new(0),
             supply: AtomicU64::new(0),
+            left: Mutex::new(HashMap::new()),
+            joined: Mutex::new(Vec::new()),
         })
     }
 
@@ -541,6 +652,11 @@ impl Limiter {
         }
         let mut b = Bucket::new(rate.load(Ordering::Relaxed), self.tick, Instant::now());
         b.supply = self.supply();
+        if b.supply != Supply::Own {
+            // The lease thread shares a capped user's count at its next round, not its next
+            // heartbeat (drained every lease period, so it stays short).
+            self.joined.lock().push(user.clone());
+        }
         b.holders = 1;
         b.serial = self.serials.fetch_add(1, Ordering::Relaxed) + 1;
         let serial = b.serial;
@@ -549,7 +665,9 @@ impl Limiter {
     }
 
     /// A connection of `user` that [`Limiter::open`]ed bucket `serial` ended: the last one drops
-    /// the bucket. A close for a bucket removed meanwhile does nothing.
+    /// the bucket, even with a relay still queued (it wakes with [`Closed::Revoked`]: its
+    /// connection is gone), so no bucket outlives its holders. A close for a bucket removed
+    /// meanwhile does nothing.
     pub fn close(&self, user: &str, serial: u64) {
         let mut map = self.buckets.lock();
         let Some(b) = map.get_mut(user) else { return };
@@ -557,9 +675,40 @@ impl Limiter {
             return;
         }
         b.holders -= 1;
-        if b.holders == 0 && b.queue.is_empty() {
-            map.remove(user);
+        if b.holders > 0 {
+            return;
         }
+        let removed = map.remove_entry(user);
+        drop(map);
+        if let Some((name, b)) = removed {
+            self.drop_bucket(name, b);
+        }
+    }
+
+    /// A bucket leaves: its waiters wake with no grant, and what it held leased is kept for the
+    /// lease thread to hand back (the fleet charged it).
+    fn drop_bucket(&self, user: Arc<str>, mut b: Bucket) {
+        for w in b.close_all() {
+            w.notify();
+        }
+        let held = b.pool.saturating_add(b.allowance);
+        if held > 0 {
+            let mut left = self.left.lock();
+            let n = left.entry(user).or_default();
+            *n = n.saturating_add(held);
+        }
+    }
+
+    /// Users whose first connection on this server made their bucket since the last call (in a
+    /// fleet; alone, none are kept).
+    pub fn take_joined(&self) -> Vec<Arc<str>> {
+        std::mem::take(&mut *self.joined.lock())
+    }
+
+    /// Leased tokens and quota allowances of buckets dropped since the last call, per user
+    /// (to be handed back to the fleet).
+    pub fn take_left(&self) -> Vec<(Arc<str>, u64)> {
+        std::mem::take(&mut *self.left.lock()).into_iter().collect()
     }
 
     /// How many buckets there are (users with connections open, plus any made by
@@ -588,33 +737,55 @@ impl Limiter {
     }
 
     /// Each limited user's demand since the last call, for users with relays waiting, bytes
-    /// moved, or leased tokens left (taken out of the pool: they go back to the fleet).
+    /// moved, or leased tokens left (taken out of the pool: they go back to the fleet); and
+    /// each unlimited user's whose relays take a leased quota allowance (rate 0 in the
+    /// [`Demand`]).
     pub fn take_demand(&self) -> Vec<Demand> {
         let mut map = self.buckets.lock();
         map.iter_mut()
-            .filter(|(_, b)| b.rate > 0)
+            .filter(|(_, b)| b.rate > 0 || b.metered || b.pool > 0)
             .filter_map(|(user, b)| {
-                let (queued, moved, unused) = b.take_demand()?;
+                let (queued, moved, unused, held) = b.take_demand()?;
                 Some(Demand {
                     user: user.clone(),
                     rate: b.rate,
                     queued,
                     moved,
                     unused,
+                    held,
                 })
             })
             .collect()
     }
 
-    /// Adds leased tokens to a user's pool; the refill tick draws from it. Tokens for a user
-    /// this server no longer has are dropped (returns false).
+    /// Adds leased tokens to a user's pool (the refill tick draws from it), or for an
+    /// unlimited user to its quota allowance (its waiting relays are served at once). Tokens
+    /// for a user this server no longer has are dropped (returns false).
     pub fn grant(&self, user: &str, tokens: u64) -> bool {
-        match self.buckets.lock().get_mut(user) {
-            Some(b) => {
-                b.grant(tokens);
-                true
-            }
-            None => false,
+        let served = match self.buckets.lock().get_mut(user) {
+            Some(b) => b.grant(tokens),
+            None => return false,
+        };
+        self.wake(served);
+        true
+    }
+
+    /// True in a fleet (leased or split supply): an unlimited user with a quota then takes its
+    /// bytes through [`Limiter::acquire`] too, from a quota allowance the lease thread leases
+    /// for it, so the quota holds over the fleet. Alone, it never asks (one relaxed load).
+    pub fn leases_quota(&self) -> bool {
+        self.supply() != Supply::Own
+    }
+
+    /// The fleet's quota for `user` is used up: its waiting relays wake with
+    /// [`Closed::Quota`] (new ones are refused by the account's own count).
+    pub fn quota_used_up(&self, user: &str) {
+        let ended = match self.buckets.lock().get_mut(user) {
+            Some(b) => b.end_all(QUOTA_USED_UP),
+            None => return,
+        };
+        for w in ended {
+            w.notify();
         }
     }
 
@@ -630,16 +801,16 @@ impl Limiter {
 
     /// Forgets a user: its waiting relays wake with [`Closed::Revoked`].
     pub fn remove(&self, user: &str) {
-        let removed = self.buckets.lock().remove(user);
-        if let Some(mut b) = removed {
-            for w in b.close_all() {
-                w.notify();
-            }
+        let removed = self.buckets.lock().remove_entry(user);
+        if let Some((name, b)) = removed {
+            self.drop_bucket(name, b);
         }
     }
 
     /// Blocks until some tokens are granted: at most `want` (> 0), maybe fewer. Returns
-    /// immediately with `want` when the user's rate is 0.
+    /// immediately with `want` when the user's rate is 0, except in a fleet with leases: then
+    /// the caller has a quota ([`Limiter::leases_quota`]) and takes from its allowance, waiting
+    /// while there is none (the lease thread asks for more at its next round).
     ///
     /// # Errors
     /// [`Closed`] when the user is gone or the limiter stops.
@@ -676,7 +847,30 @@ impl Limiter {
             return Err(Closed::Revoked);
         };
         if b.rate == 0 {
-            return Ok(want);
+            match self.supply() {
+                Supply::Own => return Ok(want),
+                Supply::Split(_) => {
+                    // Redis down: free, but counted (charged to the quota when it is back).
+                    b.metered = true;
+                    b.moved = b.moved.saturating_add(want);
+                    return Ok(want);
+                }
+                Supply::Leased => {
+                    let n = b.take_allowance(want, whole);
+                    if n > 0 {
+                        return Ok(n);
+                    }
+                    waiter.granted.store(0, Ordering::Release);
+                    waiter.closed.store(0, Ordering::Release);
+                    b.queue.push_back(Queued {
+                        waiter: waiter.clone(),
+                        want,
+                        whole,
+                    });
+                    drop(map);
+                    return waiter.wait(&self.stopping);
+                }
+            }
         }
         // With relays queued, accrual is the tick's to hand out (in order, in useful amounts);
         // refilling here would feed the front waiter a few bytes at a time.
@@ -696,7 +890,7 @@ impl Limiter {
             return Ok(n);
         }
         waiter.granted.store(0, Ordering::Release);
-        waiter.closed.store(false, Ordering::Release);
+        waiter.closed.store(0, Ordering::Release);
         if whole {
             b.enqueue_whole(waiter.clone(), want);
         } else {
@@ -712,7 +906,16 @@ impl Limiter {
         if n == 0 {
             return;
         }
+        let leased = self.supply() == Supply::Leased;
         let served = match self.buckets.lock().get_mut(user) {
+            Some(b) if b.rate == 0 => {
+                b.moved = b.moved.saturating_sub(n);
+                if !leased {
+                    return;
+                }
+                b.allowance = b.allowance.saturating_add(n);
+                b.serve_allowance()
+            }
             Some(b) => b.give_back(n),
             None => return,
         };
@@ -1056,6 +1259,38 @@ mod tests {
     }
 
     #[test]
+    fn a_bucket_goes_with_its_last_holder_even_with_a_waiter_queued() {
+        let lim = Limiter::new(Duration::from_secs(3600)); // no refill thread: nothing accrues
+        let u: Arc<str> = Arc::from("wq");
+        let serial = lim.open(&u, &AtomicU64::new(1000));
+        let l2 = lim.clone();
+        let t = thread::spawn(move || l2.acquire("wq", &Waiter::new(), 500));
+        while lim.buckets.lock().get("wq").map(Bucket::waiting) != Some(1) {
+            thread::yield_now();
+        }
+        lim.set_supply(Supply::Leased);
+        assert!(lim.grant("wq", 300));
+        lim.close("wq", serial);
+        assert_eq!(lim.buckets(), 0, "a bucket outlived its last connection");
+        assert_eq!(t.join().unwrap(), Err(Closed::Revoked));
+        assert_eq!(
+            lim.take_left(),
+            vec![(u.clone(), 300)],
+            "its lease goes back"
+        );
+        assert!(lim.take_left().is_empty());
+        // In a fleet, a user's first connection here is told to the lease thread once.
+        let serial = lim.open(&u, &AtomicU64::new(1000));
+        lim.open(&u, &AtomicU64::new(1000));
+        assert_eq!(lim.take_joined(), vec![u.clone()]);
+        assert!(lim.take_joined().is_empty());
+        lim.close("wq", serial);
+        lim.set_supply(Supply::Own);
+        lim.open(&Arc::from("alone"), &AtomicU64::new(1000));
+        assert!(lim.take_joined().is_empty(), "alone, nobody keeps the list");
+    }
+
+    #[test]
     fn the_newest_account_under_a_name_sets_the_rate_of_a_bucket_still_held() {
         let lim = Limiter::new(Duration::from_secs(3600));
         let u: Arc<str> = Arc::from("re");
@@ -1144,9 +1379,67 @@ mod tests {
         b.give_back(300);
         let w = Waiter::new();
         b.enqueue(w, 64 * 1024);
-        assert_eq!(b.take_demand(), Some((64 * 1024, 500, 2000)));
+        assert_eq!(b.take_demand(), Some((64 * 1024, 500, 2000, 0)));
         assert_eq!(b.pool(), 0);
-        assert_eq!(b.take_demand(), Some((64 * 1024, 0, 0)), "counts restart");
+        assert_eq!(
+            b.take_demand(),
+            Some((64 * 1024, 0, 0, 0)),
+            "counts restart"
+        );
+    }
+
+    #[test]
+    fn an_unlimited_users_relays_take_a_leased_quota_allowance_in_a_fleet() {
+        let lim = Limiter::new(Duration::from_secs(3600)); // no refill thread
+        let user: Arc<str> = Arc::from("uq");
+        lim.set_rate(&user, 0);
+        let w = Waiter::new();
+        assert!(!lim.leases_quota());
+        assert_eq!(lim.acquire("uq", &w, 5000), Ok(5000), "alone: free");
+        assert!(lim.take_demand().is_empty(), "alone: nothing to lease");
+        lim.set_supply(Supply::Leased);
+        assert!(lim.leases_quota());
+        // No allowance yet: the relay waits for the lease thread's grant.
+        let l2 = lim.clone();
+        let t = thread::spawn(move || l2.acquire("uq", &Waiter::new(), 64 * 1024));
+        while lim.buckets.lock().get("uq").map(Bucket::waiting) != Some(1) {
+            thread::yield_now();
+        }
+        let d = lim.take_demand();
+        assert_eq!(d.len(), 1);
+        assert_eq!((d[0].rate, d[0].queued, d[0].held), (0, 64 * 1024, 0));
+        assert!(lim.grant("uq", 100_000));
+        assert_eq!(t.join().unwrap(), Ok(64 * 1024), "served at the grant");
+        assert_eq!(lim.acquire("uq", &w, 64 * 1024), Ok(100_000 - 64 * 1024));
+        lim.give_back("uq", 1000);
+        assert_eq!(
+            lim.acquire_whole("uq", &w, 1500),
+            Ok(()),
+            "a datagram whole"
+        );
+        // Busy: the allowance is kept (held), and what moved is told.
+        let d = lim.take_demand();
+        assert_eq!((d[0].moved, d[0].unused, d[0].held), (100_500, 0, 0));
+        assert!(lim.grant("uq", 7000));
+        assert_eq!(lim.acquire("uq", &w, 2000), Ok(2000));
+        let d = lim.take_demand();
+        assert_eq!((d[0].moved, d[0].unused, d[0].held), (2000, 0, 5000));
+        // A period without a byte: the allowance goes back to the fleet.
+        let d = lim.take_demand();
+        assert_eq!((d[0].moved, d[0].unused, d[0].held), (0, 5000, 0));
+        assert!(lim.take_demand().is_empty());
+        // Redis down: free but counted; a quota used up wakes a waiter with `Quota`.
+        lim.set_supply(Supply::Split(2));
+        assert_eq!(lim.acquire("uq", &w, 3000), Ok(3000));
+        assert_eq!(lim.take_demand()[0].moved, 3000);
+        lim.set_supply(Supply::Leased);
+        let l2 = lim.clone();
+        let t = thread::spawn(move || l2.acquire("uq", &Waiter::new(), 10));
+        while lim.buckets.lock().get("uq").map(Bucket::waiting) != Some(1) {
+            thread::yield_now();
+        }
+        lim.quota_used_up("uq");
+        assert_eq!(t.join().unwrap(), Err(Closed::Quota));
     }
 
     #[test]

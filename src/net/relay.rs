@@ -101,14 +101,15 @@ pub struct Budget {
 
 impl Budget {
     /// Bytes the relay may read next, up to `want`: bandwidth first — at once for an unlimited
-    /// user, else from the limiter (blocking until granted; the wait is added to the account) —
+    /// user (in a fleet, one with a quota takes its leased quota allowance from the limiter),
+    /// else from the limiter (blocking until granted; the wait is added to the account) —
     /// then quota for exactly that grant, reserved so parallel relays cannot overshoot it. While
     /// other relays' reads hold the last of the quota, this one waits a tick rather than calling
     /// the quota used up.
     fn take(&self, waiter: &Arc<Waiter>, want: usize) -> Result<usize, End> {
         let a = &self.account;
         loop {
-            let g = if a.rate() == 0 {
+            let g = if !self.metered() {
                 want as u64
             } else {
                 let g = self.throttled(|| self.limiter.acquire(&a.name, waiter, want as u64));
@@ -148,7 +149,7 @@ impl Budget {
         if n == 0 {
             return Ok(());
         }
-        if a.rate() != 0 {
+        if self.metered() {
             self.throttled(|| self.limiter.acquire_whole(&a.name, waiter, n as u64))?;
         }
         loop {
@@ -186,8 +187,15 @@ impl Budget {
         self.limiter_back((granted - used.min(granted)) as u64);
     }
 
+    /// True when the limiter meters this user: a rate, or in a fleet a quota (leased from
+    /// the fleet in allowances, see `Limiter::leases_quota`).
+    fn metered(&self) -> bool {
+        let a = &self.account;
+        a.rate() != 0 || (a.quota() != 0 && self.limiter.leases_quota())
+    }
+
     fn limiter_back(&self, n: u64) {
-        if n > 0 && self.account.rate() != 0 {
+        if n > 0 && self.metered() {
             self.limiter.give_back(&self.account.name, n);
         }
     }
@@ -236,6 +244,7 @@ impl From<Closed> for End {
         match c {
             Closed::Revoked => End::Revoked,
             Closed::Stopping => End::Stopping,
+            Closed::Quota => End::Quota,
         }
     }
 }

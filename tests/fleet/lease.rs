@@ -29,6 +29,7 @@ fn fleet(redis: &Redis, n: usize, users: &[(&str, &str, u64)]) -> Vec<TestServer
                     redis: RedisSpec::parse(&redis.url()).unwrap(),
                     lease_period: PERIOD,
                     server_id: format!("s{i}"),
+                    clock_offset_ms: 0,
                 });
             })
         })
@@ -347,6 +348,98 @@ fn a_quota_across_three_servers_stops_the_user_within_one_lease_per_server() {
     );
 }
 
+/// Issue 21: "a user with a quota leases quota even when its bandwidth is unlimited". Before,
+/// an unlimited user held no lease and each server counted the quota alone: three servers let
+/// 3 × the quota through.
+#[test]
+fn an_unlimited_user_with_a_quota_is_stopped_at_the_fleets_quota() {
+    let redis = Redis::start();
+    let quota = 10 * MIB;
+    let servers = fleet(&redis, 3, &[("uq", "p", 0)]);
+    for s in &servers {
+        s.store()
+            .change(
+                "uq",
+                &UserChange {
+                    quota_bytes: Some(quota),
+                    ..UserChange::default()
+                },
+            )
+            .unwrap();
+    }
+    // The watchers apply the quota within a second.
+    thread::sleep(Duration::from_millis(1500));
+    let origin = Origin::start();
+    // A connection that moved a little and went quiet: its allowance goes back, and its server
+    // asks for no more while it stays quiet.
+    let mut idle = socks5(servers[0].addr, "uq", "p", "127.0.0.1", origin.addr.port()).unwrap();
+    idle.write_all(b"SEND 1000\n").unwrap();
+    idle.read_exact(&mut [0; 1000]).unwrap();
+    let stats = servers[0].handle.as_ref().unwrap().fleet().unwrap().clone();
+    thread::sleep(Duration::from_millis(400));
+    let leases = stats.leases();
+    thread::sleep(Duration::from_millis(600));
+    assert_eq!(stats.leases(), leases, "a quiet user kept leasing");
+    let mut load = Load::new();
+    for s in &servers {
+        load.downloads(2, s.addr, &origin, "uq");
+    }
+    let all_ended = wait_until(Duration::from_secs(15), || load.ended() == 6);
+    let got = load.bytes() + 1000;
+    eprintln!("unlimited, quota {quota}: {got} bytes went through");
+    assert!(all_ended, "the quota did not stop the user ({got} bytes)");
+    // Every byte is leased before it moves: at most the quota (1 MiB of slack for a noisy
+    // machine), and far from the 3 × quota three servers counting alone let through.
+    assert!(
+        got <= quota + MIB,
+        "{got} bytes through a {quota}-byte quota over the fleet"
+    );
+    assert!(got as f64 >= 0.9 * quota as f64, "stopped early at {got}");
+    let charged: u64 = redis
+        .cmd(&["HGET", "sluice:{uq}:usage:1", "lease_bytes"])
+        .parse()
+        .unwrap();
+    assert!(
+        charged <= quota,
+        "the fleet's count passed the quota: {charged}"
+    );
+    assert_eq!(
+        socks5(servers[1].addr, "uq", "p", "127.0.0.1", origin.addr.port()).err(),
+        Some(2),
+        "a new connection after the quota is refused"
+    );
+}
+
+/// Heartbeats are scored with Redis' clock: a server whose own clock is a minute behind is still
+/// counted alive by the others (before, its heartbeat looked a minute old and was trimmed).
+#[test]
+fn a_server_with_a_skewed_clock_is_counted_alive() {
+    let redis = Redis::start();
+    let servers: Vec<TestServer> = [0, -60_000]
+        .into_iter()
+        .enumerate()
+        .map(|(i, skew)| {
+            TestServer::start_with(&[("k", "p", 0)], |c| {
+                c.fleet = Some(FleetConfig {
+                    redis: RedisSpec::parse(&redis.url()).unwrap(),
+                    lease_period: PERIOD,
+                    server_id: format!("s{i}"),
+                    clock_offset_ms: skew,
+                });
+            })
+        })
+        .collect();
+    let stats: Vec<_> = servers
+        .iter()
+        .map(|s| s.handle.as_ref().unwrap().fleet().unwrap().clone())
+        .collect();
+    let both = wait_until(Duration::from_secs(5), || {
+        stats.iter().all(|f| f.servers_alive() == 2)
+    });
+    let alive: Vec<u64> = stats.iter().map(|f| f.servers_alive()).collect();
+    assert!(both, "servers alive as each counts them: {alive:?}");
+}
+
 #[test]
 fn the_lease_script_splits_the_rate_in_proportion_to_demand() {
     let redis = Redis::start();
@@ -375,7 +468,7 @@ fn the_lease_script_splits_the_rate_in_proportion_to_demand() {
         }
         for (i, d) in [100_000u64, 100_000, 200_000].iter().enumerate() {
             let r = link
-                .round(&format!("s{i}"), PERIOD, &[req(*d)], Some(1))
+                .round(&format!("s{i}"), PERIOD, &[req(*d)], true)
                 .unwrap();
             got[i] += r.grants[0].tokens;
         }
@@ -429,12 +522,15 @@ fn the_lease_script_keeps_hand_backs_of_an_idle_server_and_quota_cuts_in_the_buc
         period_start: 0,
     };
     // The fleet bucket starts empty on Redis' clock: it fills over a lease period.
-    link.round("a", PERIOD, &[req(50_000, 0, 0)], None).unwrap();
+    link.round("a", PERIOD, &[req(50_000, 0, 0)], false)
+        .unwrap();
     thread::sleep(PERIOD);
-    let first = link.round("a", PERIOD, &[req(50_000, 0, 0)], None).unwrap();
+    let first = link
+        .round("a", PERIOD, &[req(50_000, 0, 0)], false)
+        .unwrap();
     assert!(first.grants[0].tokens > 0, "{:?}", first.grants);
     let idle = link
-        .round("a", PERIOD, &[req(0, first.grants[0].tokens, 0)], None)
+        .round("a", PERIOD, &[req(0, first.grants[0].tokens, 0)], false)
         .unwrap();
     assert_eq!(
         idle.grants[0].tokens, 0,
@@ -452,7 +548,7 @@ fn the_lease_script_keeps_hand_backs_of_an_idle_server_and_quota_cuts_in_the_buc
         .parse::<u64>()
         .unwrap();
     let cut = link
-        .round("a", PERIOD, &[req(200_000, 0, used + 10)], None)
+        .round("a", PERIOD, &[req(200_000, 0, used + 10)], false)
         .unwrap();
     assert_eq!(cut.grants[0].tokens, 10);
     assert!(cut.grants[0].exhausted);
@@ -461,6 +557,48 @@ fn the_lease_script_keeps_hand_backs_of_an_idle_server_and_quota_cuts_in_the_buc
         "the bucket was charged for what the quota refused: {before} -> {}",
         tokens(&redis)
     );
+}
+
+/// A capped user's first connection on a server is shared at that server's next lease round
+/// (75 ms), not its next heartbeat (500 ms): a login on a second server soon after sees it.
+/// Three users in turn, so a heartbeat that happens to fall in the window cannot pass the test
+/// for all three (before: about 1 in 6 per user).
+#[test]
+fn a_capped_users_first_connection_is_counted_by_the_fleet_within_a_lease_period() {
+    let redis = Redis::start();
+    let names = ["c1", "c2", "c3"];
+    let users: Vec<(&str, &str, u64)> = names.iter().map(|n| (*n, "p", 0)).collect();
+    let servers = fleet(&redis, 2, &users);
+    for s in &servers {
+        for n in names {
+            s.store()
+                .change(
+                    n,
+                    &UserChange {
+                        max_connections: Some(2),
+                        ..UserChange::default()
+                    },
+                )
+                .unwrap();
+        }
+    }
+    // The watchers apply the caps within a second.
+    thread::sleep(Duration::from_millis(1500));
+    let origin = Origin::start();
+    let open = |s: &TestServer, u: &str| socks5(s.addr, u, "p", "127.0.0.1", origin.addr.port());
+    let window = Duration::from_millis(200);
+    for n in names {
+        let first = open(&servers[0], n).expect("a first connection");
+        thread::sleep(window);
+        let second = open(&servers[1], n).expect("the second connection in the fleet");
+        thread::sleep(window);
+        assert_eq!(
+            open(&servers[1], n).err(),
+            Some(2),
+            "{n}: a third connection in the fleet was admitted {window:?} after the others"
+        );
+        drop((first, second));
+    }
 }
 
 #[test]

@@ -1,12 +1,13 @@
 //! A user's `max_connections` over the fleet: each server's open connections of every capped
 //! user in Redis, one hash per user (`sluice:{name}:conns`, field = server id, under the user's
 //! hash tag), written and read with each heartbeat over the lease link. A server whose heartbeat
-//! expired is not counted, so a dead server's connections are released by that expiry.
+//! expired (on Redis' clock) is not counted, so a dead server's connections are released by that
+//! expiry.
 //!
 //! The `redis` crate appears only in the store's Redis files; callers see counts.
 
 use super::conn::Conn;
-use super::lease::{HEARTBEAT_TTL, LeaseLink, RedisDown, SERVERS_KEY};
+use super::lease::{LIVE_SCRIPT, LeaseLink, RedisDown, SERVERS_KEY, ttl_ms};
 use redis::{Cmd, Value};
 use std::collections::HashMap;
 
@@ -17,27 +18,23 @@ pub fn conns_key(user: &str) -> String {
 
 /// Writes this server's open connections of each `(user, count)` and reads every live
 /// server's, in one pipelined round trip: returns, per user, the connections open on the
-/// *other* servers with a heartbeat younger than [`HEARTBEAT_TTL`] (a dead server's count is
-/// dropped, so its connections are released by its heartbeat's expiry). `now_ms` is this
-/// server's unix time in ms. Blocking.
+/// *other* servers with a heartbeat younger than [`HEARTBEAT_TTL`](super::lease::HEARTBEAT_TTL) on Redis' clock
+/// ([`LIVE_SCRIPT`]; a dead server's count is dropped, so its connections are released by its
+/// heartbeat's expiry). Blocking.
 ///
 /// # Errors
 /// Redis unreachable, timed out, or answering with an error.
 pub fn conns_round(
     con: &mut Conn,
     server: &str,
-    now_ms: u64,
     counts: &[(String, u64)],
 ) -> Result<Vec<u64>, RedisDown> {
     if counts.is_empty() {
         return Ok(Vec::new());
     }
-    let ttl = u64::try_from(HEARTBEAT_TTL.as_millis()).unwrap_or(u64::MAX);
     let mut cmds: Vec<(Cmd, bool)> = Vec::new();
-    let mut live = redis::cmd("ZRANGEBYSCORE");
-    live.arg(SERVERS_KEY)
-        .arg(now_ms.saturating_sub(ttl))
-        .arg("+inf");
+    let mut live = redis::cmd("EVAL");
+    live.arg(LIVE_SCRIPT).arg(1).arg(SERVERS_KEY).arg(ttl_ms());
     cmds.push((live, false));
     for (user, n) in counts {
         let key = conns_key(user);
@@ -95,13 +92,8 @@ impl LeaseLink {
     ///
     /// # Errors
     /// As [`connect`] and [`conns_round`].
-    pub fn conns(
-        &mut self,
-        server: &str,
-        now_ms: u64,
-        counts: &[(String, u64)],
-    ) -> Result<Vec<u64>, RedisDown> {
-        let r = conns_round(self.connection()?, server, now_ms, counts);
+    pub fn conns(&mut self, server: &str, counts: &[(String, u64)]) -> Result<Vec<u64>, RedisDown> {
+        let r = conns_round(self.connection()?, server, counts);
         if r.is_err() {
             self.reset();
         }

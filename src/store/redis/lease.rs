@@ -1,7 +1,9 @@
 //! Bandwidth and quota leases from Redis: one user's one bandwidth across a fleet of servers.
 //!
-//! Each lease period a server sends one pipelined round trip: a heartbeat, and one call of the
-//! lease script ([`LEASE_SCRIPT`]) per user with relays waiting on this server. The script runs
+//! Each lease period a server sends one pipelined round trip: a heartbeat now and then
+//! ([`HEARTBEAT_SCRIPT`], on Redis' clock), and one call of the lease script ([`LEASE_SCRIPT`])
+//! per user with relays waiting on this server (or wanting quota: an unlimited user with a
+//! quota, below). The script runs
 //! a token bucket at the user's rate on Redis' own clock (`TIME`), and gives each server a share
 //! of the rate **in proportion to its demand** (what its relays wait for), over the time since
 //! that server's last lease. Demand per server is kept in the user's keys and forgotten after
@@ -13,7 +15,9 @@
 //! period starting `lease_period`): every grant is charged when leased, what comes back unused is
 //! credited, and bytes a server moved while Redis was down are charged when it is back
 //! (`extra`). A grant never exceeds what is left, so the overshoot is at most what servers hold
-//! leased at once (one lease per server).
+//! leased at once (one lease per server). A user with unlimited bandwidth (rate 0) leases quota
+//! alone: its grant is what its server asks for (`flow/lease.rs`: an allowance sized from its
+//! recent use), cut to what is left.
 //!
 //! Keys (all of one user share the hash tag `{name}`, and the script touches only one user's
 //! keys, so it runs unchanged on Redis Cluster):
@@ -22,7 +26,7 @@
 //! - `sluice:{name}:usage:<account id>` hash `lease_period`, `lease_bytes` (the store's usage
 //!   hash of that account; these two fields are the lease's)
 //! - `sluice:{name}:conns`   hash server id → connections open there (`conns.rs`)
-//! - `sluice:{servers}` sorted set server id → last heartbeat (ms): servers alive
+//! - `sluice:{servers}` sorted set server id → last heartbeat (ms, Redis' clock): servers alive
 //!
 //! The `redis` crate appears only in the store's Redis files; the rest of the program sees the
 //! plain structs here. Calls block (a network round trip) and are made only by the lease thread.
@@ -107,11 +111,36 @@ redis.call('PEXPIRE', KEYS[2], math.floor(fresh / 1000) + 1000)
 return {grant, exhausted, total}
 ";
 
+/// The heartbeat script. KEYS: the servers-alive set. ARGV: server id, [`HEARTBEAT_TTL`] (ms).
+/// Scores the server with Redis' clock (`TIME`, ms), so servers whose own clocks differ still
+/// judge each other's liveness alike; trims heartbeats older than the TTL and returns how many
+/// servers are left (this one included).
+pub const HEARTBEAT_SCRIPT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now - tonumber(ARGV[2])))
+return redis.call('ZCARD', KEYS[1])
+";
+
+/// The live-servers script. KEYS: the servers-alive set. ARGV: [`HEARTBEAT_TTL`] (ms). Returns
+/// the ids of the servers whose heartbeat is younger than the TTL on Redis' clock.
+pub const LIVE_SCRIPT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return redis.call('ZRANGEBYSCORE', KEYS[1], now - tonumber(ARGV[1]), '+inf')
+";
+
+/// [`HEARTBEAT_TTL`] in ms, as the scripts take it.
+pub(super) fn ttl_ms() -> u64 {
+    u64::try_from(HEARTBEAT_TTL.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// The servers-alive sorted set (its own hash tag: one slot on a Cluster).
 pub const SERVERS_KEY: &str = "sluice:{servers}";
 
-/// A heartbeat older than this marks a server dead (its share of fallback and its connection
-/// counts are let go).
+/// A heartbeat older than this on Redis' clock marks a server dead (its share of fallback and
+/// its connection counts are let go).
 pub const HEARTBEAT_TTL: Duration = Duration::from_secs(3);
 
 /// What one server asks for one user in one lease round.
@@ -216,9 +245,10 @@ pub fn lease_keys(user: &str, account_id: u64) -> [String; 3] {
     ]
 }
 
-/// One lease round: a heartbeat for `server` (when `heartbeat_ms` is given: this server's unix
-/// time in ms) and one lease script call per request, in one pipelined round trip. Loads the
-/// script and tries once more when Redis does not have it (a restarted Redis). Blocking.
+/// One lease round: a heartbeat for `server` (when `heartbeat` is set; scored with Redis' clock,
+/// [`HEARTBEAT_SCRIPT`]) and one lease script call per request, in one pipelined round trip.
+/// Loads the script and tries once more when Redis does not have it (a restarted Redis).
+/// Blocking.
 ///
 /// # Errors
 /// Redis unreachable, timed out, or answering with an error.
@@ -227,12 +257,12 @@ pub fn lease_round(
     server: &str,
     period: Duration,
     requests: &[LeaseRequest],
-    heartbeat_ms: Option<u64>,
+    heartbeat: bool,
 ) -> Result<LeaseRound, RedisDown> {
-    match try_round(con, server, period, requests, heartbeat_ms) {
+    match try_round(con, server, period, requests, heartbeat) {
         Err(e) if e.0.contains("noscript") => {
             load_script(con.like())?;
-            try_round(con, server, period, requests, heartbeat_ms)
+            try_round(con, server, period, requests, heartbeat)
         }
         r => r,
     }
@@ -243,26 +273,22 @@ fn try_round(
     server: &str,
     period: Duration,
     requests: &[LeaseRequest],
-    heartbeat_ms: Option<u64>,
+    heartbeat: bool,
 ) -> Result<LeaseRound, RedisDown> {
     let sha = script_sha();
     // A cluster pipeline refuses EVALSHA: there the script goes whole with each call (EVAL).
     let cluster = con.is_cluster();
     let period_us = u64::try_from(period.as_micros()).unwrap_or(u64::MAX);
     let mut cmds: Vec<(Cmd, bool)> = Vec::new();
-    if let Some(ms) = heartbeat_ms {
-        let ttl = u64::try_from(HEARTBEAT_TTL.as_millis()).unwrap_or(u64::MAX);
-        let mut add = redis::cmd("ZADD");
-        add.arg(SERVERS_KEY).arg(ms).arg(server);
-        cmds.push((add, true));
-        let mut trim = redis::cmd("ZREMRANGEBYSCORE");
-        trim.arg(SERVERS_KEY)
-            .arg("-inf")
-            .arg(format!("({}", ms.saturating_sub(ttl)));
-        cmds.push((trim, true));
-        let mut card = redis::cmd("ZCARD");
-        card.arg(SERVERS_KEY);
-        cmds.push((card, false));
+    if heartbeat {
+        // EVAL, not EVALSHA: twice a second, and nothing to load after a restart.
+        let mut beat = redis::cmd("EVAL");
+        beat.arg(HEARTBEAT_SCRIPT)
+            .arg(1)
+            .arg(SERVERS_KEY)
+            .arg(server)
+            .arg(ttl_ms());
+        cmds.push((beat, false));
     }
     for r in requests {
         let keys = lease_keys(&r.user, r.account_id);
@@ -295,9 +321,10 @@ fn try_round(
     }
     let values: Vec<Value> = con.batch_some(cmds)?;
     let mut it = values.into_iter();
-    let alive = match heartbeat_ms {
-        Some(_) => Some(int(it.next())?),
-        None => None,
+    let alive = if heartbeat {
+        Some(int(it.next())?)
+    } else {
+        None
     };
     let grants = it.map(grant_of).collect::<Result<Vec<_>, _>>()?;
     if grants.len() != requests.len() {
@@ -370,9 +397,9 @@ impl LeaseLink {
         server: &str,
         period: Duration,
         requests: &[LeaseRequest],
-        heartbeat_ms: Option<u64>,
+        heartbeat: bool,
     ) -> Result<LeaseRound, RedisDown> {
-        let r = lease_round(self.connection()?, server, period, requests, heartbeat_ms);
+        let r = lease_round(self.connection()?, server, period, requests, heartbeat);
         if r.is_err() {
             self.con = None;
         }
