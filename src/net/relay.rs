@@ -28,8 +28,8 @@ use crate::net::stream::{Pipe, Stream, is_timeout};
 use std::fmt;
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -67,6 +67,9 @@ struct Activity {
     check: Duration,
     /// A direction quiet this long gives back its pipe or buffer.
     release: Duration,
+    /// Set when a direction ended on an error and shut both sockets: the other direction will
+    /// not deliver another byte, so a grant it waited for goes back at once.
+    broken: AtomicBool,
 }
 
 impl Activity {
@@ -350,6 +353,7 @@ fn pump(
             End::Closed
         }
         Err(e) => {
+            activity.broken.store(true, Ordering::Release);
             src.shutdown_both();
             dst.shutdown_both();
             e
@@ -388,7 +392,18 @@ fn copy(
             quiet.taken(src).map_err(End::Error)?;
         }
         let grant = match (budget, &waiter) {
-            (Some(b), Some(w)) => b.take(w, mover.chunk())?,
+            (Some(b), Some(w)) => {
+                let grant = b.take(w, mover.chunk())?;
+                // While this relay queued for its grant, the connection may have broken (a client
+                // that closes with bytes unread resets its socket; the other direction sees that
+                // first and shuts both sockets). Hand the grant on to the user's other connections
+                // rather than spend it on bytes nobody can receive.
+                if limited && let Some(e) = broken(activity, dst) {
+                    b.settle(grant, 0);
+                    return Err(End::Error(e));
+                }
+                grant
+            }
             _ => mover.chunk(),
         };
         // Time moving bytes, against time waiting for tokens: the user's "throttled" share.
@@ -625,6 +640,19 @@ fn wait_readable(src: &Stream, activity: &Activity, holding: bool) -> Result<Wai
     }
 }
 
+/// Why the connection can deliver nothing more, if it cannot: the other direction ended on an
+/// error, or a reset left its error on `dst`'s socket (`SO_ERROR`; reading it clears it, and the
+/// relay ends on it).
+fn broken(activity: &Activity, dst: &Stream) -> Option<io::Error> {
+    if activity.broken.load(Ordering::Acquire) {
+        return Some(io::Error::from(io::ErrorKind::ConnectionAborted));
+    }
+    match dst.socket().take_error() {
+        Ok(e) => e,
+        Err(e) => Some(e),
+    }
+}
+
 /// A write that timed out means the peer stopped reading for the whole idle timeout.
 fn write_end(e: io::Error, activity: &Activity) -> End {
     if is_timeout(&e) && activity.expired() {
@@ -678,6 +706,7 @@ pub fn relay_idle(
         idle,
         check,
         release: release_after(),
+        broken: AtomicBool::new(false),
     });
     for s in [&client, &dest] {
         s.socket().set_read_timeout(Some(check))?;
@@ -749,6 +778,7 @@ mod tests {
             idle: DEFAULT_IDLE_TIMEOUT,
             check,
             release,
+            broken: AtomicBool::new(false),
         }
     }
 

@@ -559,6 +559,44 @@ fn a_newcomer_gets_its_share_while_others_use_the_whole_bandwidth() {
     );
 }
 
+/// Connections a client closed while their relays waited for tokens hand their turn on: the
+/// user's next connection gets the bandwidth at once, not after each dead relay has taken its
+/// grant (100 dead relays at a tick or two each were one to two seconds of the rate). Each client
+/// closes with bytes unread, so the server's socket to it is reset, as a browser's is when a tab
+/// closes mid-download. (A client that closes with nothing unread costs one grant: its reset comes
+/// only in answer to the next bytes written.)
+#[test]
+fn connections_reset_while_waiting_for_tokens_leave_the_bandwidth_to_the_living() {
+    let rate = 100 * KIB;
+    let origin = Origin::start();
+    let srv = TestServer::start(&[("u", "p", rate)]);
+    let old: Vec<TcpStream> = (0..100)
+        .map(|_| {
+            let mut s = open(&srv, &origin, "u", "p", Via::Socks5);
+            s.write_all(format!("SEND {ENDLESS}\n").as_bytes()).unwrap();
+            s
+        })
+        .collect();
+    // Each has been served once (its first bytes wait unread), so each relay is back in the queue.
+    for s in &old {
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        assert_eq!(
+            s.peek(&mut [0u8; 1]).unwrap(),
+            1,
+            "a connection got no bytes"
+        );
+    }
+    drop(old);
+    let new = Flow::download(open(&srv, &origin, "u", "p", Via::Socks5));
+    let (got, took) = window(&[&new.count], Duration::from_millis(1500));
+    let share = got[0] as f64 / (rate as f64 * took.as_secs_f64());
+    assert!(
+        share >= 0.75,
+        "the new connection got {share:.2} of the bandwidth over {took:?} ({} bytes)",
+        got[0]
+    );
+}
+
 /// The limiter through its public API with its real refill thread: two greedy relays whose I/O
 /// costs differ (as an upload's and a download's do). Each should get about one grant a tick
 /// and half the bandwidth.
