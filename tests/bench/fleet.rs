@@ -251,7 +251,7 @@ fn on_a_cluster(ctx: &mut Ctx, db: &Path, ep: &Endpoint, window: Duration) -> Re
         "Redis Cluster commands/s sent, summed over the 3 masters",
         c.show(Unit::Count),
         format!(
-            "{:.1} per active user per server (EVAL: a cluster pipeline takes no EVALSHA); per master {} (all commands); {:.0}/s more inside the scripts; {:.0} B/s in+out; Redis CPU {:.1}% of a core summed; lease round trip {:.2} ms (mean, one pipeline per master)",
+            "{:.1} per active user per server (FCALL of the store's function library); per master {} (all commands); {:.0}/s more inside the scripts; {:.0} B/s in+out; Redis CPU {:.1}% of a core summed; lease round trip {:.2} ms (mean, one pipeline per master)",
             sent / USERS as f64 / 3.0,
             per_node.join("/"),
             w.inner,
@@ -537,11 +537,12 @@ fn stat_of(info: &str, key: &str) -> f64 {
 }
 
 /// Calls of the commands the scripts run inside Redis (HGET & co.), from commandstats: all but
-/// the script calls themselves (`EVALSHA`, or `EVAL` on a cluster), `INFO`, the heartbeats'
+/// the script calls themselves (`EVALSHA`, or `FCALL` on a cluster), `INFO`, the heartbeats'
 /// sorted-set commands and the cluster client's topology queries (`CLUSTER SLOTS`).
 fn script_calls(info: &str) -> f64 {
     info.lines()
         .filter(|l| l.starts_with("cmdstat_") && !l.starts_with("cmdstat_eval"))
+        .filter(|l| !l.starts_with("cmdstat_fcall"))
         .filter(|l| !l.starts_with("cmdstat_info") && !l.starts_with("cmdstat_z"))
         .filter(|l| !l.starts_with("cmdstat_cluster"))
         .filter_map(|l| {

@@ -2,13 +2,21 @@
 //! the rest of the program can hold and print one), and the connection, one Redis or a Redis
 //! Cluster behind the same few calls. The password never reaches a message: [`RedisSpec`]'s
 //! `Display` and `Debug` leave it out, and it is handed to the crate as a setting, not in a URL.
+//!
+//! Also how a script runs in a pipeline on each: on one Redis `EVALSHA` (the script loaded with
+//! `SCRIPT LOAD`); on a cluster `FCALL` of a function of one Redis Functions library ([`Library`],
+//! Redis ≥ 7), loaded on every master with `FUNCTION LOAD REPLACE`. A cluster could send only
+//! `EVAL` with the whole script text before (about 2.5 KB per user per lease round); `FCALL`
+//! names the function and routes by its first key as `EVAL` does. Which scripts there are is
+//! the callers' (`lease.rs`, `mod.rs`); when to load them again is [`Conn::batch_scripts`]'.
 
 use crate::error::{Error, Result};
 use ::redis::cluster::{ClusterClientBuilder, ClusterConnection, cluster_pipe};
 use ::redis::{
     Client, Cmd, ConnectionAddr, ConnectionLike, IntoConnectionInfo, RedisConnectionInfo,
-    RedisError, RedisResult, Value,
+    RedisError, RedisResult, Script, ServerError, Value, cmd,
 };
+use std::collections::HashSet;
 use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -411,6 +419,249 @@ impl Conn {
     }
 }
 
+/// Hex digits of the library text's SHA1 in its name: enough to tell versions apart.
+const LIBRARY_ID_HEX: usize = 12;
+
+/// A Lua script the store runs in pipelines: its short name and its body, written for `EVAL`
+/// (`KEYS`, `ARGV`). On a cluster it runs as a function of a [`Library`] with the same keys,
+/// arguments and reply.
+pub struct Function {
+    /// The short name (`lease`): the function is `<library>_<name>`.
+    pub name: &'static str,
+    /// The Lua body.
+    pub body: &'static str,
+    /// On one Redis, sent whole with `EVAL` (a short script sent twice a second: nothing to
+    /// load after a restart); otherwise by `EVALSHA`.
+    pub eval_on_one: bool,
+}
+
+/// Scripts as one Redis Functions library, `sluice_<hash>`, whose name carries a hash of its
+/// scripts: a server calls only the functions of its own build's library, so two builds on one
+/// cluster (a rolling upgrade) each keep theirs instead of replacing each other's on every
+/// reload; what a changed script says never runs under an old name. A superseded library stays
+/// until an operator deletes it (`FUNCTION DELETE sluice_<hash>`: a few KB).
+pub struct Library {
+    name: String,
+    text: String,
+    entries: Vec<Entry>,
+}
+
+struct Entry {
+    function: &'static Function,
+    /// Its name in the library (`FCALL`).
+    fcall: String,
+    /// The SHA1 of its body (`EVALSHA`).
+    sha: String,
+}
+
+impl Library {
+    /// The library of `functions` (names distinct).
+    pub fn new(functions: &[&'static Function]) -> Library {
+        let mut all = String::new();
+        for f in functions {
+            all.push_str(f.name);
+            all.push('\n');
+            all.push_str(f.body);
+            all.push('\n');
+        }
+        let hash = Script::new(&all).get_hash().to_string();
+        let name = format!("sluice_{}", &hash[..LIBRARY_ID_HEX.min(hash.len())]);
+        let mut text = format!("#!lua name={name}\n");
+        let mut entries = Vec::new();
+        for f in functions {
+            let fcall = format!("{name}_{}", f.name);
+            text.push_str(&format!(
+                "redis.register_function('{fcall}', function(KEYS, ARGV)\n{}\nend)\n",
+                f.body
+            ));
+            entries.push(Entry {
+                function: f,
+                fcall,
+                sha: Script::new(f.body).get_hash().to_string(),
+            });
+        }
+        Library {
+            name,
+            text,
+            entries,
+        }
+    }
+
+    /// `sluice_<hash>`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The text `FUNCTION LOAD` takes.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// The name `FCALL` takes for `f` (`None`: not in this library).
+    pub fn fcall_name(&self, f: &Function) -> Option<&str> {
+        self.entry(f).map(|e| e.fcall.as_str())
+    }
+
+    fn entry(&self, f: &Function) -> Option<&Entry> {
+        self.entries.iter().find(|e| e.function.name == f.name)
+    }
+}
+
+/// A command of [`Conn::batch_scripts`]: whether its reply is wanted, and whether it may run a
+/// second time when the batch is sent again after the scripts were loaded.
+pub struct Call {
+    cmd: Cmd,
+    reply: bool,
+    repeat: bool,
+}
+
+impl Call {
+    /// A command that may run twice (a read, a write of the same value), its reply wanted.
+    pub fn again(cmd: Cmd) -> Call {
+        Call {
+            cmd,
+            reply: true,
+            repeat: true,
+        }
+    }
+
+    /// A command that must run at most once (a script that counts), its reply wanted.
+    pub fn once(cmd: Cmd) -> Call {
+        Call {
+            cmd,
+            reply: true,
+            repeat: false,
+        }
+    }
+
+    /// A command that may run twice, its reply not wanted (pipeline `ignore`).
+    pub fn quiet(cmd: Cmd) -> Call {
+        Call {
+            cmd,
+            reply: false,
+            repeat: true,
+        }
+    }
+}
+
+/// True for a server error saying the script or function called is not loaded there.
+fn is_missing_script(e: &ServerError) -> bool {
+    e.code() == "NOSCRIPT"
+        || e.details()
+            .is_some_and(|d| d.to_ascii_lowercase().starts_with("function not found"))
+}
+
+impl Conn {
+    /// The call of `f` on `keys` for a pipeline: `FCALL` on a cluster, `EVALSHA` (or `EVAL`,
+    /// [`Function::eval_on_one`]) on one Redis. Its arguments follow (`.arg(…)`).
+    pub fn call(&self, lib: &Library, f: &Function, keys: &[String]) -> Cmd {
+        let entry = lib.entry(f);
+        let mut c = match (self, entry) {
+            (Conn::Cluster(_), Some(e)) => {
+                let mut c = cmd("FCALL");
+                c.arg(&e.fcall);
+                c
+            }
+            (Conn::One(_), Some(e)) if !f.eval_on_one => {
+                let mut c = cmd("EVALSHA");
+                c.arg(&e.sha);
+                c
+            }
+            // A script outside the library goes whole: it runs all the same.
+            _ => {
+                let mut c = cmd("EVAL");
+                c.arg(f.body);
+                c
+            }
+        };
+        c.arg(keys.len()).arg(keys);
+        c
+    }
+
+    /// Loads `lib`: on a cluster `FUNCTION LOAD REPLACE` (the crate sends it to every master
+    /// and fails unless all took it; a replica gets it from its master, so a failover keeps
+    /// it); on one Redis `SCRIPT LOAD` of each script called by `EVALSHA`, in one pipeline.
+    /// Blocking.
+    ///
+    /// # Errors
+    /// Redis unreachable or refusing the library (a Redis before 7 has no functions).
+    pub fn load(&mut self, lib: &Library) -> RedisResult<()> {
+        match self {
+            Conn::Cluster(c) => {
+                let mut load = cmd("FUNCTION");
+                load.arg("LOAD").arg("REPLACE").arg(lib.text());
+                let _: Value = load.query(&mut **c)?;
+                Ok(())
+            }
+            Conn::One(c) => {
+                let mut p = ::redis::pipe();
+                for e in lib.entries.iter().filter(|e| !e.function.eval_on_one) {
+                    p.cmd("SCRIPT").arg("LOAD").arg(e.function.body).ignore();
+                }
+                if p.is_empty() {
+                    return Ok(());
+                }
+                p.exec(&mut **c)
+            }
+        }
+    }
+
+    /// Sends `calls` in one pipeline, as [`Conn::batch_some`]. When some of them failed because
+    /// the server did not have `lib`'s scripts (a restarted Redis, a flushed library, a master
+    /// added later) and nothing else failed, loads `lib` and sends again the calls that failed
+    /// and those that may run twice ([`Call::again`], [`Call::quiet`]). Returns one reply per
+    /// call whose reply is wanted, in order; `None` for a [`Call::once`] that ran the first time
+    /// while others failed (on a cluster whose masters did not all have the library): it ran, its
+    /// reply is lost.
+    ///
+    /// # Errors
+    /// The first error, from the connection, any command, or the load.
+    pub fn batch_scripts(
+        &mut self,
+        lib: &Library,
+        calls: &[Call],
+    ) -> RedisResult<Vec<Option<Value>>> {
+        let send = |c: &mut Conn, which: &[usize]| {
+            c.batch_some(
+                which
+                    .iter()
+                    .map(|&i| (calls[i].cmd.clone(), !calls[i].reply))
+                    .collect(),
+            )
+        };
+        let all: Vec<usize> = (0..calls.len()).collect();
+        let failed: HashSet<usize> = match send(self, &all) {
+            Ok(v) => return Ok(v.into_iter().map(Some).collect()),
+            Err(e) => match e.clone().into_server_errors() {
+                Some(errs)
+                    if !errs.is_empty() && errs.iter().all(|(_, s)| is_missing_script(s)) =>
+                {
+                    errs.iter().map(|(i, _)| *i).collect()
+                }
+                _ => return Err(e),
+            },
+        };
+        self.load(lib)?;
+        let again: Vec<usize> = all
+            .into_iter()
+            .filter(|i| failed.contains(i) || calls[*i].repeat)
+            .collect();
+        let mut replies = send(self, &again)?.into_iter();
+        let mut out = Vec::new();
+        for (i, c) in calls.iter().enumerate() {
+            if !c.reply {
+                continue;
+            }
+            out.push(if again.contains(&i) {
+                replies.next()
+            } else {
+                None
+            });
+        }
+        Ok(out)
+    }
+}
+
 /// True for an error after which the connection is no use (closed, timed out, refused).
 pub fn is_connection_error(e: &RedisError) -> bool {
     e.is_io_error()
@@ -424,6 +675,47 @@ pub fn is_connection_error(e: &RedisError) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    static A: Function = Function {
+        name: "a",
+        body: "return KEYS[1]",
+        eval_on_one: false,
+    };
+    static B: Function = Function {
+        name: "b",
+        body: "return ARGV[1]",
+        eval_on_one: true,
+    };
+    static B2: Function = Function {
+        name: "b",
+        body: "return ARGV[2]",
+        eval_on_one: true,
+    };
+
+    #[test]
+    fn a_library_is_named_by_its_scripts_and_registers_each() {
+        let lib = Library::new(&[&A, &B]);
+        let id = lib.name().strip_prefix("sluice_").unwrap();
+        assert_eq!(id.len(), LIBRARY_ID_HEX);
+        assert!(id.bytes().all(|b| b.is_ascii_hexdigit()), "{}", lib.name());
+        assert!(
+            lib.text()
+                .starts_with(&format!("#!lua name={}\n", lib.name()))
+        );
+        for f in [&A, &B] {
+            let name = lib.fcall_name(f).unwrap();
+            assert_eq!(name, format!("{}_{}", lib.name(), f.name));
+            assert!(lib.text().contains(&format!(
+                "redis.register_function('{name}', function(KEYS, ARGV)\n{}\nend)",
+                f.body
+            )));
+        }
+        // Another build's scripts: another library, so both can live on one cluster.
+        let other = Library::new(&[&A, &B2]);
+        assert_ne!(other.name(), lib.name());
+        assert_eq!(Library::new(&[&A, &B]).name(), lib.name());
+        assert_eq!(Library::new(&[&A]).fcall_name(&B), None);
+    }
 
     #[test]
     fn specs_parse_and_print_without_their_password() {

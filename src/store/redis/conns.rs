@@ -6,9 +6,10 @@
 //!
 //! The `redis` crate appears only in the store's Redis files; callers see counts.
 
-use super::conn::Conn;
-use super::lease::{LIVE_SCRIPT, LeaseLink, RedisDown, SERVERS_KEY, ttl_ms};
-use redis::{Cmd, Value};
+use super::conn::{Call, Conn};
+use super::lease::{LIVE_SERVERS, LeaseLink, RedisDown, SERVERS_KEY, ttl_ms};
+use super::library;
+use redis::Value;
 use std::collections::HashMap;
 
 /// The connection-count hash of `user`: server id → connections open there.
@@ -19,8 +20,9 @@ pub fn conns_key(user: &str) -> String {
 /// Writes this server's open connections of each `(user, count)` and reads every live
 /// server's, in one pipelined round trip: returns, per user, the connections open on the
 /// *other* servers with a heartbeat younger than [`HEARTBEAT_TTL`](super::lease::HEARTBEAT_TTL) on Redis' clock
-/// ([`LIVE_SCRIPT`]; a dead server's count is dropped, so its connections are released by its
-/// heartbeat's expiry). Blocking.
+/// ([`LIVE_SCRIPT`](super::lease::LIVE_SCRIPT); a dead server's count is dropped, so its connections are released by its
+/// heartbeat's expiry). Every command may run twice: when the library was missing (a cluster),
+/// it is loaded and the round sent again. Blocking.
 ///
 /// # Errors
 /// Redis unreachable, timed out, or answering with an error.
@@ -32,10 +34,11 @@ pub fn conns_round(
     if counts.is_empty() {
         return Ok(Vec::new());
     }
-    let mut cmds: Vec<(Cmd, bool)> = Vec::new();
-    let mut live = redis::cmd("EVAL");
-    live.arg(LIVE_SCRIPT).arg(1).arg(SERVERS_KEY).arg(ttl_ms());
-    cmds.push((live, false));
+    let lib = library();
+    let mut calls: Vec<Call> = Vec::new();
+    let mut live = con.call(lib, &LIVE_SERVERS, &[SERVERS_KEY.to_string()]);
+    live.arg(ttl_ms());
+    calls.push(Call::again(live));
     for (user, n) in counts {
         let key = conns_key(user);
         let write = if *n > 0 {
@@ -47,13 +50,17 @@ pub fn conns_round(
             c.arg(&key).arg(server);
             c
         };
-        cmds.push((write, true));
+        calls.push(Call::quiet(write));
         let mut read = redis::cmd("HGETALL");
         read.arg(&key);
-        cmds.push((read, false));
+        calls.push(Call::again(read));
     }
     let (alive, tables): (Vec<String>, Vec<Vec<(String, u64)>>) = {
-        let mut v: Vec<Value> = con.batch_some(cmds)?;
+        let mut v: Vec<Value> = con
+            .batch_scripts(lib, &calls)?
+            .into_iter()
+            .map(|v| v.unwrap_or(Value::Nil))
+            .collect();
         if v.is_empty() {
             return Err(RedisDown("no reply to the connection counts".into()));
         }

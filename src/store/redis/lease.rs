@@ -20,7 +20,8 @@
 //! recent use), cut to what is left.
 //!
 //! Keys (all of one user share the hash tag `{name}`, and the script touches only one user's
-//! keys, so it runs unchanged on Redis Cluster):
+//! keys, so it runs unchanged on Redis Cluster, as a function of the store's library:
+//! `conn.rs`):
 //! - `sluice:{name}:bucket`  hash `tokens`, `t` (µs, Redis time): the fleet bucket
 //! - `sluice:{name}:demand`  hash server id → "demand last_lease_µs"
 //! - `sluice:{name}:usage:<account id>` hash `lease_period`, `lease_bytes` (the store's usage
@@ -31,8 +32,9 @@
 //! The `redis` crate appears only in the store's Redis files; the rest of the program sees the
 //! plain structs here. Calls block (a network round trip) and are made only by the lease thread.
 
-use super::conn::{Conn, RedisSpec};
-use redis::{Cmd, ConnectionLike, Value};
+use super::conn::{Call, Conn, Function, RedisSpec};
+use super::library;
+use redis::Value;
 use std::fmt;
 use std::time::Duration;
 
@@ -111,6 +113,13 @@ redis.call('PEXPIRE', KEYS[2], math.floor(fresh / 1000) + 1000)
 return {grant, exhausted, total}
 ";
 
+/// [`LEASE_SCRIPT`] in the store's library (`EVALSHA` on one Redis, `FCALL` on a cluster).
+pub static LEASE: Function = Function {
+    name: "lease",
+    body: LEASE_SCRIPT,
+    eval_on_one: false,
+};
+
 /// The heartbeat script. KEYS: the servers-alive set. ARGV: server id, [`HEARTBEAT_TTL`] (ms).
 /// Scores the server with Redis' clock (`TIME`, ms), so servers whose own clocks differ still
 /// judge each other's liveness alike; trims heartbeats older than the TTL and returns how many
@@ -123,6 +132,13 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now - tonumber(ARGV[2]))
 return redis.call('ZCARD', KEYS[1])
 ";
 
+/// [`HEARTBEAT_SCRIPT`] in the store's library (`EVAL` on one Redis, `FCALL` on a cluster).
+pub static HEARTBEAT: Function = Function {
+    name: "heartbeat",
+    body: HEARTBEAT_SCRIPT,
+    eval_on_one: true,
+};
+
 /// The live-servers script. KEYS: the servers-alive set. ARGV: [`HEARTBEAT_TTL`] (ms). Returns
 /// the ids of the servers whose heartbeat is younger than the TTL on Redis' clock.
 pub const LIVE_SCRIPT: &str = r"
@@ -130,6 +146,13 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 return redis.call('ZRANGEBYSCORE', KEYS[1], now - tonumber(ARGV[1]), '+inf')
 ";
+
+/// [`LIVE_SCRIPT`] in the store's library (`EVAL` on one Redis, `FCALL` on a cluster).
+pub static LIVE_SERVERS: Function = Function {
+    name: "live_servers",
+    body: LIVE_SCRIPT,
+    eval_on_one: true,
+};
 
 /// [`HEARTBEAT_TTL`] in ms, as the scripts take it.
 pub(super) fn ttl_ms() -> u64 {
@@ -224,16 +247,25 @@ pub fn script_sha() -> String {
     redis::Script::new(LEASE_SCRIPT).get_hash().to_string()
 }
 
-/// Loads the lease script (after a connect, or when Redis answered `NOSCRIPT`). Blocking.
+/// Loads the store's scripts (after a connect): the lease script on one Redis, the function
+/// library on every master of a cluster. Blocking.
 ///
 /// # Errors
-/// Redis unreachable or refusing the script.
-pub fn load_script(con: &mut dyn ConnectionLike) -> Result<(), RedisDown> {
-    let _: String = redis::cmd("SCRIPT")
-        .arg("LOAD")
-        .arg(LEASE_SCRIPT)
-        .query(con)?;
-    Ok(())
+/// Redis unreachable or refusing the scripts (a cluster of Redis before 7 has no functions).
+pub fn load_scripts(con: &mut Conn) -> Result<(), RedisDown> {
+    con.load(library()).map_err(|e| {
+        if con.is_cluster() {
+            RedisDown(
+                format!(
+                    "cannot load the function library {} (Redis Cluster needs Redis 7 or later): {e}",
+                    library().name()
+                )
+                .to_lowercase(),
+            )
+        } else {
+            RedisDown::from(e)
+        }
+    })
 }
 
 /// The keys of `user`'s lease: bucket, demand, usage of `account_id`.
@@ -247,7 +279,10 @@ pub fn lease_keys(user: &str, account_id: u64) -> [String; 3] {
 
 /// One lease round: a heartbeat for `server` (when `heartbeat` is set; scored with Redis' clock,
 /// [`HEARTBEAT_SCRIPT`]) and one lease script call per request, in one pipelined round trip.
-/// Loads the script and tries once more when Redis does not have it (a restarted Redis).
+/// When Redis does not have the scripts (a restarted Redis, a flushed library, a master added
+/// later), loads them and sends again what failed, and the heartbeat ([`Conn::batch_scripts`]).
+/// A lease that ran on a master that had the library while another did not has its reply lost:
+/// it counts as no grant here (its tokens stay charged: the fleet moves less, once, never more).
 /// Blocking.
 ///
 /// # Errors
@@ -259,49 +294,16 @@ pub fn lease_round(
     requests: &[LeaseRequest],
     heartbeat: bool,
 ) -> Result<LeaseRound, RedisDown> {
-    match try_round(con, server, period, requests, heartbeat) {
-        Err(e) if e.0.contains("noscript") => {
-            load_script(con.like())?;
-            try_round(con, server, period, requests, heartbeat)
-        }
-        r => r,
-    }
-}
-
-fn try_round(
-    con: &mut Conn,
-    server: &str,
-    period: Duration,
-    requests: &[LeaseRequest],
-    heartbeat: bool,
-) -> Result<LeaseRound, RedisDown> {
-    let sha = script_sha();
-    // A cluster pipeline refuses EVALSHA: there the script goes whole with each call (EVAL).
-    let cluster = con.is_cluster();
+    let lib = library();
     let period_us = u64::try_from(period.as_micros()).unwrap_or(u64::MAX);
-    let mut cmds: Vec<(Cmd, bool)> = Vec::new();
+    let mut calls: Vec<Call> = Vec::new();
     if heartbeat {
-        // EVAL, not EVALSHA: twice a second, and nothing to load after a restart.
-        let mut beat = redis::cmd("EVAL");
-        beat.arg(HEARTBEAT_SCRIPT)
-            .arg(1)
-            .arg(SERVERS_KEY)
-            .arg(server)
-            .arg(ttl_ms());
-        cmds.push((beat, false));
+        let mut beat = con.call(lib, &HEARTBEAT, &[SERVERS_KEY.to_string()]);
+        beat.arg(server).arg(ttl_ms());
+        calls.push(Call::again(beat));
     }
     for r in requests {
-        let keys = lease_keys(&r.user, r.account_id);
-        let mut c = if cluster {
-            let mut c = redis::cmd("EVAL");
-            c.arg(LEASE_SCRIPT);
-            c
-        } else {
-            let mut c = redis::cmd("EVALSHA");
-            c.arg(&sha);
-            c
-        };
-        c.arg(3).arg(&keys[..]);
+        let mut c = con.call(lib, &LEASE, &lease_keys(&r.user, r.account_id));
         c.arg(server)
             .arg(r.rate)
             .arg(r.burst)
@@ -311,22 +313,24 @@ fn try_round(
             .arg(r.extra)
             .arg(r.quota)
             .arg(r.period_start);
-        cmds.push((c, false));
+        calls.push(Call::once(c));
     }
-    if cmds.is_empty() {
+    if calls.is_empty() {
         return Ok(LeaseRound {
             grants: Vec::new(),
             alive: None,
         });
     }
-    let values: Vec<Value> = con.batch_some(cmds)?;
+    let values = con.batch_scripts(lib, &calls)?;
     let mut it = values.into_iter();
     let alive = if heartbeat {
-        Some(int(it.next())?)
+        Some(int(it.next().flatten())?)
     } else {
         None
     };
-    let grants = it.map(grant_of).collect::<Result<Vec<_>, _>>()?;
+    let grants = it
+        .map(|v| v.map_or(Ok(LeaseGrant::default()), grant_of))
+        .collect::<Result<Vec<_>, _>>()?;
     if grants.len() != requests.len() {
         return Err(RedisDown(format!(
             "expected {} lease replies, got {}",
@@ -410,9 +414,7 @@ impl LeaseLink {
     pub(super) fn connection(&mut self) -> Result<&mut Conn, RedisDown> {
         if self.con.is_none() {
             let mut con = connect(&self.spec, self.timeout)?;
-            if !con.is_cluster() {
-                load_script(con.like())?;
-            }
+            load_scripts(&mut con)?;
             self.con = Some(con);
         }
         self.con

@@ -25,6 +25,10 @@
 //! account's live hash, written by the same script call as the usage deltas (no extra command),
 //! stamped with Redis' clock. [`UserStore::load_usage`] (what `sluice stats` reads) sums the
 //! fields younger than [`LIVE_FRESH_MS`] over the fleet: see [`sum_live`].
+//!
+//! The scripts sent in pipelines (usage flush, live figures, and `lease.rs`' lease, heartbeat and
+//! live servers) form one function library, [`library`]: `EVALSHA` on one Redis, `FCALL` on a
+//! cluster (`conn.rs`). The others (add, change, delete, reset) go one at a time by `EVALSHA`.
 
 pub mod conn;
 pub mod conns;
@@ -32,13 +36,14 @@ pub mod lease;
 pub mod migrate;
 pub mod throttle;
 
-use self::conn::{Conn, RedisSpec, is_connection_error};
+use self::conn::{Call, Conn, Function, Library, RedisSpec, is_connection_error};
 use super::{BadRow, Changed, QuotaPeriod, Usage, UsageDelta, UserChange, UserRow, UserStore};
 use crate::error::{Error, Result};
 use ::redis::{Cmd, RedisResult, Script, Value, cmd};
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The key layout version this build writes.
@@ -160,6 +165,35 @@ const LIVE: &str = r"
 local t = redis.call('TIME')
 return {t[1], t[2], redis.call('HGETALL', KEYS[1])}";
 
+/// [`FLUSH`] in the library.
+static FLUSH_FN: Function = Function {
+    name: "flush",
+    body: FLUSH,
+    eval_on_one: false,
+};
+
+/// [`LIVE`] in the library.
+static LIVE_FN: Function = Function {
+    name: "live",
+    body: LIVE,
+    eval_on_one: false,
+};
+
+/// The scripts sent in pipelines, as one function library (`conn.rs`): what a cluster calls
+/// with `FCALL`, one Redis with `EVALSHA`.
+pub fn library() -> &'static Library {
+    static LIBRARY: OnceLock<Library> = OnceLock::new();
+    LIBRARY.get_or_init(|| {
+        Library::new(&[
+            &lease::LEASE,
+            &lease::HEARTBEAT,
+            &lease::LIVE_SERVERS,
+            &FLUSH_FN,
+            &LIVE_FN,
+        ])
+    })
+}
+
 /// Raises `sluice:next_id` to at least ARGV[1]. KEYS: next_id.
 const RAISE_ID: &str = r"
 local v = tonumber(redis.call('GET', KEYS[1]) or '0')
@@ -172,8 +206,6 @@ struct Scripts {
     change: Script,
     delete: Script,
     reset: Script,
-    flush: Script,
-    live: Script,
     raise_id: Script,
 }
 
@@ -184,8 +216,6 @@ impl Scripts {
             change: Script::new(CHANGE),
             delete: Script::new(DELETE),
             reset: Script::new(RESET),
-            flush: Script::new(FLUSH),
-            live: Script::new(LIVE),
             raise_id: Script::new(RAISE_ID),
         }
     }
@@ -366,22 +396,23 @@ impl RedisStore {
     /// same pipeline). An account without a live hash keeps what its usage hash holds (a
     /// migrated one: the figures of the SQLite server, as stale as they were there).
     fn usage_of_rows_live(&self, rows: &[UserRow]) -> Result<Vec<Usage>> {
-        let s = &self.scripts.live;
-        let replies = self.batch_scripts(s, |c| {
-            rows.iter()
+        let replies = self.with(|c| {
+            let calls: Vec<Call> = rows
+                .iter()
                 .flat_map(|r| {
                     let mut u = cmd("HGETALL");
                     u.arg(usage_key(&r.username, r.id));
-                    let live = [live_key(&r.username, r.id)];
-                    [u, Self::script_cmd(c, s, LIVE, &live, &[])]
+                    let live = c.call(library(), &LIVE_FN, &[live_key(&r.username, r.id)]);
+                    [Call::again(u), Call::again(live)]
                 })
-                .collect()
+                .collect();
+            c.batch_scripts(library(), &calls)
         })?;
         let local_now = unix_now();
         let mut replies = replies.into_iter();
         let mut out = Vec::new();
         for r in rows {
-            let (Some(u), Some(live)) = (replies.next(), replies.next()) else {
+            let (Some(Some(u)), Some(Some(live))) = (replies.next(), replies.next()) else {
                 break;
             };
             let h = hash_of(u);
@@ -402,39 +433,6 @@ impl RedisStore {
             out.push(usage);
         }
         Ok(out)
-    }
-
-    /// The script call `s` as a command for a pipeline: EVALSHA on one Redis, EVAL on a
-    /// cluster (whose pipelines refuse EVALSHA).
-    fn script_cmd(c: &Conn, s: &Script, src: &str, keys: &[String], args: &[String]) -> Cmd {
-        let mut x = if c.is_cluster() {
-            let mut x = cmd("EVAL");
-            x.arg(src);
-            x
-        } else {
-            let mut x = cmd("EVALSHA");
-            x.arg(s.get_hash());
-            x
-        };
-        x.arg(keys.len()).arg(keys).arg(args);
-        x
-    }
-
-    /// Sends what `build` makes in one pipeline. When Redis does not know `script` (restarted,
-    /// or its scripts flushed), every EVALSHA of the pipeline failed alike and none ran: the
-    /// script is loaded and the pipeline sent again (its other commands must be reads).
-    fn batch_scripts(
-        &self,
-        script: &Script,
-        build: impl Fn(&Conn) -> Vec<Cmd>,
-    ) -> Result<Vec<Value>> {
-        self.with(|c| match c.batch(build(c)) {
-            Err(e) if e.code() == Some("NOSCRIPT") => {
-                script.load(c.like())?;
-                c.batch(build(c))
-            }
-            r => r,
-        })
     }
 
     /// Creates `row` as it is (its id, hash and limits) with `usage`, unless its name is taken;
@@ -1110,12 +1108,18 @@ impl UserStore for RedisStore {
                 Some((keys, args))
             })
             .collect();
-        let s = &self.scripts.flush;
-        let r = self.batch_scripts(s, |c| {
-            calls
+        // Each call counts: one that ran is not sent again after a load (a cluster whose masters
+        // did not all have the library), only those that failed.
+        let r = self.with(|c| {
+            let calls: Vec<Call> = calls
                 .iter()
-                .map(|(k, a)| Self::script_cmd(c, s, FLUSH, k, a))
-                .collect()
+                .map(|(k, a)| {
+                    let mut x = c.call(library(), &FLUSH_FN, k);
+                    x.arg(a);
+                    Call::once(x)
+                })
+                .collect();
+            c.batch_scripts(library(), &calls)
         });
         if r.is_ok() {
             *self.live.borrow_mut() = busy;
