@@ -7,6 +7,7 @@ pub mod dial;
 pub mod forward;
 pub mod forward_body;
 pub mod handshake;
+mod mover;
 pub mod os;
 pub mod own_addrs;
 pub mod pool;

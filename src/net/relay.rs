@@ -11,9 +11,8 @@
 //! made only once data arrives and given back once a direction has been quiet for
 //! [`DEFAULT_RELEASE_AFTER`] (taken again on its next byte), so a tunnel that is not moving bytes
 //! costs two sleeping threads and its two sockets, whether it never moved any or moved gigabytes
-//! an hour ago. A pipe is taken only while the process's pipe budget ([`os::PIPES`]: what the
-//! open-files limit leaves after the connection cap) allows; past it a direction copies through a
-//! buffer, so pipes never take the descriptors a connection under the cap needs.
+//! an hour ago; a pipe is taken only while the process's pipe budget allows, else a buffer
+//! serves. How a direction moves its bytes and when it lets go is `mover.rs`'s.
 //!
 //! A datagram relay (SOCKS5 UDP ASSOCIATE) goes beside this one, in `net/datagram.rs`: it shares
 //! [`Budget`] and charges each datagram whole before sending it with
@@ -22,9 +21,9 @@
 
 use crate::flow::account::{Account, Reserve};
 use crate::flow::limiter::{Closed, Limiter, Waiter};
-use crate::net::os;
+use crate::net::mover::{Mover, Quiet};
 use crate::net::pool;
-use crate::net::stream::{Pipe, Stream, is_timeout};
+use crate::net::stream::{Stream, is_timeout};
 use std::fmt;
 use std::io;
 use std::sync::Arc;
@@ -33,8 +32,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::thread;
 use std::time::{Duration, Instant};
 
-/// Bytes read per system call; also the most a relay asks the limiter for at once.
-pub const RELAY_BUF: usize = 64 * 1024;
+pub use crate::net::mover::RELAY_BUF;
 /// Stack size of a relay thread: it holds no buffer on its stack (the buffer is on the heap).
 pub const RELAY_STACK: usize = 64 * 1024;
 /// A relay with no traffic either way for this long is closed (`--idle-timeout`).
@@ -372,7 +370,7 @@ fn copy(
 ) -> Result<(), End> {
     let waiter = budget.map(|_| Waiter::new());
     let mut mover = Mover::None;
-    let mut quiet = Quiet::new(activity);
+    let mut quiet = Quiet::new(activity.release, activity.check);
     loop {
         let limited = budget.is_some_and(|b| b.account.rate() != 0 || b.account.quota() != 0);
         // Wait for data before taking tokens (or allocating a buffer): a relay blocked in read
@@ -455,157 +453,6 @@ fn copy(
             let busy = u64::try_from(busy_since.elapsed().as_nanos()).unwrap_or(u64::MAX);
             b.account.busy_ns.fetch_add(busy, Ordering::Relaxed);
             b.count(dir, n);
-        }
-    }
-}
-
-/// How long a direction has been quiet, counted in read timeouts: a timed-out read waited its
-/// whole timeout, so consecutive timeouts add up without reading the clock on every chunk. While
-/// it holds a pipe or buffer a direction reads with the release period as its timeout (when that
-/// is shorter than the idle check's), so one timeout is the whole period.
-struct Quiet {
-    /// Time without a byte, as the sum of the timeouts that fired since the last one.
-    so_far: Duration,
-    release: Duration,
-    check: Duration,
-    /// The read timeout is `release` (not `check`) while something is held.
-    short: bool,
-}
-
-impl Quiet {
-    fn new(activity: &Activity) -> Quiet {
-        Quiet {
-            so_far: Duration::ZERO,
-            release: activity.release,
-            check: activity.check,
-            short: activity.release < activity.check,
-        }
-    }
-
-    /// A byte moved: the quiet starts over.
-    fn moved(&mut self) {
-        self.so_far = Duration::ZERO;
-    }
-
-    /// A pipe or buffer was just taken: read with the release period as the timeout.
-    fn taken(&mut self, src: &Stream) -> io::Result<()> {
-        self.so_far = Duration::ZERO;
-        if self.short {
-            src.socket().set_read_timeout(Some(self.release))?;
-        }
-        Ok(())
-    }
-
-    /// A read timed out while `mover` is held: once the quiet reaches the release period, gives
-    /// it back (and goes back to the idle check's timeout). True when it was given back.
-    fn lapse(&mut self, src: &Stream, mover: &mut Mover) -> io::Result<bool> {
-        self.so_far += if self.short { self.release } else { self.check };
-        if self.so_far < self.release || mover.is_none() {
-            return Ok(false);
-        }
-        *mover = Mover::None;
-        self.so_far = Duration::ZERO;
-        if self.short {
-            src.socket().set_read_timeout(Some(self.check))?;
-        }
-        Ok(true)
-    }
-}
-
-/// How bytes get from one stream to the other: through a pipe with `splice(2)` when both sides
-/// are plain sockets (no copy through user space) and the pipe budget allows, else through a heap
-/// buffer. Taken when a byte arrives and given back when the direction goes quiet, so a tunnel
-/// that is not moving bytes holds neither.
-enum Mover {
-    None,
-    /// A side is TLS: bytes must pass through user space.
-    Buffer(Vec<u8>),
-    /// Two plain sockets that got no pipe (budget used up, or a pipe too small): tries again
-    /// every [`RETRY_PIPE_EVERY`] chunks (the count since the last try).
-    Fallback(Vec<u8>, u32),
-    Pipe(Pipe, PipeSlot),
-}
-
-/// Chunks (of up to 64 KiB) a direction copying for want of a pipe moves between two tries for
-/// one: a failed try is an atomic compare, or at worst a pipe made and closed (7 µs) per 4 MiB.
-const RETRY_PIPE_EVERY: u32 = 64;
-
-/// One pipe counted in [`os::PIPES`]; uncounted when dropped (with its pipe).
-struct PipeSlot(());
-
-impl PipeSlot {
-    fn take() -> Option<PipeSlot> {
-        // `then`, not `then_some`: a slot built and dropped on refusal would give back a pipe.
-        os::PIPES.try_take().then(|| PipeSlot(()))
-    }
-}
-
-impl Drop for PipeSlot {
-    fn drop(&mut self) {
-        os::PIPES.give_back();
-    }
-}
-
-impl Mover {
-    fn for_streams(src: &Stream, dst: &Stream) -> Mover {
-        if let (Stream::Plain(_), Stream::Plain(_)) = (src, dst) {
-            return Mover::pipe().unwrap_or_else(|| Mover::Fallback(vec![0; RELAY_BUF], 0));
-        }
-        Mover::Buffer(vec![0; RELAY_BUF])
-    }
-
-    /// A pipe, if the budget has room and the kernel gives one at least as large as a buffer.
-    fn pipe() -> Option<Mover> {
-        let slot = PipeSlot::take()?;
-        // Out of descriptors, or a pipe smaller than the buffer (a non-root user past
-        // `fs.pipe-user-pages-soft` gets two pages): copying serves better.
-        match Pipe::new() {
-            Ok(p) if p.capacity() >= RELAY_BUF => Some(Mover::Pipe(p, slot)),
-            _ => None,
-        }
-    }
-
-    /// After a chunk went through (nothing is held in the buffer or pipe): a direction copying
-    /// only for want of a pipe takes one now and then, once the budget has room again.
-    fn after_chunk(&mut self) {
-        if let Mover::Fallback(_, n) = self {
-            *n += 1;
-            if *n >= RETRY_PIPE_EVERY {
-                *n = 0;
-                if let Some(m) = Mover::pipe() {
-                    *self = m;
-                }
-            }
-        }
-    }
-
-    fn is_none(&self) -> bool {
-        matches!(self, Mover::None)
-    }
-
-    /// The most one fill can move (what a relay asks the limiter for).
-    fn chunk(&self) -> usize {
-        match self {
-            Mover::Pipe(p, _) => p.capacity(),
-            _ => RELAY_BUF,
-        }
-    }
-
-    fn fill(&mut self, src: &Stream, max: usize) -> io::Result<usize> {
-        match self {
-            Mover::Pipe(p, _) => p.fill(src.socket(), max),
-            Mover::Buffer(b) | Mover::Fallback(b, _) => src.read(&mut b[..max.min(RELAY_BUF)]),
-            Mover::None => Ok(0),
-        }
-    }
-
-    fn flush(&mut self, dst: &Stream, n: usize, keep_waiting: &dyn Fn() -> bool) -> io::Result<()> {
-        match self {
-            Mover::Pipe(p, _) => p.drain(dst.socket(), keep_waiting),
-            Mover::Buffer(b) | Mover::Fallback(b, _) => {
-                dst.write_all_patient(&b[..n], keep_waiting)
-            }
-            Mover::None => Ok(()),
         }
     }
 }
@@ -769,59 +616,6 @@ mod tests {
         let limiter = Limiter::new(Duration::from_millis(5));
         limiter.set_rate(&account.name, rate);
         Budget { account, limiter }
-    }
-
-    fn activity(check: Duration, release: Duration) -> Activity {
-        Activity {
-            epoch: Instant::now(),
-            last_ms: AtomicU64::new(0),
-            idle: DEFAULT_IDLE_TIMEOUT,
-            check,
-            release,
-            broken: AtomicBool::new(false),
-        }
-    }
-
-    fn loopback_stream() -> (Stream, std::net::TcpStream) {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        (Stream::plain(l.accept().unwrap().0), c)
-    }
-
-    #[test]
-    fn a_direction_gives_back_its_buffer_after_the_release_period() {
-        let (src, _peer) = loopback_stream();
-        // Release sooner than the idle check: one read timeout (of the release period) is enough.
-        let a = activity(Duration::from_secs(60), Duration::from_secs(5));
-        let mut q = Quiet::new(&a);
-        let mut mover = Mover::Buffer(vec![0; 8]);
-        q.taken(&src).unwrap();
-        assert_eq!(src.socket().read_timeout().unwrap(), Some(a.release));
-        assert!(q.lapse(&src, &mut mover).unwrap());
-        assert!(mover.is_none());
-        assert_eq!(src.socket().read_timeout().unwrap(), Some(a.check));
-        // Nothing held: nothing to give back.
-        assert!(!q.lapse(&src, &mut mover).unwrap());
-    }
-
-    #[test]
-    fn quiet_adds_up_over_idle_checks_and_starts_over_on_a_byte() {
-        let (src, _peer) = loopback_stream();
-        // The idle check wakes every second; the release waits for five of them in a row.
-        let a = activity(Duration::from_secs(1), Duration::from_secs(5));
-        let mut q = Quiet::new(&a);
-        let mut mover = Mover::Buffer(vec![0; 8]);
-        q.taken(&src).unwrap();
-        for _ in 0..4 {
-            assert!(!q.lapse(&src, &mut mover).unwrap());
-        }
-        q.moved();
-        for _ in 0..4 {
-            assert!(!q.lapse(&src, &mut mover).unwrap());
-        }
-        assert!(!mover.is_none());
-        assert!(q.lapse(&src, &mut mover).unwrap());
-        assert!(mover.is_none());
     }
 
     #[test]

@@ -146,6 +146,24 @@ pub fn eight(ctx: &mut Ctx) -> Result<(), String> {
     compare(ctx, Dir::Down, 8, "2 · unlimited, 8 conns, download", true)
 }
 
+/// The order contenders are measured in on run `run`: the direct path first (every ratio is to
+/// it), then Sluice and the floor back to back, which goes first alternating from run to run, then
+/// the rest. Sluice's targets are ratios to the floor: measured a few seconds apart with other
+/// proxies between them, a change in the machine's load (two cores, other builds) lands on one of
+/// the pair and not the other, and always measuring one of them first would favour it.
+fn run_order(cs: &[Contender<'_>], run: usize) -> Vec<usize> {
+    let sluice = cs.iter().position(|c| c.is_sluice);
+    let floor = cs.iter().position(|c| c.is_floor);
+    let mut pair: Vec<usize> = [sluice, floor].into_iter().flatten().collect();
+    if run % 2 == 1 {
+        pair.reverse();
+    }
+    let mut order = vec![0];
+    order.extend(&pair);
+    order.extend((1..cs.len()).filter(|i| !pair.contains(i)));
+    order
+}
+
 /// Runs every contender `runs` times (interleaved) and adds a row for each.
 fn compare(
     ctx: &mut Ctx,
@@ -161,9 +179,10 @@ fn compare(
         vec![Samples::default(); n],
         vec![Samples::default(); n],
     );
-    for _ in 0..ctx.cfg.runs {
+    for run in 0..ctx.cfg.runs {
         let mut direct = f64::NAN;
-        for (i, c) in cs.iter().enumerate() {
+        for i in run_order(&cs, run) {
+            let c = &cs[i];
             let (r, cpg) = measure(&ctx.cfg, &c.route, dir, conns, c.proc)
                 .map_err(|e| format!("{}: {e}", c.name))?;
             if i == 0 {
@@ -555,4 +574,31 @@ fn setup_with(ctx: &mut Ctx, threads: usize) -> Result<(), String> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sluice_and_the_floor_are_measured_back_to_back_taking_turns_first() {
+        let contender = |name: &str, is_sluice, is_floor| Contender {
+            name: name.into(),
+            route: Route::Direct,
+            proc: None,
+            is_sluice,
+            is_floor,
+        };
+        let cs = [
+            contender("direct", false, false),
+            contender("sluice", true, false),
+            contender("peer", false, false),
+            contender("floor", false, true),
+        ];
+        assert_eq!(run_order(&cs, 0), [0, 1, 3, 2]);
+        assert_eq!(run_order(&cs, 1), [0, 3, 1, 2]);
+        assert_eq!(run_order(&cs, 2), [0, 1, 3, 2]);
+        // Without a floor, everyone once, the direct path first.
+        assert_eq!(run_order(&cs[..3], 1), [0, 1, 2]);
+    }
 }
