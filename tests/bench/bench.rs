@@ -46,7 +46,7 @@ use table::Table;
 
 const USAGE: &str = "usage: sluice-bench [--quick] [--runs N] [--only 1,5,12] [--no-peers]
   --quick      every scenario once, with short windows (a smoke test)
-  --runs N     runs per figure (default 3; the median is reported)
+  --runs N     runs per figure (default 3, 9 for throughput; the median is reported)
   --only LIST  scenario numbers to run (1-18)
   --no-peers   skip the reference proxies
   SLUICE_BENCH_KEEP=1 keeps the scratch directory (logs, configs)";
@@ -138,6 +138,7 @@ fn run(args: &Args) -> Result<(), String> {
         Config::full()
     };
     cfg.runs = args.runs.unwrap_or(cfg.runs);
+    cfg.tput_runs = args.runs.unwrap_or(cfg.tput_runs);
     let wanted = |n: u32| args.only.as_ref().is_none_or(|o| o.contains(&n));
     let nofile = procs::raise_nofile_limit().unwrap_or(0);
     let dir = TempDir::new()?;
@@ -291,9 +292,11 @@ fn header(cfg: &Config, present: &[String], took: Duration, nofile: u64) -> Stri
     let cores = thread::available_parallelism().map_or(0, |n| n.get());
     format!(
         "## `make bench` — {date}\n\n{uname} · {model} × {cores} cores · open-files limit {nofile} · \
-         {runs} run(s) per figure, median (min–max) · took {took:.0?}\n\nReference proxies: {peers}",
+         {runs} run(s) per figure ({tput} for throughput, scenarios 1–3), median (min–max) · took \
+         {took:.0?}\n\nReference proxies: {peers}",
         date = utc_now(),
         runs = cfg.runs,
+        tput = cfg.tput_runs,
         peers = present.join("; "),
     )
 }

@@ -10,11 +10,16 @@ use crate::table::Table;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// Durations and repetitions: the full run fits in 5 minutes on 2 cores; `--quick` is a smoke test.
+/// Durations and repetitions: the full run takes about 15 minutes on 2 cores; `--quick` is a smoke
+/// test.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Runs per figure (the median of these is reported).
     pub runs: usize,
+    /// Runs per figure of the throughput scenarios (1–3): their 1 s windows on 2 cores swing
+    /// about ±15% run to run (the floor against a copy of itself: 0.87–1.16 × as a median of 3),
+    /// too much for a median of 3 to settle a 5–10% target.
+    pub tput_runs: usize,
     /// Time a load runs before its window opens (connection set-up, TCP ramp-up).
     pub warmup: Duration,
     /// Window of a throughput measurement (scenarios 1–3).
@@ -42,6 +47,7 @@ impl Config {
     pub fn full() -> Config {
         Config {
             runs: 3,
+            tput_runs: 9,
             warmup: Duration::from_millis(200),
             tput: Duration::from_secs(1),
             setup: Duration::from_millis(1500),
@@ -59,6 +65,7 @@ impl Config {
     pub fn quick() -> Config {
         Config {
             runs: 1,
+            tput_runs: 1,
             warmup: Duration::from_millis(100),
             tput: Duration::from_millis(500),
             setup: Duration::from_secs(1),

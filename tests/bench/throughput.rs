@@ -179,7 +179,7 @@ fn compare(
         vec![Samples::default(); n],
         vec![Samples::default(); n],
     );
-    for run in 0..ctx.cfg.runs {
+    for run in 0..ctx.cfg.tput_runs {
         let mut direct = f64::NAN;
         for i in run_order(&cs, run) {
             let c = &cs[i];
@@ -340,7 +340,7 @@ pub fn local(ctx: &mut Ctx) -> Result<(), String> {
     let (mut alone, mut via, mut ratio) =
         (Samples::default(), Samples::default(), Samples::default());
     let (mut cpu, mut server_cpu) = (Samples::default(), Samples::default());
-    for _ in 0..ctx.cfg.runs {
+    for _ in 0..ctx.cfg.tput_runs {
         let (a, _) = measure(&ctx.cfg, &alone_route, Dir::Down, 1, None)?;
         let server = &ctx.server()?.proc;
         let (v, c) = measure_procs(&ctx.cfg, &local_route, Dir::Down, 1, &[&local.proc, server])
