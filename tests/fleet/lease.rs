@@ -306,46 +306,60 @@ fn a_redis_outage_keeps_connections_and_the_bound_and_leasing_resumes_with_its_u
     );
 }
 
+/// Gives `user` a quota of `quota` bytes in every server's own database (these servers share
+/// only their leases through Redis) and waits for their watchers to apply it.
+fn set_quota(servers: &[TestServer], user: &str, quota: u64) {
+    let change = UserChange {
+        quota_bytes: Some(quota),
+        ..UserChange::default()
+    };
+    for s in servers {
+        s.store().change(user, &change).unwrap();
+    }
+    thread::sleep(Duration::from_millis(1500));
+}
+
+/// Two downloads of `user` on every server until its quota ends them all; the bytes they got.
+fn download_until_stopped(servers: &[TestServer], origin: &Origin, user: &str) -> u64 {
+    let mut load = Load::new();
+    for s in servers {
+        load.downloads(2, s.addr, origin, user);
+    }
+    let all_ended = wait_until(Duration::from_secs(15), || {
+        load.ended() == 2 * servers.len() as u64
+    });
+    let got = load.bytes();
+    assert!(all_ended, "the quota did not stop {user} ({got} bytes)");
+    got
+}
+
+/// A new connection of `user`, whose quota is used up, is refused (SOCKS5 reply 2).
+fn assert_refused(server: &TestServer, origin: &Origin, user: &str) {
+    assert_eq!(
+        socks5(server.addr, user, "p", "127.0.0.1", origin.addr.port()).err(),
+        Some(2),
+        "a new connection after the quota is refused"
+    );
+}
+
 #[test]
 fn a_quota_across_three_servers_stops_the_user_within_one_lease_per_server() {
     let redis = Redis::start();
     let bw = 4 * MIB;
     let quota = 10 * MIB;
     let servers = fleet(&redis, 3, &[("q", "p", bw)]);
-    for s in &servers {
-        s.store()
-            .change(
-                "q",
-                &UserChange {
-                    quota_bytes: Some(quota),
-                    ..UserChange::default()
-                },
-            )
-            .unwrap();
-    }
-    // The watchers apply the quota within a second.
-    thread::sleep(Duration::from_millis(1500));
+    set_quota(&servers, "q", quota);
     let origin = Origin::start();
-    let mut load = Load::new();
-    for s in &servers {
-        load.downloads(2, s.addr, &origin, "q");
-    }
-    let all_ended = wait_until(Duration::from_secs(15), || load.ended() == 6);
-    let got = load.bytes();
+    let got = download_until_stopped(&servers, &origin, "q");
     // One lease per server at most: the rate over three periods (a lease covers at most that).
     let lease = bw * 3 * PERIOD.as_millis() as u64 / 1000;
     eprintln!("quota {quota}: {got} bytes went through");
-    assert!(all_ended, "the quota did not stop the user ({got} bytes)");
     assert!(
         got <= quota + 3 * lease,
         "{got} bytes through a {quota}-byte quota"
     );
     assert!(got as f64 >= 0.9 * quota as f64, "stopped early at {got}");
-    assert_eq!(
-        socks5(servers[0].addr, "q", "p", "127.0.0.1", origin.addr.port()).err(),
-        Some(2),
-        "a new connection after the quota is refused"
-    );
+    assert_refused(&servers[0], &origin, "q");
 }
 
 /// Issue 21: "a user with a quota leases quota even when its bandwidth is unlimited". Before,
@@ -356,19 +370,7 @@ fn an_unlimited_user_with_a_quota_is_stopped_at_the_fleets_quota() {
     let redis = Redis::start();
     let quota = 10 * MIB;
     let servers = fleet(&redis, 3, &[("uq", "p", 0)]);
-    for s in &servers {
-        s.store()
-            .change(
-                "uq",
-                &UserChange {
-                    quota_bytes: Some(quota),
-                    ..UserChange::default()
-                },
-            )
-            .unwrap();
-    }
-    // The watchers apply the quota within a second.
-    thread::sleep(Duration::from_millis(1500));
+    set_quota(&servers, "uq", quota);
     let origin = Origin::start();
     // A connection that moved a little and went quiet: its allowance goes back, and its server
     // asks for no more while it stays quiet.
@@ -380,14 +382,8 @@ fn an_unlimited_user_with_a_quota_is_stopped_at_the_fleets_quota() {
     let leases = stats.leases();
     thread::sleep(Duration::from_millis(600));
     assert_eq!(stats.leases(), leases, "a quiet user kept leasing");
-    let mut load = Load::new();
-    for s in &servers {
-        load.downloads(2, s.addr, &origin, "uq");
-    }
-    let all_ended = wait_until(Duration::from_secs(15), || load.ended() == 6);
-    let got = load.bytes() + 1000;
+    let got = download_until_stopped(&servers, &origin, "uq") + 1000;
     eprintln!("unlimited, quota {quota}: {got} bytes went through");
-    assert!(all_ended, "the quota did not stop the user ({got} bytes)");
     // Every byte is leased before it moves: at most the quota (1 MiB of slack for a noisy
     // machine), and far from the 3 × quota three servers counting alone let through.
     assert!(
@@ -403,11 +399,7 @@ fn an_unlimited_user_with_a_quota_is_stopped_at_the_fleets_quota() {
         charged <= quota,
         "the fleet's count passed the quota: {charged}"
     );
-    assert_eq!(
-        socks5(servers[1].addr, "uq", "p", "127.0.0.1", origin.addr.port()).err(),
-        Some(2),
-        "a new connection after the quota is refused"
-    );
+    assert_refused(&servers[1], &origin, "uq");
 }
 
 /// Heartbeats are scored with Redis' clock: a server whose own clock is a minute behind is still
