@@ -476,7 +476,11 @@ fn start_cluster(ctx: &Ctx) -> Result<Vec<(Option<Proc>, SocketAddr)>, String> {
 /// with `extra` arguments, and its address. The process is in the first field: setting it to
 /// `None` kills it.
 fn start_redis(ctx: &Ctx, tag: &str, extra: &[&str]) -> Result<(Option<Proc>, SocketAddr), String> {
-    let addr = free_addr()?;
+    let addr = if extra.contains(&"--cluster-enabled") {
+        cluster_addr()?
+    } else {
+        free_addr()?
+    };
     let dir = ctx.dir.path(tag);
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let mut cmd = Command::new("redis-server");
@@ -497,6 +501,21 @@ fn start_redis(ctx: &Ctx, tag: &str, extra: &[&str]) -> Result<(Option<Proc>, So
         .map_err(|e| format!("{e} (install it with `apt-get install redis-server`)"))?;
     p.wait_listening(addr, Duration::from_secs(10))?;
     Ok((Some(p), addr))
+}
+
+/// A free loopback address for a cluster node, whose bus port (+10,000) is a port and free too:
+/// ephemeral ports reach 60999, and a node on 55536 or above cannot start.
+fn cluster_addr() -> Result<SocketAddr, String> {
+    for _ in 0..100 {
+        let addr = free_addr()?;
+        let Some(bus) = addr.port().checked_add(10_000) else {
+            continue;
+        };
+        if std::net::TcpListener::bind(("127.0.0.1", bus)).is_ok() {
+            return Ok(addr);
+        }
+    }
+    Err("no loopback port with a free cluster bus port in 100 tries".into())
 }
 
 /// `INFO all` as text.

@@ -5,12 +5,17 @@
 
 use super::{TempDir, free_port, wait_until};
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 /// How long a start or a restart may take before the test fails.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// A cluster node also listens on its port + this, for the cluster bus.
+const CLUSTER_BUS_OFFSET: u16 = 10_000;
+/// Ports tried for a fresh server before the test fails: a port found free can be taken by
+/// another test's socket before `redis-server` binds it.
+const START_TRIES: usize = 5;
 
 /// A running (or stopped) `redis-server` on 127.0.0.1.
 pub struct Redis {
@@ -44,12 +49,21 @@ impl Redis {
 
     /// Starts a fresh server with extra `--option value` arguments (e.g. cluster mode).
     pub fn start_with(extra: &[&str]) -> Redis {
+        let cluster = extra.contains(&"--cluster-enabled");
         let mut r = Redis {
-            port: free_port(),
+            port: 0,
             dir: TempDir::new("redis"),
             child: None,
             extra: extra.iter().map(|s| (*s).to_string()).collect(),
         };
+        for _ in 1..START_TRIES {
+            r.port = pick_port(cluster);
+            if r.try_launch() {
+                return r;
+            }
+            r.kill();
+        }
+        r.port = pick_port(cluster);
         r.launch();
         r
     }
@@ -64,7 +78,31 @@ impl Redis {
         ([127, 0, 0, 1], self.port).into()
     }
 
+    /// Starts `redis-server` on `self.port`; true once it answers, false if it exited (its port
+    /// was taken meanwhile) or did not answer in time.
+    fn try_launch(&mut self) -> bool {
+        self.spawn();
+        wait_until(START_TIMEOUT, || {
+            self.try_cmd(&["PING"]).is_some()
+                || self
+                    .child
+                    .as_mut()
+                    .is_none_or(|c| c.try_wait().ok().flatten().is_some())
+        }) && self.try_cmd(&["PING"]).is_some()
+    }
+
     fn launch(&mut self) {
+        self.spawn();
+        let up = wait_until(START_TIMEOUT, || self.try_cmd(&["PING"]).is_some());
+        assert!(
+            up,
+            "redis-server did not answer on port {} within {START_TIMEOUT:?}: {}",
+            self.port,
+            std::fs::read_to_string(self.dir.path("redis.log")).unwrap_or_default()
+        );
+    }
+
+    fn spawn(&mut self) {
         let mut cmd = Command::new(binary());
         cmd.current_dir(&self.dir.0)
             .args(["--port", &self.port.to_string()])
@@ -81,13 +119,6 @@ impl Redis {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start redis-server: {e}"));
         self.child = Some(child);
-        let up = wait_until(START_TIMEOUT, || self.try_cmd(&["PING"]).is_some());
-        assert!(
-            up,
-            "redis-server did not answer on port {} within {START_TIMEOUT:?}: {}",
-            self.port,
-            std::fs::read_to_string(self.dir.path("redis.log")).unwrap_or_default()
-        );
     }
 
     /// Kills the server at once (SIGKILL: no last save beyond what the append-only file has).
@@ -124,6 +155,24 @@ impl Redis {
         self.try_cmd(args)
             .unwrap_or_else(|| panic!("redis on port {} did not answer {args:?}", self.port))
     }
+}
+
+/// A free loopback port; for a cluster node, one whose bus port (+10,000) is a port and free too
+/// (ephemeral ports reach 60999 here, and a node on 55536 or above cannot start).
+fn pick_port(cluster: bool) -> u16 {
+    for _ in 0..100 {
+        let port = free_port();
+        if !cluster {
+            return port;
+        }
+        let Some(bus) = port.checked_add(CLUSTER_BUS_OFFSET) else {
+            continue;
+        };
+        if TcpListener::bind(("127.0.0.1", bus)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no loopback port with a free cluster bus port in 100 tries");
 }
 
 fn read_reply(r: &mut BufReader<TcpStream>) -> Option<String> {
