@@ -38,7 +38,7 @@ pub(crate) fn handle(sock: TcpStream, peer: SocketAddr, id: u64, sh: &LocalShare
     let started = Instant::now();
     let _ = sock.set_nodelay(true);
     let client = Stream::plain(sock);
-    let mut r = DeadlineReader::new(&client, started + sh.handshake_timeout);
+    let mut r = DeadlineReader::reading_ahead(&client, started + sh.handshake_timeout);
     let Some(ask) = read_ask(&mut r, peer, id, sh) else {
         return;
     };
@@ -227,15 +227,16 @@ fn socks5_ask(r: &mut DeadlineReader<'_>, peer: SocketAddr, id: u64) -> Option<A
     Some(Ask {
         proto: Proto::Socks5,
         target,
-        prefix: Vec::new(),
+        // What the app sent past its request, read ahead with it.
+        prefix: r.take_rest(),
     })
 }
 
 fn socks4_ask(r: &mut DeadlineReader<'_>, peer: SocketAddr, id: u64) -> Option<Ask> {
     let client = r.stream;
     let refused = |what: String| warn!("conn#{id} {peer} socks4 {what}; closed");
-    // Read straight from the socket, a byte at a time for the NUL-ended fields: slower than a
-    // BufReader, but nothing the app sent after the request is buffered away from the relay.
+    // The NUL-ended fields are read a byte at a time, from the reader's read-ahead; what it
+    // holds past the request goes to the relay first.
     let req = match socks5::read_socks4_request(r) {
         Ok(req) => req,
         Err(e) => {
@@ -257,7 +258,7 @@ fn socks4_ask(r: &mut DeadlineReader<'_>, peer: SocketAddr, id: u64) -> Option<A
     Some(Ask {
         proto,
         target: req.target,
-        prefix: Vec::new(),
+        prefix: r.take_rest(),
     })
 }
 
@@ -281,6 +282,8 @@ fn http_ask(
             return None;
         }
     };
+    // Whatever the reader still holds came after the head.
+    rest.extend(r.take_rest());
     if !req.is_connect() {
         // Plain HTTP: request by request, each through its own tunnel to its origin, until the
         // app closes or asks for a CONNECT on the same connection.

@@ -27,23 +27,103 @@ const ARM_SLACK: Duration = Duration::from_millis(100);
 /// passed, however the client spaces its bytes (a byte a minute still hits the deadline). The
 /// first byte can be looked at and put back ([`DeadlineReader::peek_byte`]), which works the same
 /// over TLS, where the socket cannot be peeked.
+///
+/// A reader made with [`DeadlineReader::reading_ahead`] serves the decoders' small reads (a
+/// SOCKS5 handshake reads a dozen fields of 1–255 bytes) from one socket read of up to
+/// [`READ_AHEAD`] bytes, so a handshake costs a read per message the client sends rather than one
+/// per field. Bytes it read past the handshake are the tunnel's first bytes: whoever ends the
+/// handshake takes them with [`DeadlineReader::take_rest`] and sends them on.
 pub(crate) struct DeadlineReader<'a> {
     pub stream: &'a Stream,
     pub deadline: Instant,
-    peeked: Option<u8>,
+    /// Bytes read from the socket and not yet handed out (a peeked byte, or a read-ahead).
+    held: Vec<u8>,
+    /// How much of `held` was handed out already.
+    used: usize,
+    /// Reads smaller than this go through `held` (0: never).
+    ahead: usize,
     /// When the socket's timeouts were last set to what was left before the deadline.
     armed: Option<Instant>,
 }
+
+/// The most a read-ahead takes from the socket at once: a SOCKS5 greeting, login and request are
+/// at most 257 + 513 + 262 bytes.
+pub(crate) const READ_AHEAD: usize = 1024;
 
 impl Read for DeadlineReader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if buf.is_empty() {
             return Ok(0);
         }
-        if let Some(b) = self.peeked.take() {
-            buf[0] = b;
-            return Ok(1);
+        if self.used < self.held.len() {
+            let n = buf.len().min(self.held.len() - self.used);
+            buf[..n].copy_from_slice(&self.held[self.used..self.used + n]);
+            self.used += n;
+            return Ok(n);
         }
+        if buf.len() < self.ahead {
+            let mut ahead = [0u8; READ_AHEAD];
+            let got = self.read_socket(&mut ahead[..self.ahead])?;
+            let n = got.min(buf.len());
+            buf[..n].copy_from_slice(&ahead[..n]);
+            self.held.clear();
+            self.held.extend_from_slice(&ahead[n..got]);
+            self.used = 0;
+            return Ok(n);
+        }
+        self.read_socket(buf)
+    }
+}
+
+impl<'a> DeadlineReader<'a> {
+    /// A reader over `stream` that gives up at `deadline`, reading only what it is asked for.
+    pub fn new(stream: &'a Stream, deadline: Instant) -> DeadlineReader<'a> {
+        DeadlineReader {
+            stream,
+            deadline,
+            held: Vec::new(),
+            used: 0,
+            ahead: 0,
+            armed: None,
+        }
+    }
+
+    /// A reader over `stream` that gives up at `deadline` and reads ahead (see the type's docs):
+    /// for a client's handshake, ended by [`DeadlineReader::take_rest`].
+    pub fn reading_ahead(stream: &'a Stream, deadline: Instant) -> DeadlineReader<'a> {
+        DeadlineReader {
+            ahead: READ_AHEAD,
+            ..DeadlineReader::new(stream, deadline)
+        }
+    }
+
+    /// The bytes read from the socket and not handed out yet: what the client sent past its
+    /// handshake, to be relayed before anything else it sends.
+    pub fn take_rest(&mut self) -> Vec<u8> {
+        let mut rest = std::mem::take(&mut self.held);
+        rest.drain(..self.used.min(rest.len()));
+        self.used = 0;
+        rest
+    }
+
+    /// The first byte, without consuming it (`None` if the peer closed).
+    pub fn peek_byte(&mut self) -> io::Result<Option<u8>> {
+        if self.used >= self.held.len() {
+            let mut b = [0u8; READ_AHEAD];
+            let want = self.ahead.max(1);
+            let got = self.read_socket(&mut b[..want])?;
+            if got == 0 {
+                return Ok(None);
+            }
+            self.held.clear();
+            self.held.extend_from_slice(&b[..got]);
+            self.used = 0;
+        }
+        Ok(Some(self.held[self.used]))
+    }
+
+    /// One read from the socket, within the deadline.
+    fn read_socket(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let now = Instant::now();
         if now >= self.deadline {
             return Err(io::ErrorKind::TimedOut.into());
@@ -56,30 +136,6 @@ impl Read for DeadlineReader<'_> {
             self.armed = Some(now);
         }
         self.stream.read(buf)
-    }
-}
-
-impl<'a> DeadlineReader<'a> {
-    /// A reader over `stream` that gives up at `deadline`.
-    pub fn new(stream: &'a Stream, deadline: Instant) -> DeadlineReader<'a> {
-        DeadlineReader {
-            stream,
-            deadline,
-            peeked: None,
-            armed: None,
-        }
-    }
-
-    /// The first byte, without consuming it (`None` if the peer closed).
-    pub fn peek_byte(&mut self) -> io::Result<Option<u8>> {
-        if self.peeked.is_none() {
-            let mut b = [0u8; 1];
-            if self.read(&mut b)? == 0 {
-                return Ok(None);
-            }
-            self.peeked = Some(b[0]);
-        }
-        Ok(self.peeked)
     }
 }
 
@@ -348,6 +404,54 @@ mod tests {
             names,
             ["socks5", "socks4", "socks4a", "http-connect", "http"]
         );
+    }
+
+    /// A loopback pair: the server's end as a `Stream`, the client's as a socket.
+    fn pair() -> (Stream, std::net::TcpStream) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        (Stream::plain(l.accept().unwrap().0), c)
+    }
+
+    #[test]
+    fn a_read_ahead_handshake_keeps_what_came_after_it_for_the_tunnel() {
+        use std::io::Write;
+        let (server, mut client) = pair();
+        let target = Target::parse("example.invalid:443", None).unwrap();
+        // Greeting, login, request and the tunnel's first bytes, in one write.
+        let mut all = socks5::encode_greeting(&[socks5::METHOD_USER_PASS]);
+        all.extend(socks5::encode_userpass(b"u", b"pw").unwrap());
+        all.extend(socks5::encode_request(socks5::Command::Connect, &target).unwrap());
+        all.extend_from_slice(b"tunnel bytes");
+        client.write_all(&all).unwrap();
+        let mut r = DeadlineReader::reading_ahead(&server, Instant::now() + Duration::from_secs(5));
+        assert_eq!(r.peek_byte().unwrap(), Some(5));
+        socks5::read_greeting(&mut r).unwrap();
+        assert_eq!(socks5::read_userpass(&mut r).unwrap().username, b"u");
+        assert_eq!(socks5::read_request(&mut r).unwrap().target, target);
+        assert_eq!(r.take_rest(), b"tunnel bytes");
+        assert_eq!(r.take_rest(), b"", "taken once");
+        // Later bytes are read from the socket again, in order.
+        client.write_all(b"more").unwrap();
+        let mut b = [0u8; 4];
+        r.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"more");
+    }
+
+    #[test]
+    fn a_plain_reader_takes_only_what_it_is_asked_for() {
+        use std::io::Write;
+        let (server, mut client) = pair();
+        client.write_all(b"\x05abc").unwrap();
+        let mut r = DeadlineReader::new(&server, Instant::now() + Duration::from_secs(5));
+        assert_eq!(r.peek_byte().unwrap(), Some(5));
+        let mut one = [0u8; 2];
+        r.read_exact(&mut one).unwrap();
+        assert_eq!(&one, b"\x05a");
+        assert_eq!(r.take_rest(), b"", "nothing was read ahead");
+        let mut rest = [0u8; 2];
+        server.read(&mut rest).unwrap();
+        assert_eq!(&rest, b"bc", "the socket still holds the rest");
     }
 
     #[test]

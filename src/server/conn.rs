@@ -71,7 +71,7 @@ pub(crate) fn handle(sock: TcpStream, peer: SocketAddr, id: u64, sh: &Shared) {
             }
         },
     };
-    let mut r = DeadlineReader::new(&client, deadline);
+    let mut r = DeadlineReader::reading_ahead(&client, deadline);
     let Some(sniffed) = handshake::sniff(&mut r, peer, id) else {
         return;
     };
@@ -200,7 +200,8 @@ fn socks5_handshake(
                 proto: Proto::Socks5,
                 target,
                 dest,
-                prefix: Vec::new(),
+                // What the client sent past its request, read ahead with it.
+                prefix: r.take_rest(),
             })
         }
         Err(e) => {
@@ -314,6 +315,8 @@ fn http_handshake(
             return None;
         }
     };
+    // Whatever the reader still holds came after the head.
+    rest.extend(r.take_rest());
     if !req.is_connect() {
         // Plain HTTP: request by request, each with its own credentials, until the client
         // closes or asks for a CONNECT on the same connection.
