@@ -62,13 +62,10 @@ impl Read for DeadlineReader<'_> {
             return Ok(n);
         }
         if buf.len() < self.ahead {
-            let mut ahead = [0u8; READ_AHEAD];
-            let got = self.read_socket(&mut ahead[..self.ahead])?;
+            let got = self.fill(self.ahead)?;
             let n = got.min(buf.len());
-            buf[..n].copy_from_slice(&ahead[..n]);
-            self.held.clear();
-            self.held.extend_from_slice(&ahead[n..got]);
-            self.used = 0;
+            buf[..n].copy_from_slice(&self.held[..n]);
+            self.used = n;
             return Ok(n);
         }
         self.read_socket(buf)
@@ -108,18 +105,22 @@ impl<'a> DeadlineReader<'a> {
 
     /// The first byte, without consuming it (`None` if the peer closed).
     pub fn peek_byte(&mut self) -> io::Result<Option<u8>> {
-        if self.used >= self.held.len() {
-            let mut b = [0u8; READ_AHEAD];
-            let want = self.ahead.max(1);
-            let got = self.read_socket(&mut b[..want])?;
-            if got == 0 {
-                return Ok(None);
-            }
-            self.held.clear();
-            self.held.extend_from_slice(&b[..got]);
-            self.used = 0;
+        if self.used >= self.held.len() && self.fill(self.ahead.max(1))? == 0 {
+            return Ok(None);
         }
         Ok(Some(self.held[self.used]))
+    }
+
+    /// Replaces what is held (all of it handed out) with one socket read of up to `max` bytes;
+    /// returns how many came (0: the peer closed).
+    fn fill(&mut self, max: usize) -> io::Result<usize> {
+        let mut held = std::mem::take(&mut self.held);
+        held.resize(max, 0);
+        let got = self.read_socket(&mut held);
+        held.truncate(*got.as_ref().unwrap_or(&0));
+        self.held = held;
+        self.used = 0;
+        got
     }
 
     /// One read from the socket, within the deadline.
