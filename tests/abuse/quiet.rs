@@ -57,6 +57,16 @@ fn keep_busy(s: TcpStream, stop: Arc<AtomicBool>) -> thread::JoinHandle<()> {
     })
 }
 
+/// The most descriptors `srv` held over 50 readings 10 ms apart while `s` was kept busy.
+fn most_fds_while_busy(s: &TcpStream, srv: &ServerProcess) -> usize {
+    let stop = Arc::new(AtomicBool::new(false));
+    let busy = keep_busy(s.try_clone().unwrap(), stop.clone());
+    let most = most_of(50, || srv.fds());
+    stop.store(true, Ordering::Relaxed);
+    busy.join().unwrap();
+    most
+}
+
 /// The most `count` read over `rounds` readings 10 ms apart.
 fn most_of(rounds: usize, count: impl Fn() -> usize) -> usize {
     (0..rounds)
@@ -92,11 +102,7 @@ fn a_quiet_tunnel_gives_back_its_pipes_and_still_relays_exactly() {
         srv.fds()
     );
     // Busy both ways: each direction holds a pipe (two descriptors each).
-    let stop = Arc::new(AtomicBool::new(false));
-    let busy = keep_busy(s.try_clone().unwrap(), stop.clone());
-    let most = most_of(50, || srv.fds());
-    stop.store(true, Ordering::Relaxed);
-    busy.join().unwrap();
+    let most = most_fds_while_busy(&s, &srv);
     assert!(
         most > quiet + NOISE,
         "a busy tunnel should hold pipes: {most} descriptors busy, {quiet} quiet"
@@ -125,11 +131,7 @@ fn with_no_pipe_budget_tunnels_copy_through_buffers() {
     echo_exact(&s, 10, 0);
     // The tunnel's two sockets and nothing else, even while it moves bytes.
     let open = before + 2;
-    let stop = Arc::new(AtomicBool::new(false));
-    let busy = keep_busy(s.try_clone().unwrap(), stop.clone());
-    let most = most_of(50, || srv.fds());
-    stop.store(true, Ordering::Relaxed);
-    busy.join().unwrap();
+    let most = most_fds_while_busy(&s, &srv);
     assert!(
         most <= open + NOISE,
         "a pipe was taken past the budget: {most} descriptors busy, {open} before"
