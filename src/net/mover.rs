@@ -1,7 +1,8 @@
 //! How one direction of a relay moves its bytes, and when it lets go of what it moves them with:
-//! a pipe for `splice(2)` between two plain sockets (counted in the process's pipe budget,
-//! [`os::PIPES`]), else a heap buffer ([`Mover`]); taken on a direction's first byte and given
-//! back once it has been quiet for the release period ([`Quiet`]). The copy loop itself, the
+//! a small heap buffer for a direction's first bytes, then, once a read fills it, a pipe for
+//! `splice(2)` between two plain sockets (counted in the process's pipe budget, [`os::PIPES`]),
+//! else a full-size heap buffer ([`Mover`]); taken on a direction's first byte and given back once
+//! it has been quiet for the release period ([`Quiet`]). The copy loop itself, the
 //! limiter and the shared activity clock are `relay.rs`'s; the pipe's system calls are
 //! `stream.rs`'s.
 
@@ -12,6 +13,11 @@ use std::time::Duration;
 
 /// Bytes read per system call; also the most a relay asks the limiter for at once.
 pub const RELAY_BUF: usize = 64 * 1024;
+/// The buffer a direction starts with. Requests, replies and handshakes (an HTTP head, a TLS
+/// ClientHello, a one-byte echo) fit, and move with one `read` and one `write`; making, sizing,
+/// filling, draining and closing a pipe for them took six more system calls per direction
+/// (`make bench`, scenario 4). A read that fills it means bulk: the direction takes a pipe.
+pub const FIRST_BUF: usize = 4 * 1024;
 
 /// How long a direction has been quiet, counted in read timeouts: a timed-out read waited its
 /// whole timeout, so consecutive timeouts add up without reading the clock on every chunk. While
@@ -68,12 +74,15 @@ impl Quiet {
     }
 }
 
-/// How bytes get from one stream to the other: through a pipe with `splice(2)` when both sides
-/// are plain sockets (no copy through user space) and the pipe budget allows, else through a heap
-/// buffer. Taken when a byte arrives and given back when the direction goes quiet, so a tunnel
-/// that is not moving bytes holds neither.
+/// How bytes get from one stream to the other: first through a small heap buffer; once a read
+/// fills it, through a pipe with `splice(2)` when both sides are plain sockets (no copy through
+/// user space) and the pipe budget allows, else through a full-size heap buffer. Taken when a
+/// byte arrives and given back when the direction goes quiet, so a tunnel that is not moving bytes
+/// holds none of them.
 pub(super) enum Mover {
     None,
+    /// A direction's first bytes ([`FIRST_BUF`]), until a read fills it.
+    First(Vec<u8>),
     /// A side is TLS: bytes must pass through user space.
     Buffer(Vec<u8>),
     /// Two plain sockets that got no pipe (budget used up, or a pipe too small): tries again
@@ -103,8 +112,14 @@ impl Drop for PipeSlot {
 }
 
 impl Mover {
-    /// What a direction from `src` to `dst` moves its bytes with: a pipe between two plain
-    /// sockets if one can be had, else a buffer.
+    /// What a direction starts with when its first bytes (or the first after a quiet spell)
+    /// arrive.
+    pub(super) fn first() -> Mover {
+        Mover::First(vec![0; FIRST_BUF])
+    }
+
+    /// What a direction from `src` to `dst` moves bulk with: a pipe between two plain sockets if
+    /// one can be had, else a buffer.
     pub(super) fn for_streams(src: &Stream, dst: &Stream) -> Mover {
         if let (Stream::Plain(_), Stream::Plain(_)) = (src, dst) {
             return Mover::pipe().unwrap_or_else(|| Mover::Fallback(vec![0; RELAY_BUF], 0));
@@ -123,10 +138,15 @@ impl Mover {
         }
     }
 
-    /// After a chunk went through (nothing is held in the buffer or pipe): a direction copying
-    /// only for want of a pipe takes one now and then, once the budget has room again.
-    pub(super) fn after_chunk(&mut self) {
-        if let Mover::Fallback(_, n) = self {
+    /// After a chunk of `n` bytes went through (nothing is held in the buffer or pipe): a
+    /// direction whose first buffer was filled moves on to a pipe or a full-size buffer; one
+    /// copying only for want of a pipe takes one now and then, once the budget has room again.
+    pub(super) fn after_chunk(&mut self, n: usize, src: &Stream, dst: &Stream) {
+        if let Mover::First(b) = self {
+            if n >= b.len() {
+                *self = Mover::for_streams(src, dst);
+            }
+        } else if let Mover::Fallback(_, n) = self {
             *n += 1;
             if *n >= RETRY_PIPE_EVERY {
                 *n = 0;
@@ -145,6 +165,7 @@ impl Mover {
     pub(super) fn chunk(&self) -> usize {
         match self {
             Mover::Pipe(p, _) => p.capacity(),
+            Mover::First(b) => b.len(),
             _ => RELAY_BUF,
         }
     }
@@ -152,7 +173,10 @@ impl Mover {
     pub(super) fn fill(&mut self, src: &Stream, max: usize) -> io::Result<usize> {
         match self {
             Mover::Pipe(p, _) => p.fill(src.socket(), max),
-            Mover::Buffer(b) | Mover::Fallback(b, _) => src.read(&mut b[..max.min(RELAY_BUF)]),
+            Mover::First(b) | Mover::Buffer(b) | Mover::Fallback(b, _) => {
+                let max = max.min(b.len());
+                src.read(&mut b[..max])
+            }
             Mover::None => Ok(0),
         }
     }
@@ -165,7 +189,7 @@ impl Mover {
     ) -> io::Result<()> {
         match self {
             Mover::Pipe(p, _) => p.drain(dst.socket(), keep_waiting),
-            Mover::Buffer(b) | Mover::Fallback(b, _) => {
+            Mover::First(b) | Mover::Buffer(b) | Mover::Fallback(b, _) => {
                 dst.write_all_patient(&b[..n], keep_waiting)
             }
             Mover::None => Ok(()),
@@ -181,6 +205,22 @@ mod tests {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
         (Stream::plain(l.accept().unwrap().0), c)
+    }
+
+    #[test]
+    fn a_direction_starts_small_and_takes_a_pipe_once_a_read_fills_its_buffer() {
+        let (src, _a) = loopback_stream();
+        let (dst, _b) = loopback_stream();
+        let mut m = Mover::first();
+        assert_eq!(m.chunk(), FIRST_BUF);
+        // A request or a reply: the direction keeps its small buffer.
+        m.after_chunk(FIRST_BUF - 1, &src, &dst);
+        assert!(matches!(m, Mover::First(_)));
+        // A read that filled it: bulk, through a pipe between two plain sockets (or a full-size
+        // buffer where the pipe budget or the kernel refuses one).
+        m.after_chunk(FIRST_BUF, &src, &dst);
+        assert!(matches!(m, Mover::Pipe(..) | Mover::Fallback(..)));
+        assert!(m.chunk() >= RELAY_BUF);
     }
 
     #[test]

@@ -60,7 +60,7 @@ impl Parked {
 
 /// A set of threads of one stack size that run jobs one at a time and park in between.
 pub struct Pool {
-    /// The kind of job, for thread names: "conn", "up".
+    /// The kind of job, for thread names: "conn", "down".
     kind: &'static str,
     stack: usize,
     park_time: Duration,
@@ -77,7 +77,7 @@ pub struct Pool {
 /// The pool that runs the second direction of every relay in this process (see `relay.rs`).
 pub fn relays() -> &'static Arc<Pool> {
     static RELAYS: OnceLock<Arc<Pool>> = OnceLock::new();
-    RELAYS.get_or_init(|| Pool::new("up", RELAY_STACK, PARK_TIME, MAX_PARKED))
+    RELAYS.get_or_init(|| Pool::new("down", RELAY_STACK, PARK_TIME, MAX_PARKED))
 }
 
 impl Pool {

@@ -6,8 +6,10 @@
 //! other thread too. Either side may be TLS (`stream.rs`). A limited relay first waits until its
 //! source is readable (a one-byte peek, or plaintext in the TLS session), then asks the limiter
 //! for up to a buffer's worth, reads at most what it was granted and gives back the rest, so it
-//! never holds tokens while blocked and never reads past its grant. Between two plain sockets the
-//! bytes move through a pipe with `splice(2)`, never through user space. Pipes and buffers are
+//! never holds tokens while blocked and never reads past its grant. A direction's first bytes go
+//! through a small buffer (one `read`, one `write`: requests and replies); once a read fills it,
+//! bulk between two plain sockets moves through a pipe with `splice(2)`, never through user
+//! space. Pipes and buffers are
 //! made only once data arrives and given back once a direction has been quiet for
 //! [`DEFAULT_RELEASE_AFTER`] (taken again on its next byte), so a tunnel that is not moving bytes
 //! costs two sleeping threads and its two sockets, whether it never moved any or moved gigabytes
@@ -386,7 +388,7 @@ fn copy(
             }
         }
         if mover.is_none() {
-            mover = Mover::for_streams(src, dst);
+            mover = Mover::first();
             quiet.taken(src).map_err(End::Error)?;
         }
         let grant = match (budget, &waiter) {
@@ -448,7 +450,7 @@ fn copy(
             .flush(dst, n, &keep_waiting)
             .map_err(|e| write_end(e, activity))?;
         *moved += n as u64;
-        mover.after_chunk();
+        mover.after_chunk(n, src, dst);
         if let Some(b) = budget {
             let busy = u64::try_from(busy_since.elapsed().as_nanos()).unwrap_or(u64::MAX);
             b.account.busy_ns.fetch_add(busy, Ordering::Relaxed);
@@ -509,9 +511,14 @@ fn write_end(e: io::Error, activity: &Activity) -> End {
     }
 }
 
-/// Relays both directions of a connection: client → destination runs on a parked relay thread
-/// (spawned only when none is parked; named `up {label}` while it runs) and destination → client
-/// on the calling thread. Blocking until both directions are done.
+/// Relays both directions of a connection: destination → client runs on a parked relay thread
+/// (spawned only when none is parked; named `down {label}` while it runs) and client →
+/// destination on the calling thread. Blocking until both directions are done.
+///
+/// The calling thread, already running, takes the direction whose first byte comes first in
+/// most protocols (the client's, right after the reply); the relay thread's wake-up then happens
+/// while that byte makes its round trip to the destination, not before it (`make bench`,
+/// scenario 4).
 ///
 /// # Errors
 /// Returns `Err` (with both sockets shut) only when no thread is parked and none can be spawned.
@@ -568,10 +575,10 @@ pub fn relay_idle(
         activity.clone(),
     );
     // The second direction runs on a parked relay thread (`pool.rs`), spawned only when none is.
-    let up = pool::relays().run_joinable(format!("up {label}"), move || {
-        pump(&c2, &d2, b2.as_deref(), Direction::Up, &a2)
+    let down = pool::relays().run_joinable(format!("down {label}"), move || {
+        pump(&d2, &c2, b2.as_deref(), Direction::Down, &a2)
     });
-    let up = match up {
+    let down = match down {
         Ok(h) => h,
         Err(e) => {
             client.shutdown_both();
@@ -579,14 +586,8 @@ pub fn relay_idle(
             return Err(e);
         }
     };
-    let (down, down_end) = pump(
-        &dest,
-        &client,
-        budget.as_deref(),
-        Direction::Down,
-        &activity,
-    );
-    let (up_n, up_end) = up
+    let (up_n, up_end) = pump(&client, &dest, budget.as_deref(), Direction::Up, &activity);
+    let (down, down_end) = down
         .join()
         .unwrap_or_else(|| (0, End::Error(io::Error::other("relay thread panicked"))));
     let end = match (up_end, down_end) {

@@ -99,7 +99,7 @@ fn sequential_tunnels_reuse_the_same_threads() {
     );
     // The last tunnel's threads park once its end line is written.
     let parked = |names: &[String]| {
-        names.iter().any(|n| n == "parked conn") && names.iter().any(|n| n == "parked up")
+        names.iter().any(|n| n == "parked conn") && names.iter().any(|n| n == "parked down")
     };
     assert!(
         wait_until(SETTLE, || parked(&srv.thread_names())),
