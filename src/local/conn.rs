@@ -36,7 +36,7 @@ struct Ask {
 /// Serves one app connection to its end. Blocking; runs on the connection's own thread.
 pub(crate) fn handle(sock: TcpStream, peer: SocketAddr, id: u64, sh: &LocalShared) {
     let started = Instant::now();
-    let _ = sock.set_nodelay(true);
+    // TCP_NODELAY came from the listener (`os::tune_listener`).
     let client = Stream::plain(sock);
     let mut r = DeadlineReader::reading_ahead(&client, started + sh.handshake_timeout);
     let Some(ask) = read_ask(&mut r, peer, id, sh) else {

@@ -5,6 +5,7 @@
 //!
 //! What a connection does once accepted is the proxy's [`Service::serve`]; parking is `pool.rs`.
 
+use crate::net::os;
 use crate::net::pool::{MAX_PARKED, PARK_TIME, Pool};
 use log::warn;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -81,6 +82,9 @@ pub trait Service: Send + Sync + 'static {
 /// once a second and followed by a short sleep, not a spin. On return the loop's parked threads
 /// exit (busy ones when their connection ends).
 pub fn accept_loop<S: Service>(listener: &TcpListener, svc: &Arc<S>) {
+    if let Err(e) = os::tune_listener(listener) {
+        warn!("cannot set TCP_NODELAY and keepalive on the listening socket: {e}");
+    }
     let pool = Pool::new("conn", CONN_STACK, PARK_TIME, MAX_PARKED);
     accept_into(listener, svc, &pool);
     pool.close();
@@ -137,6 +141,7 @@ fn start_connection<S: Service>(
     let id = intake.next_id.fetch_add(1, Ordering::Relaxed);
     intake.active.fetch_add(1, Ordering::Relaxed);
     let guard = ActiveGuard(svc.clone());
+    // The socket came with TCP_NODELAY and keepalive from the listener (`os::tune_listener`).
     let job = Box::new(move || {
         guard.0.serve(stream, peer, id);
         drop(guard);

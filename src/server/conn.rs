@@ -56,7 +56,6 @@ pub(crate) fn handle(sock: TcpStream, peer: SocketAddr, id: u64, sh: &Shared) {
         }
     };
     let deadline = started + sh.handshake_timeout;
-    let _ = sock.set_nodelay(true);
     let client = match &sh.tls {
         None => Stream::plain(sock),
         Some(cfg) => match tls::accept(sock, cfg, deadline) {
@@ -95,7 +94,7 @@ pub(crate) fn handle(sock: TcpStream, peer: SocketAddr, id: u64, sh: &Shared) {
 }
 
 fn run_relay(client: Stream, s: Session, peer: SocketAddr, id: u64, sh: &Shared, started: Instant) {
-    os::tune_relay_socket(client.socket());
+    // The client's socket has both from the listener (`os::tune_listener`).
     os::tune_relay_socket(s.dest.socket());
     let account = s.slot.account().clone();
     let attached = s.slot.attach(Box::new([client.clone(), s.dest.clone()]));
