@@ -1,13 +1,15 @@
 //! Accepting connections, for both proxies: the accept loop (one thread per connection, with a
-//! stack sized for a handshake, taken from the loop's pool of parked threads and spawned only
-//! when none is parked), the global connection cap checked before a thread is taken, the count of
-//! live connections kept by a guard, and waking a blocked `accept` to stop.
+//! stack sized for a handshake: the thread that accepted it, from the loop's pool of threads that
+//! take turns at `accept` and park in between, spawned only when none is parked), the global
+//! connection cap checked before a connection is served, the count of live connections kept by a
+//! guard, and waking a blocked `accept` to stop.
 //!
 //! What a connection does once accepted is the proxy's [`Service::serve`]; parking is `pool.rs`.
 
 use crate::net::os;
-use crate::net::pool::{MAX_PARKED, PARK_TIME, Pool};
+use crate::net::pool::{MAX_PARKED, PARK_TIME, Pool, set_thread_name};
 use log::warn;
+use parking_lot::{Condvar, Mutex};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -77,78 +79,217 @@ pub trait Service: Send + Sync + 'static {
     fn serve(&self, stream: TcpStream, peer: SocketAddr, id: u64);
 }
 
-/// Accepts until the service stops. Past the connection cap a connection is closed at once,
-/// without a thread, and said so at most once a second; a failed accept (EMFILE) is logged at most
-/// once a second and followed by a short sleep, not a spin. On return the loop's parked threads
-/// exit (busy ones when their connection ends).
+/// Threads kept blocked in `accept` at most, waiting for the next connection (at least one is,
+/// while the loop runs). A connection is served on the thread that accepted it, so a set-up
+/// crosses no thread hand-over; a thread that finishes a connection goes back to accepting while
+/// fewer than this many wait, and parks otherwise.
+pub const SPARE_ACCEPTORS: usize = 4;
+
+/// Accepts until the service stops, serving each connection on the thread that accepted it
+/// ("leader/follower": one thread wakes per connection, where an accept thread handing the
+/// connection to another woke two, and the second's wake-up lay on every set-up's path: issue 20,
+/// scenario 4). Up to [`SPARE_ACCEPTORS`] threads of the loop's pool block in `accept` at once;
+/// the one that takes the last waiting place hands accepting on to a parked thread (or a new one)
+/// before it serves.
+///
+/// Past the connection cap a connection is closed at once, and said so at most once a second; a
+/// failed accept (EMFILE) is logged at most once a second and followed by a short sleep, not a
+/// spin. Returns once the service stops and every accepting thread has left `accept` (the
+/// stopper wakes one with [`wake`]; each wakes the next); the loop's parked threads then exit,
+/// busy ones when their connection ends.
 pub fn accept_loop<S: Service>(listener: &TcpListener, svc: &Arc<S>) {
-    if let Err(e) = os::tune_listener(listener) {
+    let pool = Pool::new("conn", CONN_STACK, PARK_TIME, MAX_PARKED);
+    let listener = match listener.try_clone() {
+        Ok(l) => l,
+        Err(e) => {
+            warn!("cannot share the listening socket between threads: {e}; not accepting");
+            return;
+        }
+    };
+    if let Err(e) = os::tune_listener(&listener) {
         warn!("cannot set TCP_NODELAY and keepalive on the listening socket: {e}");
     }
-    let pool = Pool::new("conn", CONN_STACK, PARK_TIME, MAX_PARKED);
-    accept_into(listener, svc, &pool);
+    let addr = listener.local_addr().ok();
+    let loop_ = Arc::new(Acceptors {
+        listener,
+        addr,
+        svc: svc.clone(),
+        pool: pool.clone(),
+        waiting: Mutex::new(1),
+        gone: Condvar::new(),
+        log: Mutex::new(LoopLog::default()),
+    });
+    let first = loop_.clone();
+    if pool
+        .run("accept".into(), Box::new(move || first.accept()))
+        .is_err()
+    {
+        // No thread to spare: this one accepts (and serves) until the stop.
+        loop_.clone().accept();
+    }
+    let mut waiting = loop_.waiting.lock();
+    while *waiting > 0 {
+        loop_.gone.wait(&mut waiting);
+    }
+    drop(waiting);
+    // The last accepting thread may still hold the loop (and so the socket) for a moment:
+    // stop listening now, so a connection from here on is refused rather than left queued.
+    stop_listening(&loop_.listener);
     pool.close();
 }
 
-fn accept_into<S: Service>(listener: &TcpListener, svc: &Arc<S>, pool: &Arc<Pool>) {
-    let mut last_warn: Option<Instant> = None;
-    let mut last_full: Option<Instant> = None;
-    let mut shed = 0u64;
-    let once_a_second =
-        |t: &Option<Instant>| t.is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
-    let intake = svc.intake();
-    loop {
-        let accepted = listener.accept();
-        if intake.stopping() {
-            return;
+/// Takes a listening socket out of the listening state (new connections are refused) while its
+/// descriptor stays open for whoever still holds it.
+fn stop_listening(l: &TcpListener) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: shutdown on a descriptor this listener owns; it frees nothing.
+    if unsafe { libc::shutdown(l.as_raw_fd(), libc::SHUT_RD) } != 0 {
+        warn!("cannot stop listening: {}", std::io::Error::last_os_error());
+    }
+}
+
+/// What the accepting threads of one loop share.
+struct Acceptors<S: Service> {
+    listener: TcpListener,
+    /// Where the listener is reached, for waking the next accepting thread at a stop.
+    addr: Option<SocketAddr>,
+    svc: Arc<S>,
+    pool: Arc<Pool>,
+    /// Threads in (or on their way to) `accept`; signalled on `gone` when it drops to 0 at a stop.
+    waiting: Mutex<usize>,
+    gone: Condvar,
+    log: Mutex<LoopLog>,
+}
+
+/// When the loop last warned, so that a flood is said at most once a second.
+#[derive(Default)]
+struct LoopLog {
+    last_warn: Option<Instant>,
+    last_full: Option<Instant>,
+    shed: u64,
+}
+
+fn once_a_second(t: &Option<Instant>) -> bool {
+    t.is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+}
+
+impl<S: Service> Acceptors<S> {
+    /// One thread's turn at accepting (counted in `waiting` by whoever started it): accepts, and
+    /// serves what it accepts, until the stop or until it finishes a connection while enough
+    /// others wait. While it serves, the thread holds only a weak reference to the loop, so a
+    /// long connection does not keep the listening socket open past the loop's end.
+    fn accept(self: Arc<Self>) {
+        let mut me = self;
+        loop {
+            let Some((stream, peer)) = me.next_connection() else {
+                return;
+            };
+            let (svc, weak) = (me.svc.clone(), Arc::downgrade(&me));
+            drop(me);
+            serve(stream, peer, &svc);
+            match weak.upgrade() {
+                Some(m) if m.rejoin() => me = m,
+                _ => return,
+            }
+            set_thread_name("accept");
         }
-        match accepted {
-            Ok((stream, peer)) if intake.active() >= intake.max_connections => {
-                drop(stream);
-                shed += 1;
-                if once_a_second(&last_full) {
-                    warn!(
-                        "{peer} and {} more closed: {} connections open, the {}",
-                        shed - 1,
-                        intake.max_connections,
-                        intake.cap_name
-                    );
-                    last_full = Some(Instant::now());
-                    shed = 0;
+    }
+
+    /// Accepts until a connection is to be served on this thread (another having taken its
+    /// place at `accept`, see [`Acceptors::hand_on`]); `None` at the stop, having left.
+    fn next_connection(self: &Arc<Self>) -> Option<(TcpStream, SocketAddr)> {
+        let intake = self.svc.intake();
+        loop {
+            let accepted = self.listener.accept();
+            if intake.stopping() {
+                self.leave();
+                return None;
+            }
+            match accepted {
+                Ok((stream, peer)) if intake.active() >= intake.max_connections => {
+                    drop(stream);
+                    let mut log = self.log.lock();
+                    log.shed += 1;
+                    if once_a_second(&log.last_full) {
+                        warn!(
+                            "{peer} and {} more closed: {} connections open, the {}",
+                            log.shed - 1,
+                            intake.max_connections,
+                            intake.cap_name
+                        );
+                        log.last_full = Some(Instant::now());
+                        log.shed = 0;
+                    }
+                }
+                Ok((stream, peer)) => {
+                    if self.hand_on() {
+                        return Some((stream, peer));
+                    }
+                    // No other thread could take over accepting: this one keeps at it.
+                    warn!("{peer} dropped: cannot spawn a thread to accept while it is served");
+                }
+                Err(e) => {
+                    let mut log = self.log.lock();
+                    if once_a_second(&log.last_warn) {
+                        warn!("accept failed: {e}; backing off");
+                        log.last_warn = Some(Instant::now());
+                    }
+                    drop(log);
+                    thread::sleep(ACCEPT_BACKOFF);
                 }
             }
-            Ok((stream, peer)) => start_connection(stream, peer, svc, pool),
-            Err(e) => {
-                if once_a_second(&last_warn) {
-                    warn!("accept failed: {e}; backing off");
-                    last_warn = Some(Instant::now());
-                }
-                thread::sleep(ACCEPT_BACKOFF);
-            }
+        }
+    }
+
+    /// Leaves the accepting threads to serve a connection; when it was the last one waiting,
+    /// first starts another. False when none could be started (this thread then stays).
+    fn hand_on(self: &Arc<Self>) -> bool {
+        let mut waiting = self.waiting.lock();
+        if *waiting > 1 {
+            *waiting -= 1;
+            return true;
+        }
+        drop(waiting);
+        let next = self.clone();
+        self.pool
+            .run("accept".into(), Box::new(move || next.accept()))
+            .is_ok()
+    }
+
+    /// After a connection: back to accepting while fewer than [`SPARE_ACCEPTORS`] wait (true),
+    /// else to the pool. Checked under the count's lock, after the stop flag, so a thread never
+    /// rejoins a loop whose last accepting thread has already left.
+    fn rejoin(&self) -> bool {
+        let mut waiting = self.waiting.lock();
+        if self.svc.intake().stopping() || *waiting >= SPARE_ACCEPTORS {
+            return false;
+        }
+        *waiting += 1;
+        true
+    }
+
+    /// Leaves `accept` at a stop: wakes the next accepting thread, or says the last is gone.
+    fn leave(&self) {
+        let mut waiting = self.waiting.lock();
+        *waiting -= 1;
+        if *waiting == 0 {
+            self.gone.notify_all();
+        } else if let Some(addr) = self.addr {
+            drop(waiting);
+            wake(addr);
         }
     }
 }
 
-/// Hands a connection to a parked thread, or a new one. Counted live from here until its job
-/// ends (or is dropped unrun).
-fn start_connection<S: Service>(
-    stream: TcpStream,
-    peer: SocketAddr,
-    svc: &Arc<S>,
-    pool: &Arc<Pool>,
-) {
+/// Serves a connection on this thread, counted live until it ends. The socket came with
+/// TCP_NODELAY and keepalive from the listener ([`os::tune_listener`]).
+fn serve<S: Service>(stream: TcpStream, peer: SocketAddr, svc: &Arc<S>) {
     let intake = svc.intake();
     let id = intake.next_id.fetch_add(1, Ordering::Relaxed);
     intake.active.fetch_add(1, Ordering::Relaxed);
     let guard = ActiveGuard(svc.clone());
-    // The socket came with TCP_NODELAY and keepalive from the listener (`os::tune_listener`).
-    let job = Box::new(move || {
-        guard.0.serve(stream, peer, id);
-        drop(guard);
-    });
-    if let Err(e) = pool.run(format!("conn#{id}"), job) {
-        warn!("conn#{id} {peer} dropped: cannot spawn a thread: {e}");
-    }
+    set_thread_name(&format!("conn#{id}"));
+    guard.0.serve(stream, peer, id);
 }
 
 /// Decrements the live-connection count when a connection's job ends, however it ends (or when

@@ -97,9 +97,13 @@ fn sequential_tunnels_reuse_the_same_threads() {
         first.len(),
         srv.thread_names()
     );
-    // The last tunnel's threads park once its end line is written.
+    // The last tunnel's threads are done once its end line is written: its relay thread parks
+    // and its connection thread goes back to accepting (or parks, past the spare acceptors).
     let parked = |names: &[String]| {
-        names.iter().any(|n| n == "parked conn") && names.iter().any(|n| n == "parked down")
+        names.iter().any(|n| n == "parked down")
+            && !names
+                .iter()
+                .any(|n| n.starts_with("conn#") || n.starts_with("down "))
     };
     assert!(
         wait_until(SETTLE, || parked(&srv.thread_names())),

@@ -621,6 +621,24 @@ fn shutdown_stops_accepting() {
     assert!(TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_err());
 }
 
+#[test]
+fn shutdown_stops_accepting_while_a_tunnel_is_still_open() {
+    let Chain {
+        local,
+        _srv,
+        origin,
+    } = Chain::start(0);
+    let addr = local.local_addr();
+    let mut open = socks5_open(addr, "127.0.0.1", origin.addr.port()).unwrap();
+    open.write_all(b"ECHO\nping").unwrap();
+    let mut got = [0u8; 4];
+    open.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"ping");
+    // The tunnel's thread outlives the accept loop: it must not keep the listening socket open.
+    local.shutdown();
+    assert!(TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_err());
+}
+
 /// Issue 18 §3: an app opening 64 connections at once through `sluice local` gets all 64, and
 /// the server checks the password once for them (same credentials from one source join one
 /// check) instead of queueing 64 argon2 runs behind each other.
