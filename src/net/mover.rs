@@ -13,7 +13,8 @@ use std::time::Duration;
 
 /// Bytes read per system call; also the most a relay asks the limiter for at once.
 pub const RELAY_BUF: usize = 64 * 1024;
-/// The buffer a direction starts with. Requests, replies and handshakes (an HTTP head, a TLS
+/// The buffer an unthrottled direction starts with (a throttled one starts with its full-size
+/// mover, see `relay.rs`). Requests, replies and handshakes (an HTTP head, a TLS
 /// ClientHello, a one-byte echo) fit, and move with one `read` and one `write`; making, sizing,
 /// filling, draining and closing a pipe for them took six more system calls per direction
 /// (`make bench`, scenario 4). A read that fills it means bulk: the direction takes a pipe.
@@ -138,12 +139,13 @@ impl Mover {
         }
     }
 
-    /// After a chunk of `n` bytes went through (nothing is held in the buffer or pipe): a
-    /// direction whose first buffer was filled moves on to a pipe or a full-size buffer; one
-    /// copying only for want of a pipe takes one now and then, once the budget has room again.
-    pub(super) fn after_chunk(&mut self, n: usize, src: &Stream, dst: &Stream) {
-        if let Mover::First(b) = self {
-            if n >= b.len() {
+    /// After a chunk went through (nothing is held in the buffer or pipe), `filled` when the read
+    /// took all it was allowed: a direction whose first buffer was filled has more waiting, and
+    /// moves on to a pipe or a full-size buffer; one copying only for want of a pipe takes one
+    /// now and then, once the budget has room again.
+    pub(super) fn after_chunk(&mut self, filled: bool, src: &Stream, dst: &Stream) {
+        if let Mover::First(_) = self {
+            if filled {
                 *self = Mover::for_streams(src, dst);
             }
         } else if let Mover::Fallback(_, n) = self {
@@ -214,11 +216,11 @@ mod tests {
         let mut m = Mover::first();
         assert_eq!(m.chunk(), FIRST_BUF);
         // A request or a reply: the direction keeps its small buffer.
-        m.after_chunk(FIRST_BUF - 1, &src, &dst);
+        m.after_chunk(false, &src, &dst);
         assert!(matches!(m, Mover::First(_)));
         // A read that filled it: bulk, through a pipe between two plain sockets (or a full-size
         // buffer where the pipe budget or the kernel refuses one).
-        m.after_chunk(FIRST_BUF, &src, &dst);
+        m.after_chunk(true, &src, &dst);
         assert!(matches!(m, Mover::Pipe(..) | Mover::Fallback(..)));
         assert!(m.chunk() >= RELAY_BUF);
     }

@@ -6,10 +6,10 @@
 //! other thread too. Either side may be TLS (`stream.rs`). A limited relay first waits until its
 //! source is readable (a one-byte peek, or plaintext in the TLS session), then asks the limiter
 //! for up to a buffer's worth, reads at most what it was granted and gives back the rest, so it
-//! never holds tokens while blocked and never reads past its grant. A direction's first bytes go
-//! through a small buffer (one `read`, one `write`: requests and replies); once a read fills it,
-//! bulk between two plain sockets moves through a pipe with `splice(2)`, never through user
-//! space. Pipes and buffers are
+//! never holds tokens while blocked and never reads past its grant. An unthrottled direction's first
+//! bytes go through a small buffer (one `read`, one `write`: requests and replies); once a read
+//! fills it, and from the start for a throttled one, bulk between two plain sockets moves through
+//! a pipe with `splice(2)`, never through user space. Pipes and buffers are
 //! made only once data arrives and given back once a direction has been quiet for
 //! [`DEFAULT_RELEASE_AFTER`] (taken again on its next byte), so a tunnel that is not moving bytes
 //! costs two sleeping threads and its two sockets, whether it never moved any or moved gigabytes
@@ -388,7 +388,14 @@ fn copy(
             }
         }
         if mover.is_none() {
-            mover = Mover::first();
+            // A throttled direction takes its full-size mover at once: the small first buffer
+            // would cost it one more turn in the limiter's queue before its first full grant (a
+            // round of the user's other connections: 150 ms in `make bench`'s scenario 8).
+            mover = if limited {
+                Mover::for_streams(src, dst)
+            } else {
+                Mover::first()
+            };
             quiet.taken(src).map_err(End::Error)?;
         }
         let grant = match (budget, &waiter) {
@@ -450,7 +457,7 @@ fn copy(
             .flush(dst, n, &keep_waiting)
             .map_err(|e| write_end(e, activity))?;
         *moved += n as u64;
-        mover.after_chunk(n, src, dst);
+        mover.after_chunk(n >= grant, src, dst);
         if let Some(b) = budget {
             let busy = u64::try_from(busy_since.elapsed().as_nanos()).unwrap_or(u64::MAX);
             b.account.busy_ns.fetch_add(busy, Ordering::Relaxed);
