@@ -6,10 +6,10 @@
 //! other thread too. Either side may be TLS (`stream.rs`). A limited relay first waits until its
 //! source is readable (a one-byte peek, or plaintext in the TLS session), then asks the limiter
 //! for up to a buffer's worth, reads at most what it was granted and gives back the rest, so it
-//! never holds tokens while blocked and never reads past its grant. An unthrottled direction's first
-//! bytes go through a small buffer (one `read`, one `write`: requests and replies); once a read
-//! fills it, and from the start for a throttled one, bulk between two plain sockets moves through
-//! a pipe with `splice(2)`, never through user space. Pipes and buffers are
+//! never holds tokens while blocked and never reads past its grant. An unthrottled direction's
+//! first bytes go through a small buffer (one `read`, one `write`: requests and replies); once a
+//! read fills it, and from the start for a throttled one, bulk between two plain sockets moves
+//! through a pipe with `splice(2)`, never through user space. Pipes and buffers are
 //! made only once data arrives and given back once a direction has been quiet for
 //! [`DEFAULT_RELEASE_AFTER`] (taken again on its next byte), so a tunnel that is not moving bytes
 //! costs two sleeping threads and its two sockets, whether it never moved any or moved gigabytes
