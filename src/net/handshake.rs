@@ -390,6 +390,7 @@ impl<E: fmt::Display> fmt::Display for Line<'_, '_, E> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::net::stream::loopback_pair;
 
     #[test]
     fn protocols_have_their_log_names() {
@@ -407,17 +408,10 @@ mod tests {
         );
     }
 
-    /// A loopback pair: the server's end as a `Stream`, the client's as a socket.
-    fn pair() -> (Stream, std::net::TcpStream) {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        (Stream::plain(l.accept().unwrap().0), c)
-    }
-
     #[test]
     fn a_read_ahead_handshake_keeps_what_came_after_it_for_the_tunnel() {
         use std::io::Write;
-        let (server, mut client) = pair();
+        let (server, mut client) = loopback_pair();
         let target = Target::parse("example.invalid:443", None).unwrap();
         // Greeting, login, request and the tunnel's first bytes, in one write.
         let mut all = socks5::encode_greeting(&[socks5::METHOD_USER_PASS]);
@@ -442,7 +436,7 @@ mod tests {
     #[test]
     fn a_plain_reader_takes_only_what_it_is_asked_for() {
         use std::io::Write;
-        let (server, mut client) = pair();
+        let (server, mut client) = loopback_pair();
         client.write_all(b"\x05abc").unwrap();
         let mut r = DeadlineReader::new(&server, Instant::now() + Duration::from_secs(5));
         assert_eq!(r.peek_byte().unwrap(), Some(5));

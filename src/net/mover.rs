@@ -202,17 +202,12 @@ impl Mover {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn loopback_stream() -> (Stream, std::net::TcpStream) {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        (Stream::plain(l.accept().unwrap().0), c)
-    }
+    use crate::net::stream::loopback_pair;
 
     #[test]
     fn a_direction_starts_small_and_takes_a_pipe_once_a_read_fills_its_buffer() {
-        let (src, _a) = loopback_stream();
-        let (dst, _b) = loopback_stream();
+        let (src, _a) = loopback_pair();
+        let (dst, _b) = loopback_pair();
         let mut m = Mover::first();
         assert_eq!(m.chunk(), FIRST_BUF);
         // A request or a reply: the direction keeps its small buffer.
@@ -227,7 +222,7 @@ mod tests {
 
     #[test]
     fn a_direction_gives_back_its_buffer_after_the_release_period() {
-        let (src, _peer) = loopback_stream();
+        let (src, _peer) = loopback_pair();
         // Release sooner than the idle check: one read timeout (of the release period) is enough.
         let (check, release) = (Duration::from_secs(60), Duration::from_secs(5));
         let mut q = Quiet::new(release, check);
@@ -243,7 +238,7 @@ mod tests {
 
     #[test]
     fn quiet_adds_up_over_idle_checks_and_starts_over_on_a_byte() {
-        let (src, _peer) = loopback_stream();
+        let (src, _peer) = loopback_pair();
         // The idle check wakes every second; the release waits for five of them in a row.
         let mut q = Quiet::new(Duration::from_secs(5), Duration::from_secs(1));
         let mut mover = Mover::Buffer(vec![0; 8]);

@@ -483,6 +483,15 @@ impl Pipe {
     }
 }
 
+/// For tests: a loopback connection, the accepted end as a plain `Stream` and the connecting
+/// end as a socket.
+#[cfg(test)]
+pub(crate) fn loopback_pair() -> (Stream, TcpStream) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    (Stream::plain(l.accept().unwrap().0), c)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
