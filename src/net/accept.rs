@@ -119,11 +119,7 @@ pub fn accept_loop<S: Service>(listener: &TcpListener, svc: &Arc<S>) {
         gone: Condvar::new(),
         log: Mutex::new(LoopLog::default()),
     });
-    let first = loop_.clone();
-    if pool
-        .run("accept".into(), Box::new(move || first.accept()))
-        .is_err()
-    {
+    if loop_.start_accepting().is_err() {
         // No thread to spare: this one accepts (and serves) until the stop.
         loop_.clone().accept();
     }
@@ -250,10 +246,14 @@ impl<S: Service> Acceptors<S> {
             return true;
         }
         drop(waiting);
-        let next = self.clone();
+        self.start_accepting().is_ok()
+    }
+
+    /// Starts a thread of the pool (a parked one, or a new one) on [`Acceptors::accept`].
+    fn start_accepting(self: &Arc<Self>) -> std::io::Result<()> {
+        let me = self.clone();
         self.pool
-            .run("accept".into(), Box::new(move || next.accept()))
-            .is_ok()
+            .run("accept".into(), Box::new(move || me.accept()))
     }
 
     /// After a connection: back to accepting while fewer than [`SPARE_ACCEPTORS`] wait (true),
