@@ -9,6 +9,10 @@
 //! `../shared/bench/splicerelay.c` (`SPLICE_BIN`): a bare relay of the card's shape, a measuring
 //! stick and not a contender, so it never counts as the best peer. A peer the bench cannot find is
 //! listed as missing, never silently dropped.
+//!
+//! The pooled floor, `pooledrelay.c` beside this file, is built with `cc` at bench time: the card's
+//! shape with parked threads and nothing else, the set-up scenario's measuring stick (scenario 4
+//! only; it copies through a buffer, so it is no floor for throughput).
 
 use crate::client::{Auth, Route};
 use crate::procs::{Proc, TempDir, free_addr};
@@ -30,8 +34,11 @@ pub struct Peer {
     pub proc: Proc,
     /// How clients go through it.
     pub route: Route,
-    /// The bare relay (`SPLICE_BIN`): shown beside the proxies, never the best peer.
+    /// A bare relay (`SPLICE_BIN`, the pooled floor): shown beside the proxies, never the best
+    /// peer.
     pub floor: bool,
+    /// Runs in the set-up scenario only (the pooled floor).
+    pub setups_only: bool,
 }
 
 /// Starts every installed peer. Returns the peers that run and one line per peer for the header
@@ -82,7 +89,50 @@ pub fn start_all(dir: &TempDir) -> (Vec<Peer>, Vec<String>) {
             Err(e) => lines.push(format!("{name}: failed to start ({e})")),
         }
     }
+    match pooled_floor(dir) {
+        Ok(p) => {
+            lines.push(format!(
+                "{} (built with cc from tests/bench/pooledrelay.c)",
+                p.name
+            ));
+            peers.push(p);
+        }
+        Err(e) => lines.push(format!("pooled floor: failed ({e})")),
+    }
     (peers, lines)
+}
+
+/// The pooled floor, compiled into the scratch directory and started with the bench's user.
+fn pooled_floor(dir: &TempDir) -> Result<Peer, String> {
+    let src = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/bench/pooledrelay.c");
+    let bin = dir.path("pooledrelay");
+    let built = Command::new("cc")
+        .args(["-O2", "-pthread", "-o"])
+        .arg(&bin)
+        .arg(src)
+        .output()
+        .map_err(|e| format!("cannot run cc: {e}"))?;
+    if !built.status.success() {
+        return Err(format!(
+            "cc: {}",
+            String::from_utf8_lossy(&built.stderr).trim()
+        ));
+    }
+    let addr = free_addr()?;
+    let mut cmd = Command::new(&bin);
+    cmd.args([&addr.port().to_string(), UNLIMITED, PASSWORD]);
+    let mut proc = Proc::spawn(cmd, "pooledrelay", &dir.path("pooledrelay.log"))?;
+    proc.wait_listening(addr, START_LIMIT)?;
+    Ok(Peer {
+        name: "pooled floor (socks5, parked threads, read/write)".into(),
+        proc,
+        route: Route::Socks5 {
+            proxy: addr,
+            auth: Some(auth()),
+        },
+        floor: true,
+        setups_only: true,
+    })
 }
 
 /// 3proxy's SOCKS5 server with one user checked in clear text (`auth strong`), no log, and
@@ -107,6 +157,7 @@ fn threeproxy(dir: &TempDir, bin: &Path) -> Result<Peer, String> {
             auth: Some(auth()),
         },
         floor: false,
+        setups_only: false,
     })
 }
 
@@ -130,6 +181,7 @@ fn splicerelay(dir: &TempDir, bin: &Path) -> Result<Peer, String> {
             }),
         },
         floor: true,
+        setups_only: false,
     })
 }
 
@@ -166,6 +218,7 @@ fn microsocks(dir: &TempDir) -> Result<Peer, String> {
             auth: Some(auth()),
         },
         floor: false,
+        setups_only: false,
     })
 }
 
@@ -231,6 +284,7 @@ fn squid(dir: &TempDir) -> Result<Peer, String> {
             auth: auth(),
         },
         floor: false,
+        setups_only: false,
     })
 }
 
@@ -267,5 +321,6 @@ socks pass {{ from: 127.0.0.0/8 to: 0.0.0.0/0 command: connect }}
             auth: None,
         },
         floor: false,
+        setups_only: false,
     })
 }

@@ -45,9 +45,12 @@ struct Contender<'a> {
     is_sluice: bool,
     /// The bare relay: a measuring stick, never the best peer.
     is_floor: bool,
+    /// The pooled floor, run in the set-up scenario only.
+    setups_only: bool,
 }
 
-fn contenders(ctx: &Ctx) -> Result<Vec<Contender<'_>>, String> {
+/// Direct, Sluice and the peers; the set-up scenario's own floor only when `setups`.
+fn contenders(ctx: &Ctx, setups: bool) -> Result<Vec<Contender<'_>>, String> {
     let server = ctx.server()?;
     let mut v = vec![
         Contender {
@@ -56,6 +59,7 @@ fn contenders(ctx: &Ctx) -> Result<Vec<Contender<'_>>, String> {
             proc: None,
             is_sluice: false,
             is_floor: false,
+            setups_only: false,
         },
         Contender {
             name: "sluice".into(),
@@ -63,15 +67,22 @@ fn contenders(ctx: &Ctx) -> Result<Vec<Contender<'_>>, String> {
             proc: Some(&server.proc),
             is_sluice: true,
             is_floor: false,
+            setups_only: false,
         },
     ];
-    v.extend(ctx.peers.iter().map(|p| Contender {
-        name: p.name.clone(),
-        route: p.route.clone(),
-        proc: Some(&p.proc),
-        is_sluice: false,
-        is_floor: p.floor,
-    }));
+    v.extend(
+        ctx.peers
+            .iter()
+            .filter(|p| setups || !p.setups_only)
+            .map(|p| Contender {
+                name: p.name.clone(),
+                route: p.route.clone(),
+                proc: Some(&p.proc),
+                is_sluice: false,
+                is_floor: p.floor,
+                setups_only: p.setups_only,
+            }),
+    );
     Ok(v)
 }
 
@@ -172,7 +183,7 @@ fn compare(
     scenario: &str,
     cpu_target: bool,
 ) -> Result<(), String> {
-    let cs = contenders(ctx)?;
+    let cs = contenders(ctx, false)?;
     let n = cs.len();
     let (mut rate, mut ratio, mut cpu) = (
         vec![Samples::default(); n],
@@ -508,7 +519,7 @@ fn setup_with(ctx: &mut Ctx, threads: usize) -> Result<(), String> {
         ctx.cfg.setup
     );
     let echo = Endpoint::start(Kind::Echo)?;
-    let cs = contenders(ctx)?;
+    let cs = contenders(ctx, true)?;
     let n = cs.len();
     let (mut rate, mut cpu, mut failed) = (
         vec![Samples::default(); n],
@@ -539,6 +550,8 @@ fn setup_with(ctx: &mut Ctx, threads: usize) -> Result<(), String> {
         })
         .map(|(c, s)| (c.name.clone(), s.median()))
         .max_by(|a, b| a.1.total_cmp(&b.1));
+    // The card's shape with nothing else: how far the shape itself is from the target.
+    let pooled = cs.iter().position(|c| c.setups_only && c.proc.is_some());
     let rows: Vec<(String, bool)> = cs.iter().map(|c| (c.name.clone(), c.is_sluice)).collect();
     drop(cs);
     for (i, (name, is_sluice)) in rows.into_iter().enumerate() {
@@ -553,6 +566,14 @@ fn setup_with(ctx: &mut Ctx, threads: usize) -> Result<(), String> {
         let verdict = match (&best, is_sluice) {
             (Some((peer, r)), true) => {
                 let f = rate[i].median() / r;
+                if let Some(p) = pooled {
+                    let floor = rate[p].median();
+                    target += &format!(
+                        "{:.2} × pooled floor (itself {:.2} × {peer}) · ",
+                        rate[i].median() / floor,
+                        floor / r
+                    );
+                }
                 target += &format!(
                     "{f:.2} × best peer with passwords ({peer}); target ≥ {SETUP_PEER_FACTOR}"
                 );
@@ -588,6 +609,7 @@ mod tests {
             proc: None,
             is_sluice,
             is_floor,
+            setups_only: false,
         };
         let cs = [
             contender("direct", false, false),
