@@ -157,16 +157,42 @@ struct Acceptors<S: Service> {
     log: Mutex<LoopLog>,
 }
 
-/// When the loop last warned, so that a flood is said at most once a second.
+/// What the loop says about a flood: at most a line a second each.
 #[derive(Default)]
 struct LoopLog {
-    last_warn: Option<Instant>,
-    last_full: Option<Instant>,
-    shed: u64,
+    /// Failed accepts (out of descriptors).
+    failed: Flood,
+    /// Connections closed at the cap.
+    full: Flood,
+    /// Connections dropped because no thread could take over accepting.
+    unspawned: Flood,
 }
 
-fn once_a_second(t: &Option<Instant>) -> bool {
-    t.is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+/// One kind of event said at most once a second, with how many were not said.
+#[derive(Default)]
+struct Flood {
+    last: Option<Instant>,
+    unsaid: u64,
+}
+
+impl Flood {
+    /// Counts an event; `Some(others)` when it is to be said now, with the events since the last
+    /// line that were not.
+    fn note(&mut self) -> Option<u64> {
+        self.note_at(Instant::now())
+    }
+
+    fn note_at(&mut self, now: Instant) -> Option<u64> {
+        if self
+            .last
+            .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1))
+        {
+            self.unsaid += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.unsaid))
+    }
 }
 
 impl<S: Service> Acceptors<S> {
@@ -204,33 +230,31 @@ impl<S: Service> Acceptors<S> {
             match accepted {
                 Ok((stream, peer)) if intake.active() >= intake.max_connections => {
                     drop(stream);
-                    let mut log = self.log.lock();
-                    log.shed += 1;
-                    if once_a_second(&log.last_full) {
+                    if let Some(more) = self.log.lock().full.note() {
                         warn!(
-                            "{peer} and {} more closed: {} connections open, the {}",
-                            log.shed - 1,
-                            intake.max_connections,
-                            intake.cap_name
+                            "{peer} and {more} more closed: {} connections open, the {}",
+                            intake.max_connections, intake.cap_name
                         );
-                        log.last_full = Some(Instant::now());
-                        log.shed = 0;
                     }
                 }
                 Ok((stream, peer)) => {
-                    if self.hand_on() {
+                    let Err(e) = self.hand_on() else {
                         return Some((stream, peer));
-                    }
+                    };
                     // No other thread could take over accepting: this one keeps at it.
-                    warn!("{peer} dropped: cannot spawn a thread to accept while it is served");
+                    drop(stream);
+                    if let Some(more) = self.log.lock().unspawned.note() {
+                        warn!(
+                            "{peer} and {more} more dropped: cannot start a thread to accept \
+                             while one is served ({e})"
+                        );
+                    }
                 }
                 Err(e) => {
-                    let mut log = self.log.lock();
-                    if once_a_second(&log.last_warn) {
-                        warn!("accept failed: {e}; backing off");
-                        log.last_warn = Some(Instant::now());
+                    let said = self.log.lock().failed.note();
+                    if let Some(more) = said {
+                        warn!("accept failed: {e}; backing off ({more} more failures unsaid)");
                     }
-                    drop(log);
                     thread::sleep(ACCEPT_BACKOFF);
                 }
             }
@@ -238,15 +262,15 @@ impl<S: Service> Acceptors<S> {
     }
 
     /// Leaves the accepting threads to serve a connection; when it was the last one waiting,
-    /// first starts another. False when none could be started (this thread then stays).
-    fn hand_on(self: &Arc<Self>) -> bool {
+    /// first starts another. Fails when none could be started (this thread then stays).
+    fn hand_on(self: &Arc<Self>) -> std::io::Result<()> {
         let mut waiting = self.waiting.lock();
         if *waiting > 1 {
             *waiting -= 1;
-            return true;
+            return Ok(());
         }
         drop(waiting);
-        self.start_accepting().is_ok()
+        self.start_accepting()
     }
 
     /// Starts a thread of the pool (a parked one, or a new one) on [`Acceptors::accept`].
@@ -313,4 +337,23 @@ pub fn wake(mut addr: SocketAddr) {
         });
     }
     let _ = TcpStream::connect_timeout(&addr, Duration::from_secs(1));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flood_is_said_once_a_second_with_the_count_left_unsaid() {
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let mut f = Flood::default();
+        assert_eq!(f.note_at(at(0)), Some(0));
+        assert_eq!(f.note_at(at(500)), None);
+        assert_eq!(f.note_at(at(999)), None);
+        assert_eq!(f.note_at(at(1000)), Some(2));
+        assert_eq!(f.note_at(at(1500)), None);
+        assert_eq!(f.note_at(at(3000)), Some(1));
+        assert_eq!(f.note_at(at(4000)), Some(0));
+    }
 }
