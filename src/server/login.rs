@@ -59,12 +59,30 @@ pub(crate) fn login(
     (user, pass): (&[u8], &[u8]),
     deadline: Instant,
 ) -> Login {
+    match sh.logins.check(peer.ip(), user, pass, deadline) {
+        Verdict::Ok(a) => Login::Ok(a),
+        refusal => refused(sh, peer, id, proto, user, refusal),
+    }
+}
+
+/// A login that did not pass: counted, logged, and what the client is to be told. A passing login
+/// makes no printable copy of the name and carries none of this path's formatting.
+#[cold]
+#[inline(never)]
+fn refused(
+    sh: &Shared,
+    peer: SocketAddr,
+    id: u64,
+    proto: &'static str,
+    user: &[u8],
+    verdict: Verdict,
+) -> Login {
     let name = printable(user);
     let refused = |what: String| {
         sh.counters.auth_failure(proto);
         warn!("conn#{id} {peer} {proto} login refused for user \"{name}\": {what}");
     };
-    match sh.logins.check(peer.ip(), user, pass, deadline) {
+    match verdict {
         Verdict::Ok(a) => Login::Ok(a),
         Verdict::Wrong(blocks) => {
             refused("wrong password or unknown user".into());
