@@ -35,12 +35,16 @@
 //! it waits only while the allowance is spent, and is woken with [`Closed::Quota`] once the
 //! fleet's quota is used up.
 //!
+//! While no bucket has a rate (no limited user is connected) the refill thread sleeps until one
+//! appears, so an idle server wakes nothing here; tokens accrue from real elapsed time, so the
+//! first tick after such a sleep loses nothing.
+//!
 //! The lock is never held across I/O: callers do their reads and writes between `acquire` and
 //! `give_back`. Nothing here knows about sockets; a user is a name. Unlimited users without a
 //! quota (or alone, without a fleet) never wait here (see `Budget` in `net/relay.rs`).
 
 use crate::stop::Stop;
-use crossbeam_channel::{select, tick};
+use crossbeam_channel::{Receiver, Sender, bounded, select, tick};
 use parking_lot::{Condvar, Mutex};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -557,6 +561,10 @@ pub struct Limiter {
     /// Users whose bucket was made (a first connection on this server) since the lease thread
     /// last looked ([`Limiter::take_joined`]); kept only in a fleet.
     joined: Mutex<Vec<Arc<str>>>,
+    /// Wakes the refill thread from its sleep once a bucket has a rate (holds one signal).
+    rated: (Sender<()>, Receiver<()>),
+    /// Refill rounds since start.
+    refills: AtomicU64,
 }
 
 fn encode(s: Supply) -> u64 {
@@ -588,6 +596,8 @@ impl Limiter {
             supply: AtomicU64::new(0),
             left: Mutex::new(HashMap::new()),
             joined: Mutex::new(Vec::new()),
+            rated: bounded(1),
+            refills: AtomicU64::new(0),
         })
     }
 
@@ -599,6 +609,19 @@ impl Limiter {
     /// Waiters woken with a grant since start.
     pub fn wakeups(&self) -> u64 {
         self.wakeups.load(Ordering::Relaxed)
+    }
+
+    /// Refill rounds since start (none while no bucket has a rate).
+    pub fn refills(&self) -> u64 {
+        self.refills.load(Ordering::Relaxed)
+    }
+
+    /// A bucket has a rate now: wakes the refill thread if it sleeps (a signal already pending
+    /// is enough).
+    fn rated(&self, rate: u64) {
+        if rate > 0 {
+            let _ = self.rated.0.try_send(());
+        }
     }
 
     /// Sets (or creates) a user's bucket; rate 0 removes the need for one but keeps it harmless.
@@ -617,6 +640,7 @@ impl Limiter {
             }
         };
         drop(map);
+        self.rated(rate);
         self.wake(served);
     }
 
@@ -628,6 +652,7 @@ impl Limiter {
             Some(b) => b.set_rate(rate, self.tick, now),
             None => return,
         };
+        self.rated(rate);
         self.wake(served);
     }
 
@@ -646,11 +671,13 @@ impl Limiter {
             if b.rate != rate {
                 let served = b.set_rate(rate, self.tick, Instant::now());
                 drop(map);
+                self.rated(rate);
                 self.wake(served);
             }
             return serial;
         }
-        let mut b = Bucket::new(rate.load(Ordering::Relaxed), self.tick, Instant::now());
+        let rate = rate.load(Ordering::Relaxed);
+        let mut b = Bucket::new(rate, self.tick, Instant::now());
         b.supply = self.supply();
         if b.supply != Supply::Own {
             // The lease thread shares a capped user's count at its next round, not its next
@@ -661,6 +688,8 @@ impl Limiter {
         b.serial = self.serials.fetch_add(1, Ordering::Relaxed) + 1;
         let serial = b.serial;
         map.insert(user.clone(), b);
+        drop(map);
+        self.rated(rate);
         serial
     }
 
@@ -922,19 +951,24 @@ impl Limiter {
         self.wake(served);
     }
 
-    /// One refill pass over every bucket, waking the waiters served. Called by the refill thread.
-    pub fn refill_all(&self, now: Instant) {
+    /// One refill pass over every bucket, waking the waiters served. Called by the refill thread,
+    /// which sleeps once this says no bucket has a rate.
+    pub fn refill_all(&self, now: Instant) -> bool {
+        self.refills.fetch_add(1, Ordering::Relaxed);
         let mut served = Vec::new();
+        let mut rated = false;
         {
             let mut map = self.buckets.lock();
             for b in map.values_mut() {
                 if b.rate > 0 {
+                    rated = true;
                     served.extend(b.refill(now));
                 }
             }
         }
         // Woken outside the global lock: each relay returns on its own waiter's lock.
         self.wake(served);
+        rated
     }
 
     /// Starts the refill thread; it stops when [`Limiter::shutdown`] is called.
@@ -950,10 +984,20 @@ impl Limiter {
                 // The refill uses real elapsed time, so a late tick loses no tokens.
                 let ticks = tick(me.tick);
                 let stop = me.stop.receiver();
+                let mut rated = true;
                 loop {
-                    select! {
-                        recv(ticks) -> _ => me.refill_all(Instant::now()),
-                        recv(stop) -> _ => return,
+                    if rated {
+                        select! {
+                            recv(ticks) -> _ => rated = me.refill_all(Instant::now()),
+                            recv(stop) -> _ => return,
+                        }
+                    } else {
+                        // No bucket has a rate: sleep until one does. A bucket rated after the
+                        // last round's look has left its signal in `rated`.
+                        select! {
+                            recv(me.rated.1) -> _ => rated = true,
+                            recv(stop) -> _ => return,
+                        }
                     }
                 }
             })
@@ -1208,6 +1252,60 @@ mod tests {
         assert_eq!(b.refill(ms(t0, 40)).len(), 1, "then the datagram behind it");
         assert_eq!(late.granted.load(Ordering::Relaxed), 100);
         assert_eq!((b.tokens(), b.debt()), (900, 0));
+    }
+
+    /// Polls `ok` every millisecond for up to 5 s.
+    fn wait_for(mut ok: impl FnMut() -> bool) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if ok() {
+                return true;
+            }
+            thread::sleep(Duration::from_millis(1));
+        }
+        ok()
+    }
+
+    #[test]
+    fn the_refill_thread_sleeps_while_no_bucket_has_a_rate() {
+        // A 1 ms tick: awake, it would make about 50 rounds in each 50 ms window below.
+        let window = Duration::from_millis(50);
+        let lim = Limiter::new(Duration::from_millis(1));
+        let h = lim.spawn_refill().unwrap();
+        let (u, free): (Arc<str>, Arc<str>) = (Arc::from("u"), Arc::from("free"));
+        let (unlimited, limited) = (AtomicU64::new(0), AtomicU64::new(10_000));
+        // An unlimited user's connection holds a bucket with no rate: nothing to refill.
+        let sf = lim.open(&free, &unlimited);
+        assert!(wait_for(|| lim.refills() >= 1), "no first round");
+        let asleep = lim.refills();
+        thread::sleep(window);
+        assert!(
+            lim.refills() <= asleep + 1,
+            "{} rounds with no rate to refill",
+            lim.refills() - asleep
+        );
+        // A limited user's first connection wakes it, and it ticks while that bucket lives.
+        let s = lim.open(&u, &limited);
+        assert!(
+            wait_for(|| lim.refills() >= asleep + 10),
+            "not woken by a rated bucket"
+        );
+        lim.close("u", s);
+        assert!(wait_for(|| {
+            let r = lim.refills();
+            thread::sleep(window);
+            lim.refills() <= r + 1
+        }));
+        // A rate given to a connected user wakes it too.
+        let r = lim.refills();
+        lim.change_rate("free", 1000);
+        assert!(
+            wait_for(|| lim.refills() >= r + 10),
+            "not woken by a rate change"
+        );
+        lim.close("free", sf);
+        lim.shutdown();
+        h.join().unwrap();
     }
 
     #[test]
