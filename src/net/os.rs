@@ -212,8 +212,13 @@ const KEEPALIVE_OPTIONS: &[(i32, i32, i32)] = &[
 /// # Errors
 /// The first `setsockopt` that failed.
 pub fn tune_listener(l: &std::net::TcpListener) -> io::Result<()> {
-    set_int_options(l, &[(libc::IPPROTO_TCP, libc::TCP_NODELAY, 1)])?;
-    set_keepalive(l)
+    set_nodelay_and_keepalive(l)
+}
+
+/// TCP_NODELAY, then SO_KEEPALIVE and its timings.
+fn set_nodelay_and_keepalive(s: &impl std::os::fd::AsRawFd) -> io::Result<()> {
+    set_int_options(s, &[(libc::IPPROTO_TCP, libc::TCP_NODELAY, 1)])?;
+    set_keepalive(s)
 }
 
 /// Sets integer socket options in order, stopping at the first that fails.
@@ -243,7 +248,7 @@ fn set_int_options(s: &impl std::os::fd::AsRawFd, opts: &[(i32, i32, i32)]) -> i
 /// Sets TCP_NODELAY and keepalive on a relayed socket; a failure only costs latency or the
 /// noticing of a vanished peer, so it is logged at debug and the connection goes on.
 pub fn tune_relay_socket(s: &TcpStream) {
-    if let Err(e) = s.set_nodelay(true).and_then(|()| set_keepalive(s)) {
+    if let Err(e) = set_nodelay_and_keepalive(s) {
         log::debug!("cannot tune a relayed socket: {e}");
     }
 }
