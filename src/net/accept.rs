@@ -230,7 +230,8 @@ impl<S: Service> Acceptors<S> {
             match accepted {
                 Ok((stream, peer)) if intake.active() >= intake.max_connections => {
                     drop(stream);
-                    if let Some(more) = self.log.lock().full.note() {
+                    let said = self.log.lock().full.note();
+                    if let Some(more) = said {
                         warn!(
                             "{peer} and {more} more closed: {} connections open, the {}",
                             intake.max_connections, intake.cap_name
@@ -243,7 +244,8 @@ impl<S: Service> Acceptors<S> {
                     };
                     // No other thread could take over accepting: this one keeps at it.
                     drop(stream);
-                    if let Some(more) = self.log.lock().unspawned.note() {
+                    let said = self.log.lock().unspawned.note();
+                    if let Some(more) = said {
                         warn!(
                             "{peer} and {more} more dropped: cannot start a thread to accept \
                              while one is served ({e})"
@@ -316,8 +318,7 @@ fn serve<S: Service>(stream: TcpStream, peer: SocketAddr, svc: &Arc<S>) {
     guard.0.serve(stream, peer, id);
 }
 
-/// Decrements the live-connection count when a connection's job ends, however it ends (or when
-/// it is dropped without running, when no thread could be spawned).
+/// Decrements the live-connection count when a connection's job ends, however it ends.
 struct ActiveGuard<S: Service>(Arc<S>);
 
 impl<S: Service> Drop for ActiveGuard<S> {
